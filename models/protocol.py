@@ -1,0 +1,173 @@
+"""The pixel protocol: how a model gets pixels without doing I/O.
+
+Coordinate conventions (written once, here):
+- level 0 is full resolution; level ``l`` halves both sides ``l`` times (factor ``2**l``);
+  a level's side is ``ceil(side_{l-1} / 2)``.
+- y before x everywhere; boxes are ``[y0, x0, y1, x1]`` half-open, in **level-0 pixels**.
+- A box may cross the scene border: pixels outside the scene read as 0 (zero padding).
+- Pixel tensors are float32 in [0, 1], channels first.
+
+A model is written as a *coroutine* (``AttentionModel.steps``): it yields a ``ReadRequest``
+whenever it needs pixels and receives the patches back. ``AttentionModel.forward`` drives the
+coroutine against any ``PixelSource`` synchronously; the training loop in ``pipeline/`` drives
+many coroutines at once so that reads overlap with compute. Models never see a store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """Boxes to read for every scene of a batch.
+
+    Attributes:
+        boxes: (B, K, 4) int64, ``[y0, x0, y1, x1]`` in level-0 pixels, half-open.
+        level: pyramid level to read from (0 = full resolution).
+        size: (h, w) output size in pixels; the region ``box / 2**level`` is resized to it
+            (see ``resize_patches``) when its shape differs.
+    """
+
+    boxes: Tensor
+    level: int
+    size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if self.boxes.ndim != 3 or self.boxes.shape[-1] != 4:
+            raise ValueError(f"ReadRequest.boxes must be (B, K, 4), got {tuple(self.boxes.shape)}")
+        if self.level < 0:
+            raise ValueError(f"ReadRequest.level must be >= 0, got {self.level}")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"ReadRequest.size must be (h, w) >= 1, got {self.size}")
+
+
+@runtime_checkable
+class PixelSource(Protocol):
+    """Anything that can serve pixels of named scenes (in-memory tensors, Zarr pyramids)."""
+
+    def view(self, keys: Sequence[str], size: tuple[int, int]) -> Tensor:
+        """The whole scene of each key resized to ``size``: (B, C, h, w) float32 in [0, 1]."""
+        ...
+
+    def read(self, keys: Sequence[str], request: ReadRequest) -> Tensor:
+        """Patches of each key: (B, K, C, h, w) float32 in [0, 1]; ``len(keys) == B``."""
+        ...
+
+    def level0_sizes(self, keys: Sequence[str]) -> Tensor:
+        """(B, 2) int64 level-0 (height, width) of each scene."""
+        ...
+
+
+def box_at_level(box: Sequence[int], level: int) -> tuple[int, int, int, int]:
+    """The pixel range of a level-0 box at ``level``: floor of the start, ceil of the end.
+
+    Returns ``(y0, x0, y1, x1)`` half-open in that level's pixels (possibly outside the scene).
+    """
+    f = 2**level
+    y0, x0, y1, x1 = (int(v) for v in box)
+    return y0 // f, x0 // f, -((-y1) // f), -((-x1) // f)
+
+
+def level_shape(shape0: Sequence[int], level: int) -> tuple[int, int]:
+    """(h, w) of ``level`` for a level-0 (h, w): each step halves, rounding up."""
+    h, w = int(shape0[0]), int(shape0[1])
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def resize_patches(patches: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize (N, C, h, w) float patches to ``size``; identity when the shape already matches.
+
+    Bilinear with antialiasing, so that downscaling averages like a pyramid level would.
+    Every ``PixelSource`` must use this, so that all sources return identical tensors.
+    """
+    if tuple(patches.shape[-2:]) == tuple(size):
+        return patches
+    return F.interpolate(patches, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns.
+
+    Attributes:
+        logits: (B, num_classes) class scores.
+        attention: (B, h, w) attention probabilities over the view's positions, or None.
+        boxes: (B, K, 4) int64 level-0 boxes that were read for the final patches, or None.
+        weights: (B, K) float weight of each box in the prediction, or None.
+        aux: named loss terms that the model adds to the classification loss, already scaled
+            by their strength (entropy regulariser, REINFORCE term, ...). Scalars.
+        extras: anything model-specific a ``loss`` needs (log-probabilities, per-level logits).
+    """
+
+    logits: Tensor
+    attention: Tensor | None = None
+    boxes: Tensor | None = None
+    weights: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+Steps = Generator[ReadRequest, Tensor, ModelOutput]
+
+
+def drive(steps: Steps, source: PixelSource, keys: Sequence[str]) -> ModelOutput:
+    """Run a model coroutine to the end, serving each ``ReadRequest`` from ``source``."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(source.read(keys, request))
+    except StopIteration as stop:
+        return stop.value
+
+
+class AttentionModel(torch.nn.Module):
+    """Base class of every registered model.
+
+    Subclasses implement ``steps``; ``loss`` defaults to cross-entropy plus ``output.aux``.
+    ``view_size`` is the (h, w) of the low-resolution view the model expects.
+    """
+
+    view_size: tuple[int, int] = (128, 128)
+
+    def steps(
+        self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None
+    ) -> Steps:
+        """Model coroutine.
+
+        Args:
+            views: (B, C, h, w) float32 views of whole scenes, ``(h, w) == self.view_size``.
+            sizes: (B, 2) int64 level-0 (height, width) of each scene.
+            generator: random generator for sampling (None: torch's default).
+        Yields ``ReadRequest``; receives (B, K, C, h, w) patches; returns ``ModelOutput``.
+        """
+        raise NotImplementedError
+
+    def forward(
+        self,
+        views: Tensor,
+        sizes: Tensor,
+        source: PixelSource,
+        keys: Sequence[str],
+        generator: torch.Generator | None = None,
+    ) -> ModelOutput:
+        return drive(self.steps(views, sizes, generator), source, keys)
+
+    def loss(self, output: ModelOutput, labels: Tensor, epoch: int = 0) -> Tensor:
+        """Scalar training loss: cross-entropy + every aux term. ``epoch`` gates schedules."""
+        total = F.cross_entropy(output.logits, labels)
+        for term in output.aux.values():
+            total = total + term
+        return total
+
+    def end_step(self, output: ModelOutput, labels: Tensor) -> None:
+        """Hook after the optimiser step (e.g. a running baseline update). Default: nothing."""

@@ -1,0 +1,1 @@
+"""Storage, pyramids, ingest, the attended-chunk reader, Ray data and training, tracking."""
