@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from models.memory import TensorPyramidSource, build_pyramid, crop_padded, downsample2x
-from models.protocol import AttentionModel, ModelOutput, ReadRequest, box_at_level, drive, level_shape
+from models.protocol import (
+    AttentionModel,
+    ModelOutput,
+    ReadRequest,
+    box_at_level,
+    level_shape,
+)
 
 
 def coded_image(h: int, w: int) -> torch.Tensor:
