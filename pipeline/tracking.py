@@ -52,6 +52,7 @@ RUN_KEY_TAG = "pipeline.run_key"
 MAX_PARAM_VALUE = 6000
 PARAMS_PER_BATCH = 100
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 def default_tracking_uri() -> str:
@@ -499,11 +500,23 @@ def download_model(model_uri: str, dst: str | os.PathLike, tracking_uri: str | N
 
 
 def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
-    """``mlflow.pyfunc.load_model(model_uri)``: runs the model's code file, never unpickles."""
+    """``mlflow.pyfunc.load_model(model_uri)`` with pickle deserialisation switched off.
+
+    Our models load by running their code file and reading safetensors + JSON; a model that
+    would need cloudpickle (not one of ours) is refused instead of executed.
+    """
     import mlflow
 
     mlflow_client(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri)
+    previous = os.environ.get(NO_PICKLE_ENV)
+    os.environ[NO_PICKLE_ENV] = "false"
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        if previous is None:
+            os.environ.pop(NO_PICKLE_ENV, None)
+        else:
+            os.environ[NO_PICKLE_ENV] = previous
 
 
 @functools.cache
@@ -513,6 +526,10 @@ def _pyfunc_model_class() -> type:
     class AttentionPyfuncModel(mlflow.pyfunc.PythonModel):
         """MLflow adapter around ``pipeline.packaging.Predictor`` (built in ``load_context``)."""
 
+        # MLflow would wrap predict to validate/convert inputs against type hints; the
+        # predictor checks its own inputs (numpy images, dicts of URIs, DataFrames).
+        _skip_type_hint_validation = True
+
         def __init__(self) -> None:
             self.predictor = None
 
@@ -521,7 +538,7 @@ def _pyfunc_model_class() -> type:
 
             self.predictor = Predictor.from_files(context.artifacts)
 
-        def predict(self, context, model_input: Any, params: dict[str, Any] | None = None):
+        def predict(self, context, model_input, params=None):
             if self.predictor is None:
                 self.load_context(context)
             return self.predictor.predict_any(model_input, params)
