@@ -96,3 +96,35 @@ def toy_images(n: int, size: int = 64, seed: int = 0) -> tuple[dict[str, torch.T
 
 def loss_of(output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.logits, labels)
+
+
+class ToySourceFactory:
+    """Picklable factory of an in-memory source over ``toy_images(n, size, seed)`` keyed
+    ``mem://scene-NNN`` (the manifest of ``write_toy_manifest`` uses the same keys)."""
+
+    def __init__(self, n: int, size: int = 64, seed: int = 0):
+        self.n, self.size, self.seed = n, size, seed
+
+    def __call__(self):
+        from models.memory import TensorPyramidSource
+
+        images, _ = toy_images(self.n, self.size, self.seed)
+        return TensorPyramidSource.from_images({f"mem://{k}": v for k, v in images.items()}, coarsest=16)
+
+
+def write_toy_manifest(uri: str, n: int, size: int = 64, seed: int = 0, n_val: int = 4) -> str:
+    """A manifest of ``toy_images`` (the last ``n_val`` scenes are the val split)."""
+    from pipeline.manifest import write_manifest
+
+    _, labels = toy_images(n, size, seed)
+    classes = ["plain", "square"]
+    rows = []
+    for i, label in enumerate(labels):
+        rows.append({
+            "scene_id": f"scene-{i:03d}", "split": "val" if i >= n - n_val else "train",
+            "category": classes[label], "label": label, "uri": f"mem://scene-{i:03d}",
+            "height": size, "width": size, "channels": 3, "num_levels": 3,
+            "level_shapes": "[]", "box": [0, 0, 1, 1], "gsd": None, "timestamp": None, "source": "toy",
+        })
+    write_manifest(uri, rows, classes)
+    return uri
