@@ -1,0 +1,267 @@
+"""TNet: multi-level hard attention (Papadopoulos et al., NeurIPS 2021), registered as ``tnet``.
+
+Level 1 is the view (the whole scene at the backbone's input size). A location module scores a
+grid of overlapping candidate regions of every processed region; ``locations`` of them are
+chosen (sampled during training, top-k at inference, selectable) and read through the pixel
+protocol at the same pixel size, i.e. at ``1 / region side`` times the parent's resolution
+(``grid=3, overlap=0.5``: twice), and so on for ``levels`` levels. Every processed region's
+pooled feature gets a positional encoding of (y, x, level), goes through a feature transform,
+and all of them are averaged and classified; each level's average is also classified (per-level
+terms). The location module is trained with REINFORCE: reward 1 for a correct prediction,
+baseline ``b <- 0.9 b + 0.1 mean(R)`` (a buffer, so checkpoints keep it), loss term
+``-lambda (R - b) log p(locations)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.feature_nets import make_backbone, pooled
+from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
+from models.regions import grid_regions, read_level, sub_region, to_level0
+from models.registry import register_model
+from models.sampling import sample_without_replacement_from_logits
+
+
+def plackett_luce_log_prob(logits: Tensor, chosen: Tensor) -> Tensor:
+    """Log-probability of drawing ``chosen`` (N, k) in that order without replacement from
+    ``softmax(logits)`` (N, K): ``sum_i [log a_{c_i} - log(1 - sum_{j<i} a_{c_j})]``. (N,)."""
+    log_a = torch.log_softmax(logits, dim=-1)
+    picked = log_a.gather(-1, chosen)  # (N, k)
+    before = torch.cumsum(picked.exp(), dim=-1) - picked.exp()  # exclusive: mass drawn earlier
+    return (picked - torch.log1p(-before.clamp(max=1.0 - 1e-6))).sum(-1)
+
+
+def region_pooling_weights(boxes: Tensor, h: int, w: int) -> Tensor:
+    """(K, h, w) weights that average an h x w map over each normalised box (K, 4).
+
+    Each map cell covers ``[i/h, (i+1)/h)``; its weight is the area of its overlap with the box,
+    normalised to sum to 1 per box, so overlapping candidates share cells exactly.
+    """
+
+    def cover(lo: Tensor, hi: Tensor, n: int) -> Tensor:
+        edges = torch.arange(n + 1, dtype=boxes.dtype) / n
+        left = torch.maximum(lo[:, None], edges[None, :-1])
+        right = torch.minimum(hi[:, None], edges[None, 1:])
+        return (right - left).clamp(min=0.0)  # (K, n)
+
+    y0, x0, y1, x1 = boxes.unbind(-1)
+    weights = cover(y0, y1, h)[:, :, None] * cover(x0, x1, w)[:, None, :]
+    return weights / weights.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: global average pool, FC (ratio), ReLU, FC, sigmoid, scale."""
+
+    def __init__(self, channels: int, ratio: int = 4):
+        super().__init__()
+        hidden = max(channels // ratio, 1)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.fc(x.mean(dim=(-2, -1))))[:, :, None, None]
+
+
+class LocationModule(nn.Module):
+    """Scores candidate regions of a feature map: 1x1 conv, SE, coordinate channels, two 1x1
+    convs to one score per cell, averaged over each candidate region. (N, D, h, w) -> (N, K)."""
+
+    def __init__(self, channels: int, hidden: int, candidates: Tensor):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True))
+        self.se = SqueezeExcite(hidden)
+        self.score = nn.Sequential(
+            nn.Conv2d(hidden + 2, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1)
+        )
+        self.register_buffer("candidates", candidates, persistent=False)
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        n, _, h, w = fmap.shape
+        x = self.se(self.reduce(fmap))
+        ys = torch.linspace(-1.0, 1.0, h).view(1, 1, h, 1).expand(n, 1, h, w)
+        xs = torch.linspace(-1.0, 1.0, w).view(1, 1, 1, w).expand(n, 1, h, w)
+        scores = self.score(torch.cat([x, ys.to(x), xs.to(x)], dim=1))[:, 0]  # (N, h, w)
+        weights = region_pooling_weights(self.candidates, h, w).to(scores)  # (K, h, w)
+        return torch.einsum("nhw,khw->nk", scores, weights)
+
+
+class PositionalEncoding(nn.Module):
+    """Learned projection of sinusoids of a region's centre (y, x) plus a one-hot of its level."""
+
+    def __init__(self, dim: int, levels: int, frequencies: int = 4):
+        super().__init__()
+        self.levels = levels
+        self.register_buffer(
+            "freqs", math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32), persistent=False
+        )
+        self.proj = nn.Linear(4 * frequencies + levels, dim)
+
+    def forward(self, boxes: Tensor, level: int) -> Tensor:
+        """(N, 4) normalised boxes at ``level`` (0-based) -> (N, dim) encodings."""
+        centre = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], -1)
+        angles = centre[:, :, None] * self.freqs  # (N, 2, F)
+        sincos = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+        onehot = F.one_hot(torch.full((boxes.shape[0],), level), self.levels).to(sincos)
+        return self.proj(torch.cat([sincos, onehot], dim=-1))
+
+
+class TNet(AttentionModel):
+    """Multi-level hard attention (see the module docstring).
+
+    Args:
+        num_classes, view_size: as every model; regions are read at ``view_size`` too.
+        levels: processing levels (1 = the view only).
+        locations: regions chosen inside each processed region, per level.
+        grid, overlap: candidate regions (``models.regions.grid_regions``).
+        backbone: feature network name or module. hidden: location module width.
+        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
+            ``{"norm": "group"}`` (``models.backbones.build_backbone``).
+        reinforce_weight: lambda of the REINFORCE term. level_weight: weight of the
+            per-level classification terms (averaged over levels).
+        sample_in_eval: sample locations at inference too (default: top-k).
+        max_level: deepest pyramid level to read from (None: whatever the scene has).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        view_size: tuple[int, int],
+        levels: int = 2,
+        locations: int = 2,
+        grid: int = 3,
+        overlap: float = 0.5,
+        backbone: str | nn.Module = "small_cnn",
+        in_channels: int = 3,
+        backbone_options: dict | None = None,
+        hidden: int = 32,
+        reinforce_weight: float = 0.1,
+        level_weight: float = 0.3,
+        sample_in_eval: bool = False,
+        max_level: int | None = None,
+    ):
+        super().__init__()
+        if levels < 1 or not 1 <= locations <= grid * grid:
+            raise ValueError(f"need levels >= 1 and 1 <= locations <= grid^2, got {levels}, {locations}")
+        self.view_size = tuple(view_size)
+        self.levels, self.locations = levels, locations
+        self.reinforce_weight, self.level_weight = reinforce_weight, level_weight
+        self.sample_in_eval, self.max_level = sample_in_eval, max_level
+        self.features = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        dim = self.features.out_channels
+        self.grid = grid
+        self.register_buffer("candidates", grid_regions(grid, overlap), persistent=False)
+        self.location = LocationModule(dim, hidden, self.candidates)
+        self.position = PositionalEncoding(dim, levels)
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(dim, num_classes)
+        self.register_buffer("baseline", torch.zeros(()))
+
+    def _choose(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        if self.training or self.sample_in_eval:
+            return sample_without_replacement_from_logits(logits, self.locations, generator)
+        return torch.topk(logits, self.locations, dim=-1).indices
+
+    def _embed(self, images: Tensor, boxes: Tensor, level: int) -> tuple[Tensor, Tensor]:
+        """(N, C, h, w) crops of normalised (N, 4) boxes -> feature maps and transformed features."""
+        fmap = self.features(images)
+        feat = self.transform(pooled(fmap) + self.position(boxes, level))
+        return fmap, feat
+
+    def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
+        b = views.shape[0]
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 1, 4)  # (B, R, 4) normalised
+        fmap, feat = self._embed(views, boxes.reshape(-1, 4), 0)
+        feats, read, log_prob, attention = [feat.view(b, 1, -1)], [], views.new_zeros(b), None
+        for level in range(1, self.levels):
+            logits = self.location(fmap)  # (B * R, K)
+            if attention is None:
+                attention = torch.softmax(logits, -1).view(b, self.grid, self.grid).detach()
+            chosen = self._choose(logits, generator)  # (B * R, k)
+            log_prob = log_prob + plackett_luce_log_prob(logits, chosen).view(b, -1).sum(-1)
+            child = sub_region(boxes.reshape(-1, 1, 4), self.candidates[chosen])  # (B * R, k, 4)
+            boxes = child.reshape(b, -1, 4)
+            boxes0 = to_level0(boxes, sizes)
+            lvl = read_level(boxes0, self.view_size, sizes, max_level=self.max_level)
+            patches = yield ReadRequest(boxes0, lvl, self.view_size)  # (B, R', C, h, w)
+            fmap, feat = self._embed(patches.flatten(0, 1), boxes.reshape(-1, 4), level)
+            feats.append(feat.view(b, boxes.shape[1], -1))
+            read.append(boxes0)
+        all_feats = torch.cat(feats, dim=1)  # (B, N, D)
+        logits = self.classifier(all_feats.mean(1))
+        level_logits = [self.classifier(f.mean(1)) for f in feats]
+        boxes_read = torch.cat(read, dim=1) if read else torch.zeros((b, 0, 4), dtype=torch.int64)
+        weights = torch.full(boxes_read.shape[:2], 1.0 / all_feats.shape[1])
+        return ModelOutput(
+            logits=logits,
+            attention=attention,
+            boxes=boxes_read,
+            weights=weights,
+            extras={"log_prob": log_prob, "level_logits": level_logits},
+        )
+
+    def reinforce_term(self, output: ModelOutput, labels: Tensor) -> Tensor:
+        """``-lambda * mean_b (R_b - baseline) * log p_b`` with ``R = 1[argmax == label]``."""
+        reward = (output.logits.detach().argmax(-1) == labels).to(output.logits.dtype)
+        advantage = reward - self.baseline
+        return -self.reinforce_weight * (advantage * output.extras["log_prob"]).mean()
+
+    def loss(self, output: ModelOutput, labels: Tensor, epoch: int = 0) -> Tensor:
+        """Cross-entropy + ``level_weight`` x mean per-level cross-entropy + REINFORCE term."""
+        total = F.cross_entropy(output.logits, labels)
+        level_logits = output.extras["level_logits"]
+        total = total + self.level_weight * sum(
+            F.cross_entropy(lg, labels) for lg in level_logits
+        ) / len(level_logits)
+        if self.levels > 1:
+            total = total + self.reinforce_term(output, labels)
+        for term in output.aux.values():
+            total = total + term
+        return total
+
+    @torch.no_grad()
+    def end_step(self, output: ModelOutput, labels: Tensor) -> None:
+        """Baseline update after the optimiser step: ``b <- 0.9 b + 0.1 mean(R)``."""
+        reward = (output.logits.argmax(-1) == labels).to(self.baseline.dtype)
+        self.baseline.mul_(0.9).add_(0.1 * reward.mean())
+
+
+@register_model("tnet")
+def tnet(
+    num_classes: int = 10,
+    view_size: tuple[int, int] = (64, 64),
+    levels: int = 2,
+    locations: int = 2,
+    grid: int = 3,
+    overlap: float = 0.5,
+    backbone: str = "small_cnn",
+    in_channels: int = 3,
+    backbone_options: dict | None = None,
+    hidden: int = 32,
+    reinforce_weight: float = 0.1,
+    level_weight: float = 0.3,
+    sample_in_eval: bool = False,
+    max_level: int | None = None,
+) -> TNet:
+    """TNet with ``levels`` levels and ``locations`` regions per processed region."""
+    return TNet(
+        num_classes=num_classes,
+        view_size=view_size,
+        levels=levels,
+        locations=locations,
+        grid=grid,
+        overlap=overlap,
+        backbone=backbone,
+        in_channels=in_channels,
+        backbone_options=backbone_options,
+        hidden=hidden,
+        reinforce_weight=reinforce_weight,
+        level_weight=level_weight,
+        sample_in_eval=sample_in_eval,
+        max_level=max_level,
+    )

@@ -1,0 +1,121 @@
+"""TNet: REINFORCE term and baseline exactly, Plackett-Luce log-probabilities, reads of only the
+chosen regions at every level."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from models.protocol import ModelOutput
+from models.regions import sub_region, to_level0
+from models.tnet import TNet, plackett_luce_log_prob, region_pooling_weights
+from tests.models.tiny_nets import RecordingSource, TinyConv, random_scenes
+
+
+def _model(**kw) -> TNet:
+    torch.manual_seed(0)
+    return TNet(5, (32, 32), backbone=TinyConv(), **kw)
+
+
+def test_plackett_luce_log_prob_of_an_ordered_draw():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    got = plackett_luce_log_prob(logits, torch.tensor([[1, 0]]))
+    assert torch.allclose(got, torch.log(torch.tensor([0.3 * 0.5 / 0.7])))
+
+
+def test_plackett_luce_probabilities_of_all_ordered_draws_sum_to_one():
+    logits = torch.randn(1, 4)
+    draws = torch.tensor(list(itertools.permutations(range(4), 2)))
+    total = sum(plackett_luce_log_prob(logits, d[None]).exp() for d in draws)
+    assert torch.allclose(total, torch.ones(1))
+
+
+def test_region_pooling_weights_share_cells_by_overlap_area():
+    w = region_pooling_weights(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 0.75, 1.0]]), 2, 2)
+    assert torch.allclose(w[0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert torch.allclose(w[1], torch.full((2, 2), 0.25))
+
+
+def test_reinforce_term_sign_and_magnitude():
+    model = _model(reinforce_weight=0.5)
+    model.baseline.fill_(0.25)
+    log_prob = torch.tensor([-1.0, -2.0], requires_grad=True)
+    logits = torch.tensor([[2.0, 0.0, 0, 0, 0], [2.0, 0.0, 0, 0, 0]])  # both predict class 0
+    out = ModelOutput(logits=logits, extras={"log_prob": log_prob})
+    term = model.reinforce_term(out, torch.tensor([0, 1]))  # rewards R = [1, 0]
+    # -lambda * mean((R - b) log p) = -0.5 * mean([0.75 * -1, -0.25 * -2]) = 0.0625
+    assert torch.isclose(term, torch.tensor(0.0625))
+    term.backward()
+    # correct scene: its log-probability is pushed up (negative gradient of the loss), wrong: down
+    assert torch.allclose(log_prob.grad, torch.tensor([-0.1875, 0.0625]))
+
+
+def test_baseline_update_is_exact_and_checkpointed():
+    model = _model()
+    model.baseline.fill_(0.25)
+    out = ModelOutput(logits=torch.tensor([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0]]))
+    model.end_step(out, torch.tensor([0, 1]))  # mean reward 0.5
+    assert model.baseline.item() == pytest.approx(0.9 * 0.25 + 0.1 * 0.5, abs=1e-7)
+    model.end_step(out, torch.tensor([0, 0]))  # mean reward 1
+    assert model.baseline.item() == pytest.approx(0.9 * 0.275 + 0.1, abs=1e-7)
+    restored = _model()
+    restored.load_state_dict(model.state_dict())
+    assert restored.baseline.item() == pytest.approx(0.3475, abs=1e-7)
+
+
+def _forward(model, shapes=((300, 300), (400, 260)), generator=None):
+    source, keys = random_scenes(shapes, coarsest=64)
+    rec = RecordingSource(source)
+    sizes = rec.level0_sizes(keys)
+    views = rec.view(keys, model.view_size)
+    return model(views, sizes, rec, keys, generator), rec, views, sizes, keys
+
+
+def test_only_the_chosen_regions_are_read_at_each_level():
+    model = _model(levels=3, locations=2).eval()
+    out, rec, views, sizes, keys = _forward(model)
+    assert [tuple(r.boxes.shape) for r in rec.requests] == [(2, 2, 4), (2, 4, 4)]
+    assert all(r.size == (32, 32) for r in rec.requests)
+    with torch.no_grad():
+        # level 2: the top-2 candidates of the view's location scores
+        idx = torch.topk(model.location(model.features(views)), 2, dim=-1).indices
+        parents = model.candidates[idx]  # (B, 2, 4)
+        assert torch.equal(rec.requests[0].boxes, to_level0(parents, sizes))
+        # level 3: the top-2 candidates inside each level-2 region, from that region's pixels
+        patches = rec.inner.read(keys, rec.requests[0]).flatten(0, 1)
+        idx = torch.topk(model.location(model.features(patches)), 2, dim=-1).indices
+        children = sub_region(parents.reshape(-1, 1, 4), model.candidates[idx]).reshape(2, 4, 4)
+        assert torch.equal(rec.requests[1].boxes, to_level0(children, sizes))
+    assert torch.equal(out.boxes, torch.cat([r.boxes for r in rec.requests], dim=1))
+    # half-size regions: each level is read at twice the resolution of the one above
+    side = (rec.requests[0].boxes[..., 2] - rec.requests[0].boxes[..., 0]).float()
+    assert torch.allclose(side, sizes[:, :1].float() / 2, atol=1)
+    assert len(out.extras["level_logits"]) == 3
+    assert out.attention.shape == (2, 3, 3)
+    assert torch.allclose(out.weights, torch.full((2, 6), 1 / 7))
+
+
+def test_sampling_in_training_is_seeded_and_topk_in_eval_is_deterministic():
+    model = _model(levels=2, locations=1)
+    a = _forward(model.train(), generator=torch.Generator().manual_seed(3))[1].requests[0].boxes
+    b = _forward(model.train(), generator=torch.Generator().manual_seed(3))[1].requests[0].boxes
+    assert torch.equal(a, b)
+    draws = {
+        tuple(_forward(model.train(), generator=torch.Generator().manual_seed(s))[1].requests[0].boxes.flatten().tolist())
+        for s in range(8)
+    }
+    assert len(draws) > 1  # it does sample
+    e1 = _forward(model.eval())[1].requests[0].boxes
+    e2 = _forward(model.eval(), generator=torch.Generator().manual_seed(9))[1].requests[0].boxes
+    assert torch.equal(e1, e2)
+
+
+def test_loss_gives_the_location_module_a_policy_gradient():
+    model = _model(levels=2, locations=2, reinforce_weight=1.0)
+    out, *_ = _forward(model.train(), generator=torch.Generator().manual_seed(0))
+    labels = out.logits.argmax(-1).clone()
+    labels[1] = (labels[1] + 1) % 5  # one correct (advantage 1 - b = 1), one wrong (0)
+    model.loss(out, labels).backward()
+    grad = sum(p.grad.abs().sum() for p in model.location.parameters())
+    assert math.isfinite(float(grad)) and float(grad) > 0
