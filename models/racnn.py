@@ -1,0 +1,310 @@
+"""RA-CNN: recurrent attention CNN (Fu et al., CVPR 2017), registered as ``racnn``.
+
+``scales`` scales (three in the paper). Scale 1 classifies the view. At each scale an attention
+proposal network (APN: two FC layers on the scale's last conv features) proposes a square
+``(tx, ty, tl)`` (centre and half side, in the scale's image, normalised to [0, 1]) with ``tl``
+at least a sixth of the side, i.e. the square is at least a third of the scale's image. The next
+scale reads only that square's bounding box from the pyramid (at the coarsest level that still
+has the zoomed resolution), multiplies it by the differentiable boxcar mask built from logistic
+steps ``h(x) = 1 / (1 + exp(-k x))`` and zooms the square to the view size by bilinear sampling,
+so gradients reach ``(tx, ty, tl)`` through both the mask and the sampling grid.
+
+Loss: per-scale cross-entropy + cross-entropy of the fused prediction (concatenated L2-normalised
+features of every scale) + the pairwise ranking loss ``max(0, p_t^(s) - p_t^(s+1) + margin)``.
+The paper's alternating schedule: ``set_phase("cls")`` trains the classifiers with the APNs
+fixed (cross-entropy terms), ``set_phase("apn")`` the APNs with the classifiers fixed (ranking
+loss); ``phase_for_step`` alternates them; the default phase ``"joint"`` trains all at once.
+APN pre-training targets: a square of half the image side centred on the strongest response of
+the last conv layer (``apn_pretrain_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.feature_nets import make_backbone, pooled
+from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
+from models.regions import crop_resize, read_level, sub_region, to_level0, to_normalised
+from models.registry import register_model
+
+PHASES = ("joint", "cls", "apn")
+
+
+def boxcar_mask(boxes: Tensor, size: tuple[int, int], k: float = 10.0) -> Tensor:
+    """Differentiable box mask (B, h, w) of normalised (B, 4) boxes on an h x w pixel grid.
+
+    ``M = [h(x - x0) - h(x - x1)] [h(y - y0) - h(y - y1)]`` with the logistic ``h(u) =
+    sigmoid(k u)`` and ``u`` in pixels (so ``k`` ~ 10 gives edges about a pixel wide).
+    """
+    h, w = size
+    ys = (torch.arange(h, dtype=boxes.dtype) + 0.5)[None, :]  # pixel centres, in pixels
+    xs = (torch.arange(w, dtype=boxes.dtype) + 0.5)[None, :]
+    y0, x0, y1, x1 = (boxes[:, i : i + 1] for i in range(4))
+    my = torch.sigmoid(k * (ys - y0 * h)) - torch.sigmoid(k * (ys - y1 * h))
+    mx = torch.sigmoid(k * (xs - x0 * w)) - torch.sigmoid(k * (xs - x1 * w))
+    return my[:, :, None] * mx[:, None, :]
+
+
+def attend_and_zoom(images: Tensor, boxes: Tensor, size: tuple[int, int], k: float = 10.0) -> Tensor:
+    """Mask (B, C, H, W) ``images`` with the boxcar of normalised (B, 4) ``boxes`` and zoom each
+    box to ``size`` by bilinear sampling. Differentiable in both. Returns (B, C, h, w)."""
+    mask = boxcar_mask(boxes, tuple(images.shape[-2:]), k)
+    return crop_resize(images * mask[:, None], boxes[:, None], size)[:, 0]
+
+
+def square_from_apn(raw: Tensor, min_side: float = 1.0 / 3.0) -> tuple[Tensor, Tensor]:
+    """APN outputs (B, 3) in (0, 1) -> ``(tx, ty, tl)`` (B, 3) and the normalised box (B, 4).
+
+    ``tl = (min_side + (1 - min_side) raw_2) / 2`` (the side is at least ``min_side`` of the
+    image); the centre is kept so that the square stays inside the image.
+    """
+    tl = 0.5 * (min_side + (1.0 - min_side) * raw[:, 2])
+    tx = tl + (1.0 - 2.0 * tl) * raw[:, 0]
+    ty = tl + (1.0 - 2.0 * tl) * raw[:, 1]
+    box = torch.stack([ty - tl, tx - tl, ty + tl, tx + tl], dim=-1)
+    return torch.stack([tx, ty, tl], dim=-1), box
+
+
+def ranking_loss(true_probs: list[Tensor], margin: float) -> Tensor:
+    """Pairwise ranking loss ``sum_s mean_b max(0, p^(s) - p^(s+1) + margin)`` over scales.
+
+    ``true_probs``: per scale, (B,) softmax probability of the true class.
+    """
+    total = true_probs[0].new_zeros(())
+    for coarse, fine in zip(true_probs[:-1], true_probs[1:], strict=True):
+        total = total + (coarse - fine + margin).clamp(min=0.0).mean()
+    return total
+
+
+def strongest_response_targets(fmap: Tensor, min_side: float = 1.0 / 3.0) -> Tensor:
+    """APN pre-training targets: the square of half the image side centred on the cell with the
+    largest channel-summed response of ``fmap`` (B, D, h, w). Returns raw APN outputs (B, 3),
+    i.e. the inverse of ``square_from_apn`` for that square."""
+    b, _, h, w = fmap.shape
+    flat = fmap.detach().sum(1).flatten(1).argmax(-1)
+    cy = ((flat // w).to(fmap.dtype) + 0.5) / h
+    cx = ((flat % w).to(fmap.dtype) + 0.5) / w
+    tl = torch.full((b,), 0.25, dtype=fmap.dtype)
+    raw_tl = (2 * tl - min_side) / (1.0 - min_side)
+    raw_x = ((cx.clamp(0.25, 0.75) - tl) / (1.0 - 2 * tl)).clamp(0.0, 1.0)
+    raw_y = ((cy.clamp(0.25, 0.75) - tl) / (1.0 - 2 * tl)).clamp(0.0, 1.0)
+    return torch.stack([raw_x, raw_y, raw_tl], dim=-1)
+
+
+class APN(nn.Module):
+    """Attention proposal network: 4x4 average pool of the conv features, FC, tanh, FC, sigmoid.
+    (B, D, h, w) -> (B, 3) raw outputs in (0, 1)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(channels * 16, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, 3),
+        )
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        return torch.sigmoid(self.net(fmap))
+
+
+class RACNN(AttentionModel):
+    """RA-CNN (see the module docstring).
+
+    Args:
+        num_classes, view_size: as every model; every scale's input is ``view_size``.
+        scales: number of scales (>= 1). backbone: feature network name or module (one
+            instance per scale unless ``share_backbone``). apn_hidden: APN width.
+        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
+            ``{"norm": "group"}`` (``models.backbones.build_backbone``).
+        k: logistic steepness of the boxcar (per pixel). margin: ranking margin.
+        rank_weight: weight of the ranking loss in the joint phase.
+        min_side: the smallest crop side as a fraction of the previous scale (1/3).
+        read_margin: extra context read around each crop, as a fraction of its side.
+        max_level: deepest pyramid level to read from (None: whatever the scene has).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        view_size: tuple[int, int],
+        scales: int = 3,
+        backbone: str | nn.Module = "small_cnn",
+        in_channels: int = 3,
+        backbone_options: dict | None = None,
+        share_backbone: bool = False,
+        apn_hidden: int = 64,
+        k: float = 10.0,
+        margin: float = 0.05,
+        rank_weight: float = 1.0,
+        min_side: float = 1.0 / 3.0,
+        read_margin: float = 0.0,
+        max_level: int | None = None,
+    ):
+        super().__init__()
+        if scales < 1:
+            raise ValueError(f"RA-CNN needs at least one scale, got {scales}")
+        self.view_size = tuple(view_size)
+        self.scales, self.k, self.margin, self.rank_weight = scales, k, margin, rank_weight
+        self.min_side, self.read_margin, self.max_level = min_side, read_margin, max_level
+        first = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        if share_backbone or isinstance(backbone, nn.Module):
+            nets = [first] * scales  # an injected module cannot be copied safely: share it
+        else:
+            more = [make_backbone(backbone, in_channels, **(backbone_options or {})) for _ in range(1, scales)]
+            nets = [first, *more]
+        self.backbones = nn.ModuleList(nets)
+        dim = first.out_channels
+        self.classifiers = nn.ModuleList([nn.Linear(dim, num_classes) for _ in range(scales)])
+        self.apns = nn.ModuleList([APN(dim, apn_hidden) for _ in range(scales - 1)])
+        self.fusion = nn.Linear(dim * scales, num_classes)
+        self.phase = "joint"
+        scale_read = 1.0 + 2.0 * read_margin
+        self.read_size = tuple(max(1, round(s * scale_read)) for s in self.view_size)
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"cls": backbones + classifiers + fusion, "apn": attention proposal networks}``."""
+        apn = list(self.apns.parameters())
+        apn_ids = {id(p) for p in apn}
+        return {"cls": [p for p in self.parameters() if id(p) not in apn_ids], "apn": apn}
+
+    def set_phase(self, phase: str) -> None:
+        """Train only the group of ``phase`` ("cls", "apn") or everything ("joint"): sets
+        ``requires_grad`` and chooses the loss terms of ``loss``."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown RA-CNN phase {phase!r}; expected one of {PHASES}")
+        self.phase = phase
+        groups = self.parameter_groups()
+        for name, params in groups.items():
+            for p in params:
+                p.requires_grad_(phase in ("joint", name))
+
+    @staticmethod
+    def phase_for_step(step: int, period: int) -> str:
+        """The alternating schedule: ``period`` steps of "cls", then ``period`` of "apn", ..."""
+        return "cls" if (step // max(period, 1)) % 2 == 0 else "apn"
+
+    def no_grad_params(self) -> list[str]:
+        """Parameters that receive no gradient in the current phase (none in "joint")."""
+        if self.phase == "joint":
+            return []
+        frozen = {id(p) for p in self.parameter_groups()["apn" if self.phase == "cls" else "cls"]}
+        return [n for n, p in self.named_parameters() if id(p) in frozen]
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
+        b = views.shape[0]
+        image = views
+        parent = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 4)  # scene box of `image`
+        feats, logits, apn_raw, apn_targets, read = [], [], [], [], []
+        for s in range(self.scales):
+            fmap = self.backbones[s](image)
+            feat = pooled(fmap)
+            feats.append(feat)
+            logits.append(self.classifiers[s](feat))
+            if s == self.scales - 1:
+                break
+            raw = self.apns[s](fmap)
+            apn_raw.append(raw)
+            apn_targets.append(strongest_response_targets(fmap, self.min_side))
+            _, square = square_from_apn(raw, self.min_side)
+            crop = sub_region(parent, square)  # (B, 4) normalised scene box, differentiable
+            patches, patch_box, boxes0 = yield from self._read(crop.detach(), sizes)
+            local = (crop - patch_box[:, [0, 1, 0, 1]]) / (
+                patch_box[:, [2, 3, 2, 3]] - patch_box[:, [0, 1, 0, 1]]
+            )
+            image = attend_and_zoom(patches, local, self.view_size, self.k)
+            read.append(boxes0)
+            parent = crop
+        fused = self.fusion(torch.cat([F.normalize(f, dim=-1) for f in feats], dim=-1))
+        boxes = torch.cat(read, dim=1) if read else torch.zeros((b, 0, 4), dtype=torch.int64)
+        return ModelOutput(
+            logits=fused,
+            boxes=boxes,
+            weights=torch.ones(boxes.shape[:2]),
+            extras={"scale_logits": logits, "apn_raw": apn_raw, "apn_targets": apn_targets},
+        )
+
+    def _read(self, crop: Tensor, sizes: Tensor):
+        """Read the crop's bounding box (plus ``read_margin``) once: returns the (B, C, h, w)
+        patch, the normalised scene box (B, 4) that it covers exactly and its level-0 box."""
+        side = crop[:, 2:] - crop[:, :2]
+        grown = torch.cat([crop[:, :2] - self.read_margin * side, crop[:, 2:] + self.read_margin * side], -1)
+        boxes0 = to_level0(grown[:, None], sizes)
+        level = read_level(boxes0, self.read_size, sizes, max_level=self.max_level)
+        patches = yield ReadRequest(boxes0, level, self.read_size)
+        return patches[:, 0], to_normalised(boxes0, sizes)[:, 0], boxes0
+
+    # -- losses -----------------------------------------------------------------------------
+
+    def ranking_term(self, output: ModelOutput, labels: Tensor) -> Tensor:
+        """Pairwise ranking loss over consecutive scales on the true class's probability."""
+        probs = [
+            torch.softmax(lg, -1).gather(-1, labels[:, None])[:, 0]
+            for lg in output.extras["scale_logits"]
+        ]
+        return ranking_loss(probs, self.margin)
+
+    def loss(self, output: ModelOutput, labels: Tensor, epoch: int = 0) -> Tensor:
+        """Joint: every cross-entropy + ``rank_weight`` x ranking. "cls": cross-entropies only.
+        "apn": ranking loss only."""
+        ce = F.cross_entropy(output.logits, labels) + sum(
+            F.cross_entropy(lg, labels) for lg in output.extras["scale_logits"]
+        )
+        if self.scales == 1 or self.phase == "cls":
+            total = ce
+        elif self.phase == "apn":
+            total = self.ranking_term(output, labels)
+        else:
+            total = ce + self.rank_weight * self.ranking_term(output, labels)
+        for term in output.aux.values():
+            total = total + term
+        return total
+
+    def apn_pretrain_loss(self, output: ModelOutput) -> Tensor:
+        """Mean squared error of the APN outputs to their strongest-response targets."""
+        pairs = zip(output.extras["apn_raw"], output.extras["apn_targets"], strict=True)
+        terms = [F.mse_loss(raw, target) for raw, target in pairs]
+        return sum(terms) / max(len(terms), 1) if terms else output.logits.new_zeros(())
+
+
+@register_model("racnn")
+def racnn(
+    num_classes: int = 10,
+    view_size: tuple[int, int] = (64, 64),
+    scales: int = 3,
+    backbone: str = "small_cnn",
+    in_channels: int = 3,
+    backbone_options: dict | None = None,
+    share_backbone: bool = False,
+    apn_hidden: int = 64,
+    k: float = 10.0,
+    margin: float = 0.05,
+    rank_weight: float = 1.0,
+    min_side: float = 1.0 / 3.0,
+    read_margin: float = 0.0,
+    max_level: int | None = None,
+) -> RACNN:
+    """RA-CNN with ``scales`` scales; each zoom reads one crop per scene."""
+    return RACNN(
+        num_classes=num_classes,
+        view_size=view_size,
+        scales=scales,
+        backbone=backbone,
+        in_channels=in_channels,
+        backbone_options=backbone_options,
+        share_backbone=share_backbone,
+        apn_hidden=apn_hidden,
+        k=k,
+        margin=margin,
+        rank_weight=rank_weight,
+        min_side=min_side,
+        read_margin=read_margin,
+        max_level=max_level,
+    )
