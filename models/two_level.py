@@ -1,0 +1,261 @@
+"""Two-level attention (Xiao et al., CVPR 2015), registered as ``two_level``.
+
+1. Bottom-up candidates: square windows of several scales on a grid over the scene
+   (``models.regions.multiscale_windows``), cut out of the *view* (no reads).
+2. Object level: a small filter net classifies every candidate; the ``keep`` candidates on which
+   it is most confident (max softmax probability) are kept, and only those are read from the
+   pyramid at full patch resolution. A domain net embeds them; their average is classified
+   (object-level prediction).
+3. Part level: the domain net's channels are clustered into ``parts`` groups by k-means on their
+   response patterns over patches (channels that fire on the same patches detect the same part).
+   A part's score on a patch is the mean response of its channels; each part selects its
+   best-scoring kept patch, and the selected patches' features, in part order, are classified
+   (part-level prediction).
+The prediction is the sum of the object and part logits. Loss: cross-entropy of the sum, plus
+weighted cross-entropies of each level and of the filter net on every candidate (each candidate
+labelled with its scene's class, as the paper trains its FilterNet).
+
+Clustering: ``fit_parts(features)`` at any time (e.g. on a few batches after initialisation);
+during training ``end_step`` keeps a bank of recent patch features and re-clusters every
+``recluster_every`` optimiser steps. Assignments and the bank are buffers (in checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.feature_nets import make_backbone, pooled
+from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
+from models.regions import crop_resize, multiscale_windows, read_level, to_level0
+from models.registry import register_model
+
+
+def kmeans(
+    x: Tensor, k: int, iters: int = 25, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """k-means (Lloyd) of (n, d) rows with k-means++ seeding. Returns labels (n,) int64 and
+    centres (k, d). An emptied cluster is re-seeded with the row farthest from its centre."""
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= n, got k={k}, n={n}")
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [x[first]]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centres)).min(dim=1).values.pow(2)
+        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full((n,), 1.0 / n)
+        centres.append(x[int(torch.multinomial(probs, 1, generator=generator))])
+    c = torch.stack(centres)
+    labels = torch.zeros(n, dtype=torch.int64)
+    for _ in range(iters):
+        dist = torch.cdist(x, c)
+        labels = dist.argmin(dim=1)
+        for j in range(k):
+            members = labels == j
+            if members.any():
+                c[j] = x[members].mean(0)
+            else:
+                far = int(dist.min(dim=1).values.argmax())
+                c[j], labels[far] = x[far], j
+    return labels, c
+
+
+def cluster_channels(features: Tensor, parts: int, generator: torch.Generator | None = None) -> Tensor:
+    """Group the D channels of (N, D) patch features into ``parts`` clusters by their response
+    pattern over the N patches (each pattern centred and L2-normalised, so the distance is a
+    function of the correlation). Returns (D,) int64 cluster of each channel."""
+    patterns = features.t().to(torch.float64)  # (D, N)
+    patterns = patterns - patterns.mean(dim=1, keepdim=True)
+    patterns = F.normalize(patterns, dim=1)
+    labels, _ = kmeans(patterns, parts, generator=generator)
+    return labels
+
+
+def part_scores(features: Tensor, assignment: Tensor, parts: int) -> Tensor:
+    """Mean response of each part's channels: (B, T, D) features -> (B, T, parts)."""
+    onehot = F.one_hot(assignment, parts).to(features.dtype)  # (D, P)
+    onehot = onehot / onehot.sum(0, keepdim=True).clamp(min=1.0)
+    return features @ onehot
+
+
+def select_parts(features: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """For each part, the feature of the patch where it scores highest.
+
+    features (B, T, D), scores (B, T, P) -> part features (B, P, D) and chosen patch (B, P).
+    """
+    choice = scores.argmax(dim=1)  # (B, P)
+    idx = choice[:, :, None].expand(-1, -1, features.shape[-1])
+    return features.gather(1, idx), choice
+
+
+class TwoLevelAttention(AttentionModel):
+    """Two-level attention (see the module docstring).
+
+    Args:
+        num_classes, view_size: as every model.
+        patch_size: (h, w) at which kept candidates are read and embedded.
+        window_scales, window_stride: candidate windows (sides as fractions of the scene).
+        keep: candidates kept by the filter net (and read) per scene.
+        filter_size: (h, w) of the candidate crops cut from the view for the filter net.
+        backbone: domain (patch) network; filter_backbone: filter network (names or modules).
+        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
+            ``{"norm": "group"}`` (``models.backbones.build_backbone``).
+        parts: number of part detectors. object_weight, part_weight, filter_weight: loss weights.
+        memory: patch features kept for re-clustering; recluster_every: steps between them.
+        max_level: deepest pyramid level to read from (None: whatever the scene has).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        view_size: tuple[int, int],
+        patch_size: tuple[int, int] = (32, 32),
+        window_scales: tuple[float, ...] = (0.25, 0.5),
+        window_stride: float = 0.5,
+        keep: int = 4,
+        filter_size: tuple[int, int] = (24, 24),
+        backbone: str | nn.Module = "small_cnn",
+        filter_backbone: str | nn.Module = "small_cnn",
+        in_channels: int = 3,
+        backbone_options: dict | None = None,
+        parts: int = 2,
+        object_weight: float = 0.5,
+        part_weight: float = 0.5,
+        filter_weight: float = 0.5,
+        memory: int = 512,
+        recluster_every: int = 100,
+        max_level: int | None = None,
+    ):
+        super().__init__()
+        self.view_size, self.patch_size = tuple(view_size), tuple(patch_size)
+        self.filter_size, self.keep, self.parts = tuple(filter_size), keep, parts
+        self.object_weight, self.part_weight = object_weight, part_weight
+        self.filter_weight, self.recluster_every = filter_weight, recluster_every
+        self.max_level = max_level
+        self.register_buffer(
+            "candidates", multiscale_windows(tuple(window_scales), window_stride), persistent=False
+        )
+        if not 1 <= keep <= self.candidates.shape[0]:
+            raise ValueError(f"keep must be in [1, {self.candidates.shape[0]}], got {keep}")
+        self.filter_net = make_backbone(filter_backbone, in_channels, **(backbone_options or {}))
+        self.filter_head = nn.Linear(self.filter_net.out_channels, num_classes)
+        self.domain_net = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        dim = self.domain_net.out_channels
+        if not 1 <= parts <= dim:
+            raise ValueError(f"parts must be in [1, {dim}] (the domain net's channels), got {parts}")
+        self.object_head = nn.Linear(dim, num_classes)
+        self.part_head = nn.Linear(dim * parts, num_classes)
+        self.register_buffer("assignment", torch.arange(dim) % parts)
+        self.register_buffer("bank", torch.zeros(memory, dim))
+        self.register_buffer("bank_count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
+
+    def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
+        b, k = views.shape[0], self.candidates.shape[0]
+        windows = self.candidates.expand(b, k, 4)
+        crops = crop_resize(views, windows, self.filter_size)  # (B, K, C, fh, fw)
+        filter_logits = self.filter_head(pooled(self.filter_net(crops.flatten(0, 1)))).view(b, k, -1)
+        confidence = torch.softmax(filter_logits.detach(), -1).max(-1).values  # (B, K)
+        kept = torch.topk(confidence, self.keep, dim=-1).indices  # (B, T), most confident first
+        boxes0 = to_level0(self.candidates[kept], sizes)
+        level = read_level(boxes0, self.patch_size, sizes, max_level=self.max_level)
+        patches = yield ReadRequest(boxes0, level, self.patch_size)  # (B, T, C, h, w)
+        feats = pooled(self.domain_net(patches.flatten(0, 1))).view(b, self.keep, -1)
+        object_logits = self.object_head(feats.mean(1))
+        part_feats, choice = select_parts(feats, part_scores(feats, self.assignment, self.parts))
+        part_logits = self.part_head(part_feats.flatten(1))
+        return ModelOutput(
+            logits=object_logits + part_logits,
+            boxes=boxes0,
+            weights=torch.full(boxes0.shape[:2], 1.0 / self.keep),
+            extras={
+                "filter_logits": filter_logits,
+                "object_logits": object_logits,
+                "part_logits": part_logits,
+                "part_choice": choice,
+                "kept": kept,
+                "patch_features": feats.detach(),
+            },
+        )
+
+    def loss(self, output: ModelOutput, labels: Tensor, epoch: int = 0) -> Tensor:
+        """CE(object + part) + weighted CE of each level + weighted CE of the filter net."""
+        ex = output.extras
+        filt = ex["filter_logits"]
+        total = F.cross_entropy(output.logits, labels)
+        total = total + self.object_weight * F.cross_entropy(ex["object_logits"], labels)
+        total = total + self.part_weight * F.cross_entropy(ex["part_logits"], labels)
+        per_candidate = labels[:, None].expand(filt.shape[:2]).reshape(-1)
+        total = total + self.filter_weight * F.cross_entropy(filt.flatten(0, 1), per_candidate)
+        for term in output.aux.values():
+            total = total + term
+        return total
+
+    @torch.no_grad()
+    def fit_parts(self, features: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Re-cluster the domain net's channels from (N, D) patch features; returns (D,) labels."""
+        if features.shape[0] < 2:
+            raise ValueError(f"need at least 2 patch features to cluster, got {features.shape[0]}")
+        self.assignment.copy_(cluster_channels(features, self.parts, generator))
+        return self.assignment
+
+    @torch.no_grad()
+    def end_step(self, output: ModelOutput, labels: Tensor) -> None:
+        """Every ``recluster_every`` steps re-cluster from the bank, then add this step's
+        patch features to the bank (clustering first: the bank was synchronised across
+        workers after the previous step, so every worker gets the same assignment)."""
+        self.step_count += 1
+        filled = int(min(self.bank_count, self.bank.shape[0]))
+        if self.recluster_every > 0 and int(self.step_count) % self.recluster_every == 0 and filled >= 2:
+            seed = torch.Generator().manual_seed(int(self.step_count))
+            self.fit_parts(self.bank[:filled], seed)
+        feats = output.extras["patch_features"].flatten(0, 1)
+        n, size = feats.shape[0], self.bank.shape[0]
+        slots = (torch.arange(n) + int(self.bank_count)) % size
+        self.bank[slots[-size:]] = feats[-size:].to(self.bank)
+        self.bank_count += n
+
+
+@register_model("two_level")
+def two_level(
+    num_classes: int = 10,
+    view_size: tuple[int, int] = (64, 64),
+    patch_size: tuple[int, int] = (32, 32),
+    window_scales: tuple[float, ...] = (0.25, 0.5),
+    window_stride: float = 0.5,
+    keep: int = 4,
+    filter_size: tuple[int, int] = (24, 24),
+    backbone: str = "small_cnn",
+    filter_backbone: str = "small_cnn",
+    in_channels: int = 3,
+    backbone_options: dict | None = None,
+    parts: int = 2,
+    object_weight: float = 0.5,
+    part_weight: float = 0.5,
+    filter_weight: float = 0.5,
+    memory: int = 512,
+    recluster_every: int = 100,
+    max_level: int | None = None,
+) -> TwoLevelAttention:
+    """Two-level attention: filter-net object level and clustered part level."""
+    return TwoLevelAttention(
+        num_classes=num_classes,
+        view_size=view_size,
+        patch_size=patch_size,
+        window_scales=window_scales,
+        window_stride=window_stride,
+        keep=keep,
+        filter_size=filter_size,
+        backbone=backbone,
+        filter_backbone=filter_backbone,
+        in_channels=in_channels,
+        backbone_options=backbone_options,
+        parts=parts,
+        object_weight=object_weight,
+        part_weight=part_weight,
+        filter_weight=filter_weight,
+        memory=memory,
+        recluster_every=recluster_every,
+        max_level=max_level,
+    )
