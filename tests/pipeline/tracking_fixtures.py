@@ -39,8 +39,11 @@ class TinyAttention(AttentionModel):
             idx = att.topk(self.k, dim=1).indices
         cy = (idx // w).float() + 0.5
         cx = (idx % w).float() + 0.5
+        # patches centred on the attended cells, kept inside the scene
         y0 = (cy * sizes[:, :1] / h).long() - self.patch // 2
         x0 = (cx * sizes[:, 1:] / w).long() - self.patch // 2
+        y0 = torch.minimum(y0.clamp(min=0), sizes[:, :1] - self.patch)
+        x0 = torch.minimum(x0.clamp(min=0), sizes[:, 1:] - self.patch)
         boxes = torch.stack([y0, x0, y0 + self.patch, x0 + self.patch], dim=-1)
         patches = yield ReadRequest(boxes, 0, (self.patch, self.patch))
         weights = att.gather(1, idx)
@@ -71,10 +74,18 @@ def brightness_scenes(n: int = 8, side: int = 48, seed: int = 0):
 
 
 def brightness_model(sign: float = 1.0) -> TinyAttention:
-    """A tiny model whose head says "bright" (sign=+1: right, -1: always wrong on those scenes)."""
+    """A tiny model whose head thresholds the mean brightness of its patches at 0.5.
+
+    sign=+1 is right on every ``brightness_scenes`` scene, sign=-1 wrong on every one.
+    """
     model = create_model(TINY)
     with torch.no_grad():
         model.head.weight.copy_(sign * torch.tensor([[-10.0] * 3, [10.0] * 3]))
-        model.head.bias.zero_()
+        model.head.bias.copy_(sign * torch.tensor([15.0, -15.0]))
     model.eval()
     return model
+
+
+def sqlite_uri(directory) -> str:
+    """A fresh SQLite tracking URI in ``directory`` (artifacts go to ``directory/mlruns``)."""
+    return f"sqlite:///{directory}/mlflow.db"
