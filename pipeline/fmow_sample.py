@@ -36,7 +36,9 @@ from PIL import Image, ImageDraw
 
 PERIOD = 8  # px at level 0: one repeat of every class pattern
 PATTERNS = ("hstripes", "vstripes", "checks", "diagonal", "antidiagonal")
-OBJECT_TONES = ((222, 92, 52), (118, 42, 30))  # bright, dark: the one colour of all objects
+# bright, dark: the one colour of all objects. Channel differences are multiples of 64, so
+# every 2x2 rounded mean down to level 3 is exact and all objects become the same flat colour.
+OBJECT_TONES = ((230, 100, 92), (102, 36, 28))
 OBJECT_GAP = 8  # px of background kept between objects
 BAD_KINDS = (
     "truncated_image",

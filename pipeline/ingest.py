@@ -22,6 +22,7 @@ rejected as ``unknown_category``.
 from __future__ import annotations
 
 import io
+import re
 import sys
 import time
 from collections import Counter
@@ -147,8 +148,12 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
             return _to_rgb_chw(img)
     except Image.DecompressionBombError as exc:
         raise BadInput("too_large", f"image {uri} too large for Pillow's guard: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadInput("unreadable_image", f"cannot decode image {uri}: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadInput("unreadable_image", f"cannot decode image {uri}: unknown format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # no object reprs (memory addresses) in the reason: rejects must be reproducible
+        reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(exc))
+        raise BadInput("unreadable_image", f"cannot decode image {uri}: {reason}") from None
 
 
 def _to_rgb_chw(img: Any) -> np.ndarray:

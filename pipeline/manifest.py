@@ -10,7 +10,7 @@ Manifest columns (``MANIFEST_SCHEMA``):
     channels      int32
     num_levels    int32
     level_shapes  str    JSON list of [height, width] per level, level 0 first
-    box           list<int32>[4] or null: labelled box (y0, x0, y1, x1), level-0 px, half-open
+    box           list<int32> of 4, or null: labelled box (y0, x0, y1, x1), level-0 px, half-open
     gsd           float64 or null: ground sample distance in metres (fMoW)
     timestamp     str or null: acquisition time as given by the source
     source        str    URI of the raw image
@@ -46,7 +46,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("channels", pa.int32()),
         ("num_levels", pa.int32()),
         ("level_shapes", pa.string()),
-        ("box", pa.list_(pa.int32(), 4)),
+        ("box", pa.list_(pa.int32())),  # 4 values or null (a fixed-size list reads back badly with nulls)
         ("gsd", pa.float64()),
         ("timestamp", pa.string()),
         ("source", pa.string()),
@@ -88,6 +88,8 @@ def manifest_table(rows: Sequence[Mapping], classes: Sequence[str]) -> pa.Table:
     whose label does not match its category's index."""
     index = {name: i for i, name in enumerate(classes)}
     for row in rows:
+        if row.get("box") is not None and len(row["box"]) != 4:
+            raise ValueError(f"manifest row {row['scene_id']}: box {row['box']} is not 4 values")
         if index.get(row["category"]) != row["label"]:
             raise ValueError(
                 f"manifest row {row['scene_id']}: label {row['label']} is not the index of "
