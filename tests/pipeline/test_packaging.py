@@ -12,14 +12,19 @@ from safetensors.torch import load_file
 from models.registry import create_model
 from pipeline import packaging, tracking
 from pipeline.packaging import Predictor
-from tests.pipeline.tracking_fixtures import TINY, brightness_model, brightness_scenes, sqlite_uri
+from tests.pipeline.tracking_fixtures import (
+    TINY,
+    brightness_model,
+    brightness_scenes,
+    fresh_mlflow_uri,
+)
 
 CLASSES = ["dark", "bright"]
 
 
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory):
-    return sqlite_uri(tmp_path_factory.mktemp("mlflow"))
+    return fresh_mlflow_uri(tmp_path_factory)
 
 
 def _trained_like_model(seed: int = 3):
@@ -185,6 +190,8 @@ def test_load_pyfunc_refuses_a_pickled_model(uri, tmp_path):
     import mlflow.pyfunc
 
     class Pickled(mlflow.pyfunc.PythonModel):
+        _skip_type_hint_validation = True
+
         def predict(self, context, model_input, params=None):
             return model_input
 

@@ -15,14 +15,14 @@ import pytest
 
 from pipeline import tracking
 from pipeline.tracking import MlflowTracker, NullTracker, flatten_params
-from tests.pipeline.tracking_fixtures import sqlite_uri
+from tests.pipeline.tracking_fixtures import fresh_mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory):
-    return sqlite_uri(tmp_path_factory.mktemp("mlflow"))
+    return fresh_mlflow_uri(tmp_path_factory)
 
 
 @dataclasses.dataclass(frozen=True)

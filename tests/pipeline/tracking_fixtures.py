@@ -7,6 +7,8 @@ logging, registering and loading it back takes well under a second of compute.
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,5 +89,23 @@ def brightness_model(sign: float = 1.0) -> TinyAttention:
 
 
 def sqlite_uri(directory) -> str:
-    """A fresh SQLite tracking URI in ``directory`` (artifacts go to ``directory/mlruns``)."""
+    """The SQLite tracking URI of ``directory/mlflow.db`` (artifacts go to ``directory/mlruns``)."""
     return f"sqlite:///{directory}/mlflow.db"
+
+
+def fresh_mlflow_uri(tmp_path_factory, name: str = "mlflow") -> str:
+    """A new, empty SQLite tracking URI in a new temporary directory.
+
+    Creating MLflow's schema takes 5-15 s on this machine, so it is built once per test session
+    (in pytest's base temp dir) and copied: an empty database file is the same wherever it
+    is used.
+    """
+    from pipeline import tracking
+
+    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not template.exists():
+        template.parent.mkdir(exist_ok=True)
+        tracking.mlflow_client(sqlite_uri(template.parent)).search_experiments()
+    directory = tmp_path_factory.mktemp(name)
+    shutil.copyfile(template, directory / "mlflow.db")
+    return sqlite_uri(directory)

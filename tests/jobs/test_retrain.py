@@ -1,0 +1,163 @@
+"""Scheduled retraining promotes a new model only when it beats the current champion.
+
+Two tiny registered models on labelled in-memory scenes: one right on every scene (accuracy 1),
+one wrong on every scene (accuracy 0), in a SQLite MLflow in a temporary directory.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import promotion, tracking
+from pipeline.config import TrainConfig
+from tests.pipeline.tracking_fixtures import brightness_model, brightness_scenes, fresh_mlflow_uri
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    return fresh_mlflow_uri(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def evaluate(uri):
+    source, keys, labels = brightness_scenes()
+    return promotion.registered_evaluator(source, keys, labels, tracking_uri=uri, batch_size=4)
+
+
+def _train_fn(uri, sign, experiment="retrain"):
+    """What the trainer does: one MLflow run that logs the final model; returns its outcome."""
+
+    def train():
+        tracker = tracking.MlflowTracker(experiment, uri)
+        run_id = tracker.start(f"runs/retrain-{sign}-{id(tracker)}")
+        model_uri = tracker.log_model(brightness_model(sign), classes=["dark", "bright"])
+        tracker.end()
+        return SimpleNamespace(run_id=run_id, model_uri=model_uri, registered_version=None)
+
+    return train
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "margin", "higher", "promoted"),
+    [
+        (0.5, None, 0.0, True, True),
+        (0.81, 0.80, 0.0, True, True),
+        (0.80, 0.80, 0.0, True, False),  # a tie keeps the champion
+        (0.805, 0.80, 0.01, True, False),
+        (0.82, 0.80, 0.01, True, True),
+        (0.40, 0.50, 0.0, False, True),  # loss: lower wins
+        (0.50, 0.40, 0.0, False, False),
+        (float("nan"), None, 0.0, True, False),
+    ],
+)
+def test_decide_rule(candidate, champion, margin, higher, promoted):
+    assert promotion.decide(candidate, champion, margin, higher)[0] is promoted
+
+
+def test_decide_rejects_negative_margin():
+    with pytest.raises(ValueError, match="margin"):
+        promotion.decide(1.0, 0.0, -0.1)
+
+
+def test_first_model_becomes_champion(uri, evaluate):
+    decision = promotion.retrain(
+        _train_fn(uri, -1.0), evaluate, "first", tracking_uri=uri, experiment="retrain"
+    )
+    assert decision.promoted and decision.champion_version is None
+    assert decision.candidate_score == 0.0 and decision.reason == "no champion yet"
+    assert tracking.alias_version(uri, "first", "champion") == "1"
+
+
+def test_better_candidate_takes_the_alias(uri, evaluate):
+    promotion.retrain(
+        _train_fn(uri, -1.0), evaluate, "better", tracking_uri=uri, experiment="retrain"
+    )
+    decision = promotion.retrain(
+        _train_fn(uri, 1.0), evaluate, "better", margin=0.5, tracking_uri=uri, experiment="retrain"
+    )
+    assert decision.promoted
+    assert (decision.candidate_version, decision.champion_version) == ("2", "1")
+    assert (decision.candidate_score, decision.champion_score) == (1.0, 0.0)
+    assert tracking.alias_version(uri, "better", "champion") == "2"
+    assert tracking.alias_version(uri, "better", "previous_champion") == "1"
+    tags = tracking.version_tags(uri, "better", "2")
+    assert tags["retrain.promoted"] == "True"
+    assert tags["retrain.candidate_score"] == "1.0" and tags["retrain.champion_score"] == "0.0"
+    assert tags["retrain.champion_version"] == "1" and tags["retrain.margin"] == "0.5"
+    # the candidate's training run records the same decision and both scores
+    run = tracking.run_info(tags["pipeline.run_id"], uri)
+    assert run["tags"]["retrain.promoted"] == "True"
+    assert run["metrics"] == {"retrain/candidate_accuracy": 1.0, "retrain/champion_accuracy": 0.0}
+
+
+def test_worse_candidate_is_rejected_and_recorded(uri, evaluate):
+    promotion.retrain(
+        _train_fn(uri, 1.0), evaluate, "worse", tracking_uri=uri, experiment="retrain"
+    )
+    decision = promotion.retrain(
+        _train_fn(uri, -1.0), evaluate, "worse", tracking_uri=uri, experiment="retrain"
+    )
+    assert not decision.promoted
+    assert (decision.candidate_score, decision.champion_score) == (0.0, 1.0)
+    assert tracking.alias_version(uri, "worse", "champion") == "1"
+    assert tracking.alias_version(uri, "worse", "candidate") == "2"
+    assert tracking.alias_version(uri, "worse", "previous_champion") is None
+    tags = tracking.version_tags(uri, "worse", "2")
+    assert tags["retrain.promoted"] == "False"
+    assert tags["retrain.reason"] == "candidate gain -1 is not above margin 0"
+
+
+def test_equal_candidate_does_not_win_the_tie(uri, evaluate):
+    promotion.retrain(_train_fn(uri, 1.0), evaluate, "tie", tracking_uri=uri, experiment="retrain")
+    decision = promotion.retrain(
+        _train_fn(uri, 1.0), evaluate, "tie", tracking_uri=uri, experiment="retrain"
+    )
+    assert not decision.promoted and decision.candidate_score == decision.champion_score == 1.0
+    assert tracking.alias_version(uri, "tie", "champion") == "1"
+
+
+def test_loss_metric_and_bad_metric(uri, evaluate):
+    promotion.retrain(
+        _train_fn(uri, -1.0),
+        evaluate,
+        "by-loss",
+        metric="loss",
+        tracking_uri=uri,
+        experiment="retrain",
+    )
+    decision = promotion.retrain(
+        _train_fn(uri, 1.0),
+        evaluate,
+        "by-loss",
+        metric="loss",
+        tracking_uri=uri,
+        experiment="retrain",
+    )
+    assert decision.promoted and decision.candidate_score < decision.champion_score
+    with pytest.raises(ValueError, match="metric"):
+        promotion.promote_if_better("by-loss", "2", evaluate, metric="f1", tracking_uri=uri)
+
+
+def test_train_fn_without_a_model_is_an_error(uri, evaluate):
+    with pytest.raises(RuntimeError, match="neither"):
+        promotion.retrain(lambda: SimpleNamespace(run_id=None), evaluate, "none", tracking_uri=uri)
+
+
+def test_job_config_is_a_fresh_run_registered_as_candidate():
+    from jobs import retrain as job
+
+    config = job.retrain_config(TrainConfig(), "fmow-ats", None)
+    assert config.run.name.startswith(f"{TrainConfig().run.name}-retrain-")
+    assert (config.run.register_name, config.run.register_alias) == ("fmow-ats", "candidate")
+    assert job.retrain_config(TrainConfig(), "m", "nightly-7").run.name == "nightly-7"
+
+
+def test_job_rejects_bad_arguments(tmp_path, capsys):
+    from jobs import retrain as job
+
+    with pytest.raises(SystemExit):
+        job.main([])  # --register is required
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  no_such_key: 1\n")
+    assert job.main(["--config", str(bad), "--register", "m"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
