@@ -4,3 +4,10 @@ import os
 
 # Ray must bind loopback only (see REFERENCE.md); set before any test imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# One intra-op thread per process: the suite runs on 2 shared cores (CI) and starts Ray workers
+# of its own; oversubscribed torch threads measured up to ~100x slower here than one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the environment above)
+
+torch.set_num_threads(1)
