@@ -7,7 +7,10 @@ import torch
 from torch import nn
 
 from models.dasnet import SNES, DasNet, policy_reward, snes_train_policy, snes_utilities
-from tests.models.tiny_nets import TinyConv
+from tests.models.tiny_nets import (
+    TinyConv,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 
 
 def test_snes_utilities_are_the_standard_fitness_shaping():

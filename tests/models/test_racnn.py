@@ -13,7 +13,12 @@ from models.racnn import (
     strongest_response_targets,
 )
 from models.regions import read_level, to_level0
-from tests.models.tiny_nets import RecordingSource, TinyConv, random_scenes
+from tests.models.tiny_nets import (
+    RecordingSource,
+    TinyConv,
+    one_thread,  # noqa: F401  (autouse fixture)
+    random_scenes,
+)
 
 
 def _crop_loss(image, weights, t):

@@ -9,7 +9,12 @@ from models.memory import TensorPyramidSource
 from models.regions import to_level0
 from models.registry import create_model
 from models.stn import STNBlock, STNGlimpse, grid_bbox
-from tests.models.tiny_nets import RecordingSource, TinyConv, coordinate_scene
+from tests.models.tiny_nets import (
+    RecordingSource,
+    TinyConv,
+    coordinate_scene,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 
 
 def test_block_starts_as_identity_and_its_theta_head_learns():

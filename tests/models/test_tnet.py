@@ -10,7 +10,12 @@ import torch
 from models.protocol import ModelOutput
 from models.regions import sub_region, to_level0
 from models.tnet import TNet, plackett_luce_log_prob, region_pooling_weights
-from tests.models.tiny_nets import RecordingSource, TinyConv, random_scenes
+from tests.models.tiny_nets import (
+    RecordingSource,
+    TinyConv,
+    one_thread,  # noqa: F401  (autouse fixture)
+    random_scenes,
+)
 
 
 def _model(**kw) -> TNet:

@@ -10,7 +10,12 @@ from models.two_level import (
     part_scores,
     select_parts,
 )
-from tests.models.tiny_nets import RecordingSource, TinyConv, random_scenes
+from tests.models.tiny_nets import (
+    RecordingSource,
+    TinyConv,
+    one_thread,  # noqa: F401  (autouse fixture)
+    random_scenes,
+)
 
 
 def _same_partition(labels, groups):
