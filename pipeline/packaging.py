@@ -218,14 +218,18 @@ class Predictor:
         return self.spec.get("classes")
 
     def outputs(
-        self, source: PixelSource, keys: Sequence[str], batch_size: int = 8
+        self,
+        source: PixelSource,
+        keys: Sequence[str],
+        batch_size: int = 8,
+        seed: int | None = None,
     ) -> list[ModelOutput]:
         """Model outputs for ``keys`` of ``source``, ``batch_size`` scenes per forward pass.
 
-        One generator seeded with ``seed`` serves the whole call: the same call gives the same
-        outputs.
+        One generator seeded with ``seed`` (default ``self.seed``) serves the whole call: the
+        same call gives the same outputs.
         """
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed if seed is None else int(seed))
         self.model.eval()
         outs = []
         with torch.no_grad():
@@ -241,18 +245,24 @@ class Predictor:
         return torch.cat([o.logits for o in self.outputs(source, keys, batch_size)])
 
     def predict_source(
-        self, source: PixelSource, keys: Sequence[str], batch_size: int = 8
+        self,
+        source: PixelSource,
+        keys: Sequence[str],
+        batch_size: int = 8,
+        seed: int | None = None,
     ) -> list[dict[str, Any]]:
         """One JSON-ready dict per key (see ``prediction_record``)."""
         records = []
-        for i, out in enumerate(self.outputs(source, keys, batch_size)):
+        for i, out in enumerate(self.outputs(source, keys, batch_size, seed)):
             batch = keys[i * batch_size : (i + 1) * batch_size]
             records.extend(self._records(out, batch))
         return records
 
-    def predict_uris(self, uris: Sequence[str], batch_size: int = 8) -> list[dict[str, Any]]:
+    def predict_uris(
+        self, uris: Sequence[str], batch_size: int = 8, seed: int | None = None
+    ) -> list[dict[str, Any]]:
         """Predictions for scene pyramids by URI (``file://``, local path or ``s3://``)."""
-        return self.predict_source(self.source_factory(list(uris)), list(uris), batch_size)
+        return self.predict_source(self.source_factory(list(uris)), list(uris), batch_size, seed)
 
     def predict_image(self, image: Any, key: str = "image") -> dict[str, Any]:
         """Prediction for one in-memory image (see ``image_tensor`` for accepted layouts)."""
@@ -272,15 +282,14 @@ class Predictor:
         ``params`` may hold ``batch_size`` and ``seed``. Returns one record per scene.
         """
         params = dict(params or {})
-        if "seed" in params:
-            self.seed = int(params["seed"])
-        batch_size = int(params.get("batch_size", 8))
+        seed = int(params["seed"]) if params.get("seed") is not None else None
+        batch_size = int(params.get("batch_size") or 8)
         uris, images = _split_input(model_input)
         if uris is not None:
-            return self.predict_uris(uris, batch_size)
+            return self.predict_uris(uris, batch_size, seed)
         keys = [f"image_{i}" for i in range(len(images))]
         return self.predict_source(
-            image_source(dict(zip(keys, images, strict=True))), keys, batch_size
+            image_source(dict(zip(keys, images, strict=True))), keys, batch_size, seed
         )
 
 

@@ -42,6 +42,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ MAX_PARAM_VALUE = 6000
 PARAMS_PER_BATCH = 100
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+# Inference params of the logged model (``Predictor.predict_any``) and their defaults.
+PREDICT_PARAMS = {"seed": 0, "batch_size": 8}
 
 
 def default_tracking_uri() -> str:
@@ -418,19 +421,31 @@ def log_pyfunc_model(
     from the artifacts (safetensors weights + JSON spec). Returns ``models:/<model id>``.
     """
     import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
     client = mlflow_client(tracking_uri)
+    # Only the inference params are declared (MLflow drops undeclared ones); no input schema,
+    # because inputs are URIs, images or DataFrames that the predictor checks itself.
+    signature = ModelSignature(
+        inputs=None,
+        params=ParamSchema([ParamSpec(k, "long", v) for k, v in PREDICT_PARAMS.items()]),
+    )
     # Model.log files the logged model under the *active* experiment, not the run's.
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-    info = mlflow.models.Model.log(
-        artifact_path=None,
-        name=name,
-        flavor=mlflow.pyfunc,
-        run_id=run_id,
-        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-        artifacts=dict(files),
-        pip_requirements=list(pip_requirements),
-    )
+    with warnings.catch_warnings():
+        # An input example would be run through the model at logging time; ours need pixels.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = mlflow.models.Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts=dict(files),
+            pip_requirements=list(pip_requirements),
+            signature=signature,
+        )
     return info.model_uri
 
 

@@ -81,7 +81,10 @@ def brightness_model(sign: float = 1.0) -> TinyAttention:
     sign=+1 is right on every ``brightness_scenes`` scene, sign=-1 wrong on every one.
     """
     model = create_model(TINY)
+    g = torch.Generator().manual_seed(0)  # the same attention net on every call
     with torch.no_grad():
+        model.attention_net.weight.copy_(torch.randn(model.attention_net.weight.shape, generator=g))
+        model.attention_net.bias.zero_()
         model.head.weight.copy_(sign * torch.tensor([[-10.0] * 3, [10.0] * 3]))
         model.head.bias.copy_(sign * torch.tensor([15.0, -15.0]))
     model.eval()

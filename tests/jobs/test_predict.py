@@ -1,0 +1,114 @@
+"""``jobs/predict.py``: predictions from the registry for pyramid URIs and image files."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import predict
+from pipeline import tracking
+from pipeline.packaging import Predictor
+from tests.pipeline.tracking_fixtures import brightness_model, brightness_scenes, fresh_mlflow_uri
+
+CLASSES = ["dark", "bright"]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """``models:/tiny-predict@champion`` in a fresh SQLite MLflow; returns the tracking URI."""
+    uri = fresh_mlflow_uri(tmp_path_factory)
+    tracker = tracking.MlflowTracker("predict", uri)
+    tracker.start("k-predict")
+    model_uri = tracker.log_model(brightness_model(), classes=CLASSES)
+    tracker.register(model_uri, "tiny-predict", alias="champion")
+    tracker.end()
+    return uri
+
+
+def _lines(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_predict_image_files(registered, tmp_path, capsys):
+    source, keys, labels = brightness_scenes()
+    paths = []
+    for key in keys[:4]:
+        path = tmp_path / f"{key}.png"
+        Image.fromarray(np.moveaxis(source.pyramids[key][0].numpy(), 0, -1)).save(path)
+        paths.append(path)
+    np.save(tmp_path / "raw.npy", source.pyramids[keys[5]][0].numpy())
+    argv = ["--model", "models:/tiny-predict@champion", "--tracking-uri", registered]
+    for path in [*paths, tmp_path / "raw.npy"]:
+        argv += ["--image", str(path)]
+    assert predict.main(argv) == 0
+    records = _lines(capsys)
+    assert [r["key"] for r in records] == [str(p) for p in [*paths, tmp_path / "raw.npy"]]
+    assert [r["label"] for r in records] == [*labels[:4], labels[5]]
+    assert [r["class"] for r in records] == [CLASSES[v] for v in [*labels[:4], labels[5]]]
+    assert len(records[0]["attention"]) == 16 and len(records[0]["boxes"]) == 2
+    # the same image in memory gives the same numbers as through the registry and a PNG file
+    reference = Predictor(model=brightness_model(), spec={"classes": CLASSES})
+    expected = reference.predict_image(source.pyramids[keys[0]][0].numpy())
+    # (batched vs single forward: equal up to float rounding)
+    assert records[0]["probabilities"] == pytest.approx(
+        expected["probabilities"], rel=1e-5, abs=1e-12
+    )
+
+
+def test_predict_pyramid_uris_through_the_zarr_reader(registered, tmp_path, capsys):
+    from pipeline.pyramid import write_pyramid
+
+    source, keys, labels = brightness_scenes()
+    # both pyramids stop at 16 px (brightness_scenes too), so the views match level for level
+    uris = [
+        write_pyramid(
+            str(tmp_path / "pyramids"),
+            key,
+            source.pyramids[key][0].numpy(),
+            {"label": lab},
+            coarsest=16,
+        )
+        for key, lab in zip(keys, labels, strict=True)
+    ]
+    argv = ["--model", "models:/tiny-predict@champion", "--tracking-uri", registered, "--compact"]
+    for uri in uris:
+        argv += ["--uri", uri]
+    assert predict.main(argv + ["--batch-size", "3"]) == 0
+    records = _lines(capsys)
+    assert [r["key"] for r in records] == uris
+    assert [r["label"] for r in records] == labels
+    assert "attention" not in records[0]
+    # pyramid and in-memory paths read the same pixels: identical probabilities
+    in_memory = Predictor(model=brightness_model(), spec={"classes": CLASSES}).predict_source(
+        source, keys
+    )
+    for got, want in zip(records, in_memory, strict=True):
+        assert got["probabilities"] == pytest.approx(want["probabilities"], rel=1e-5, abs=1e-12)
+
+
+def test_predict_reports_a_missing_model(registered, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(image)
+    argv = [
+        "--model",
+        "models:/no-such-model@champion",
+        "--tracking-uri",
+        registered,
+        "--image",
+        str(image),
+    ]
+    assert predict.main(argv) == 1
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_read_image_modes(tmp_path):
+    grey = tmp_path / "g.png"
+    Image.fromarray(np.full((4, 5), 7, dtype=np.uint8)).save(grey)
+    assert predict.read_image(grey).shape == (4, 5)
+    rgba = tmp_path / "c.png"
+    Image.fromarray(np.full((4, 5, 4), 9, dtype=np.uint8), mode="RGBA").save(rgba)
+    assert predict.read_image(rgba).shape == (4, 5, 3)
+    wide = tmp_path / "w.png"
+    Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(wide)
+    assert predict.read_image(wide).tolist() == [[0, 64], [128, 255]]
