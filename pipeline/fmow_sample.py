@@ -77,7 +77,7 @@ class SampleSpec:
     size_range: tuple[int, int] = (1000, 2000)
     min_long_side: int = 1025
     large_size_range: tuple[int, int] = (4000, 8000)
-    large_fraction: float = 0.05
+    large_fraction: float = 0.03
     class_objects: tuple[int, int] = (2, 4)
     distractors: tuple[int, int] = (4, 8)
     object_sides: tuple[int, ...] = (24, 32, 40, 48)

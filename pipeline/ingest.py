@@ -22,6 +22,7 @@ rejected as ``unknown_category``.
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 import time
@@ -145,6 +146,8 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            if img.width < 1 or img.height < 1:
+                raise BadInput("empty_image", f"image {uri} has no pixels ({img.size})")
             return _to_rgb_chw(img)
     except Image.DecompressionBombError as exc:
         raise BadInput("too_large", f"image {uri} too large for Pillow's guard: {exc}") from None
@@ -157,15 +160,17 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
 
 
 def _to_rgb_chw(img: Any) -> np.ndarray:
+    """(3, H, W) uint8 from a loaded Pillow image, one channel at a time (peak memory: the
+    decoded image, the result and one channel; no full-size transposed copy)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img)
-        arr = (arr.astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    else:
-        arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    if arr.size == 0:
-        raise BadInput("empty_image", f"image has no pixels: {arr.shape}")
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        grey = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape)))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    out = np.empty((3, img.height, img.width), dtype=np.uint8)
+    for c in range(3):
+        out[c] = np.asarray(img.getchannel(c))
+    return out
 
 
 # --------------------------------------------------------------------------- one scene
@@ -192,8 +197,6 @@ def manifest_row(
     classes: Sequence[str],
 ) -> dict[str, Any]:
     """A manifest row from a pyramid's scene attrs and its ``(C, H, W)`` level shapes."""
-    import json
-
     c, h, w = level_shapes[0]
     return {
         "scene_id": attrs["scene_id"],

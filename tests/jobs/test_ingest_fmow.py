@@ -131,3 +131,17 @@ def test_killed_run_resumed_ends_with_the_same_store(tmp_path):
                              mode="r")
         for level in range(row["num_levels"]):
             np.testing.assert_array_equal(ga[str(level)][:], gb[str(level)][:])
+
+
+def test_sample_job_then_ingest_job(tmp_path, capsys):
+    from jobs.make_fmow_sample import main as make_sample_main
+
+    src = str(tmp_path / "fmow")
+    assert make_sample_main(["--out", src, "--train", "2", "--val", "1", "--size", "300,400",
+                             "--min-long-side", "0", "--bad", "2", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "wrote 5 scenes" in err and "(truncated_image)" in err and "(corrupt_image)" in err
+    assert main(["--src", src, "--dst", str(tmp_path / "pyr")]) == 3
+    assert "3 written, 0 skipped (already complete), 2 rejected" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        make_sample_main(["--out", src, "--classes", "a,b,c,d,e,f"])  # more than 5 patterns

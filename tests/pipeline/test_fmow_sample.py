@@ -112,7 +112,7 @@ def test_plan_is_deterministic_tiny_objects_apart_and_box_covers_class_objects()
     assert scenes == plan_sample(spec)
     assert scenes != plan_sample(SampleSpec(splits=spec.splits, seed=1))
     large = [s for s in scenes if max(s.height, s.width) > spec.size_range[1]]
-    assert len(large) == round(40 * 0.05) + round(10 * 0.05)
+    assert len(large) == round(40 * spec.large_fraction) + round(10 * spec.large_fraction) > 0
     for s in scenes:
         lo, hi = spec.large_size_range if s in large else spec.size_range
         assert lo <= s.height <= hi and lo <= s.width <= hi
