@@ -388,11 +388,14 @@ def _draw_clutter(rng: np.random.Generator, pil: Image.Image, height: int, width
         draw.rectangle([x, y, x + w, y + h], fill=roof)
 
 
+GRAIN = 3  # grey levels of luminance noise: texture that costs little in JPEG and zstd size
+
+
 def _add_grain(rng: np.random.Generator, image: np.ndarray) -> None:
-    """Add luminance grain of +-6 grey levels in place, band by band."""
+    """Add uniform luminance grain of +-``GRAIN`` grey levels in place, band by band."""
     for r0 in range(0, image.shape[0], _BAND):
         band = image[r0 : r0 + _BAND]
-        noise = rng.integers(-6, 7, size=band.shape[:2], dtype=np.int16)[..., None]
+        noise = rng.integers(-GRAIN, GRAIN + 1, size=band.shape[:2], dtype=np.int16)[..., None]
         band[...] = np.clip(band.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 

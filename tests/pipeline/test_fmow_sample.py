@@ -14,6 +14,7 @@ from pipeline import storage
 from pipeline.fmow import group_layout, parse_fmow_json, relative_keys
 from pipeline.fmow_sample import (
     BAD_KINDS,
+    GRAIN,
     PATTERNS,
     PERIOD,
     SampleObject,
@@ -142,7 +143,7 @@ def test_render_is_deterministic_and_paints_the_planned_objects():
     obj = next(o for o in scene.objects if o.kind != "distractor")
     crop = image[obj.y0 : obj.y1, obj.x0 : obj.x1].astype(int)
     expected = object_pixels(pattern_mask(obj.kind, obj.y1 - obj.y0, obj.x1 - obj.x0))
-    assert np.abs(crop - expected).max() <= 6  # the objects plus +-6 grain
+    assert np.abs(crop - expected).max() <= GRAIN  # the objects plus grain
 
 
 def test_written_sample_follows_the_layout_and_json_schema(tmp_path):
