@@ -15,11 +15,13 @@ Layout of a scene group ``<root>/<scene_id>``:
 ``"pipeline": {"complete": true}`` is written last, after every level: a crash leaves a scene
 that ``pyramid_complete`` reports as incomplete, and ``write_pyramid`` replaces it cleanly.
 
-Chunking (measured with ``bench/read_amplification.py``; the numbers are in the README): inner
-chunks of 16 px keep the pixels fetched for a randomly placed 64 px patch at
+Chunking (measured with ``bench/read_amplification.py --sweep``; numbers in the README):
+inner chunks of 16 px keep the pixels fetched for a randomly placed 64 px patch at
 ``((64 + 15) / 64) ** 2 = 1.52x`` the pixels requested (32 px chunks: 2.2x, above the 2.0
-target); shards of 256 px keep each shard index at 4 KiB so that reading a scene for the
-first time costs nearly the same bytes per patch for a 1k and an 8k scene.
+target). Shards of 128 px keep each shard index at 1 KiB: a first (cold) read of 16 patches
+then costs 1.03-1.05x as many bytes on an 8k scene as on a 1k scene, where 256 px shards
+(4 KiB indexes) cost 1.09-1.17x and 512 px shards 1.36-1.82x, because an 8k scene's patches
+land in more distinct shards, each needing its index once.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from pipeline import storage
 from pipeline.storage import join_uri
 
 DEFAULT_CHUNK = 16
-DEFAULT_SHARD = 256
+DEFAULT_SHARD = 128
 DEFAULT_COARSEST = 256
 ZSTD_LEVEL = 3
+WRITE_CONCURRENCY = 16  # shard objects stored at once
 FORMAT_VERSION = 1
 _MAX_UINT64 = 2**64 - 1
 # rows of a level processed at once while downsampling: bounds the uint16 temporaries
@@ -226,7 +229,13 @@ def _write_shards(store: Any, path: str, level: np.ndarray, metadata: Any, chunk
 async def _store_band(store: Any, objects: dict[str, Any]) -> None:
     import asyncio
 
-    await asyncio.gather(*(store.set(key, buf) for key, buf in objects.items()))
+    limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+    async def put(key: str, buf: Any) -> None:
+        async with limit:
+            await store.set(key, buf)
+
+    await asyncio.gather(*(put(key, buf) for key, buf in objects.items()))
 
 
 def encode_shard(block: np.ndarray, chunk: int, shard: int) -> bytes:
