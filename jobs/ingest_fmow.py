@@ -5,7 +5,8 @@
         [--classes present|fmow62|airport,dam,...] [--scheduler threads] [--progress-s 5]
 
 Resumable: run it again after a crash or a kill and it skips the complete scenes, redoes the
-rest, and ends with the same store as an uninterrupted run. Class list: ``present`` (default)
+rest, and ends with the same store as an uninterrupted run. A complete scene is never rewritten,
+so a different ``--coarsest`` needs a fresh ``--dst``. Class list: ``present`` (default)
 is the sorted fMoW categories found in the tree, all splits counted, so separate runs per split
 agree; it is written beside the manifest (``<manifest>.classes.json``) and in its metadata.
 

@@ -217,6 +217,8 @@ def manifest_row(
 
 
 def reject_row(task: SceneTask, kind: str, reason: str, path: str | None = None) -> dict[str, Any]:
+    """A rejects-table row (``pipeline.manifest.REJECTS_SCHEMA``); ``path`` defaults to the
+    task's image URI."""
     return {
         "scene_id": task.scene_id,
         "split": task.split,
