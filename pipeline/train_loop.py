@@ -94,9 +94,9 @@ class EpochStats:
 def to_tensors(batch: Batch) -> tuple[list[str], Tensor, Tensor, Tensor]:
     """(keys, views (B, C, h, w) float32, sizes (B, 2) int64, labels (B,) int64) of a batch."""
     keys = [str(k) for k in batch["key"]]
-    views = torch.as_tensor(np.asarray(batch["view"]), dtype=torch.float32)
-    sizes = torch.as_tensor(np.asarray(batch["size"]), dtype=torch.int64).reshape(-1, 2)
-    labels = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.int64).reshape(-1)
+    views = torch.tensor(np.asarray(batch["view"]), dtype=torch.float32)
+    sizes = torch.tensor(np.asarray(batch["size"]), dtype=torch.int64).reshape(-1, 2)
+    labels = torch.tensor(np.asarray(batch["label"]), dtype=torch.int64).reshape(-1)
     return keys, views, sizes, labels
 
 

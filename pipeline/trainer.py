@@ -54,6 +54,10 @@ def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: i
     return True
 
 
+def _say(message: str) -> None:
+    print(f"[train] {message}", flush=True)
+
+
 def resolve_storage(path: str) -> str:
     """Absolute local path (relative paths are taken from the current directory) or a URI."""
     return path if "://" in path else str(Path(path).resolve())
@@ -162,7 +166,11 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     workers = config.scaling.num_workers
     start_ray(config.run.ray_address, temp_dir=ray_temp_dir,
               num_cpus=max(os.cpu_count() or 1, math.ceil(workers * config.scaling.cpus_per_worker) + 1))
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per dataset is enough
     env = data.reader_env()
+    _say(f"reading the views of {len(train_rows['key'])} train and {len(val_rows['key'])} val scenes")
     datasets = {
         "train": data.view_dataset(train_rows, source_factory, view_size, env),
         "val": data.view_dataset(val_rows, source_factory, view_size, env),
@@ -192,6 +200,8 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
         ),
         datasets=datasets,
     )
+    _say(f"training {config.model.name} on {workers} workers for {config.optim.epochs} epochs "
+         f"(run {config.run.name!r}, checkpoints in {config.run.storage_path})")
     return trainer.fit()
 
 
@@ -199,6 +209,7 @@ def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], 
     """Log the final model, register it if asked, close the MLflow run."""
     from pipeline.checkpoint import load_model, read_meta
 
+    _say("training finished; logging the final model")
     if result.checkpoint is None:
         tracker.end("FAILED")
         raise RuntimeError(f"run {config.run.name!r} finished without a checkpoint")

@@ -1,0 +1,221 @@
+"""Training throughput with the scenes (a) in memory, (b) as pyramids in a local directory,
+(c) as pyramids on an S3 server with ~20 ms added per request; same model, data and steps.
+
+    python bench/train_throughput.py [--config jobs/configs/fmow_demo.yaml] [--manifest URI]
+        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--json]
+
+Every setting runs the per-worker loop of ``pipeline.train_loop`` (one process, no Ray: this
+measures the data path, not Ray's start-up) from the same initial weights and sampling seed, for
+``--epochs`` epochs after one warm-up epoch (the reader's metadata and shard-index caches are
+warm in a long run too). The low-resolution views are computed once and shared, so the settings
+differ only in where the attended patches come from:
+  (a) ``TensorPyramidSource`` over every level of every scene loaded into RAM;
+  (b) ``ZarrPixelSource`` over the local pyramids;
+  (c) ``ZarrPixelSource`` over the same pyramids copied to moto's S3 server on 127.0.0.1, behind
+      ``pipeline.http_proxy.CountingProxy``, a loopback proxy that sleeps ``--latency-ms`` before
+      forwarding each request (so every request, metadata, shard index or chunk range, pays it).
+Also printed: bytes read per sample against a full-resolution CNN that must read every level-0
+shard of a scene (compressed bytes in the store, and raw uint8 bytes).
+Without ``--manifest`` a small fMoW-layout sample is generated and ingested under
+``data/bench`` (reused by later runs). With ``--json`` the last line is one JSON object with
+``samples_per_s`` per setting and ``s3_over_memory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import storage  # noqa: E402
+
+DATA = ROOT / "data" / "bench"
+
+
+def make_manifest(scenes: int) -> str:
+    """A generated sample ingested under ``data/bench`` (skipped when already there)."""
+    from jobs import ingest_fmow, make_fmow_sample
+
+    raw, pyr = DATA / "raw", DATA / "pyramids"
+    manifest = pyr / "manifest.parquet"
+    if manifest.exists():
+        return str(manifest)
+    assert make_fmow_sample.main(["--out", str(raw), "--train", str(scenes), "--val", "4",
+                                  "--size", "1000,2000", "--large-fraction", "0",
+                                  "--workers", "2"]) == 0
+    assert ingest_fmow.main(["--src", str(raw), "--dst", str(pyr), "--workers", "2",
+                             "--progress-s", "30"]) == 0
+    return str(manifest)
+
+
+def memory_source(uris: list[str]):
+    """(a): every level of every scene as uint8 tensors in RAM."""
+    import zarr
+
+    from models.memory import TensorPyramidSource
+
+    pyramids = {}
+    for uri in uris:
+        group = zarr.open_group(uri, mode="r", zarr_format=3)
+        levels = sorted(group.array_keys(), key=int)
+        pyramids[uri] = [torch.from_numpy(np.asarray(group[k][:])) for k in levels]
+    return TensorPyramidSource(pyramids)
+
+
+def level0_bytes(uri: str) -> int:
+    """Bytes of every level-0 shard object: what reading the whole scene at full resolution fetches."""
+    return sum(len(storage.read_bytes(u)) for u in storage.list_prefix(storage.join_uri(uri, "0")))
+
+
+def start_s3(latency_s: float):
+    """moto's S3 server on 127.0.0.1 behind a latency proxy; sets ``AWS_*``; (server, proxy)."""
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.http_proxy import CountingProxy
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint})
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench-train", method="PUT"),
+                           timeout=30).close()
+    proxy = CountingProxy(endpoint, latency_s=latency_s).start()
+    return server, proxy
+
+
+def copy_scene(src_uri: str, dst_uri: str) -> None:
+    for uri in storage.list_prefix(src_uri):
+        rel = os.path.relpath(uri, src_uri)
+        storage.write_bytes(storage.join_uri(dst_uri, rel), storage.read_bytes(uri))
+
+
+def run_setting(name, source, keys, views, sizes, labels, config, epochs, seed=0):
+    """Warm-up epoch, then ``epochs`` measured epochs; per-sample metrics of the measured ones."""
+    from models.registry import create_model
+    from pipeline.train_loop import EpochStats, StepRunner, train_epoch
+
+    torch.manual_seed(seed)
+    model = create_model(config.model.name, **config.model.overrides)
+    runner = StepRunner(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=config.optim.lr),
+        source=source,
+        micro_batches=config.data.micro_batches,
+        clip_norm=config.optim.clip_norm,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+    bs = config.data.batch_size
+
+    def batches(epoch):
+        order = np.random.default_rng(epoch).permutation(len(keys))
+        return [{"key": keys[order[i:i + bs]], "view": views[order[i:i + bs]],
+                 "size": sizes[order[i:i + bs]], "label": labels[order[i:i + bs]]}
+                for i in range(0, len(keys), bs)]
+
+    train_epoch(runner, batches(0), 0)  # warm-up: caches, allocator, first-touch
+    total = EpochStats()
+    for epoch in range(1, epochs + 1):
+        s = train_epoch(runner, batches(epoch), epoch)
+        total = EpochStats.from_vector(total.as_vector() + s.as_vector())
+    m = total.metrics("train")
+    print(f"  {name:<7} {m['train/samples_per_s']:8.2f} samples/s   data wait "
+          f"{100 * m['train/data_wait_fraction']:5.1f}%   {m['train/bytes_per_sample']:>10,.0f} B/sample"
+          f"   {m['train/requests_per_sample']:6.2f} requests/sample", flush=True)
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "configs" / "fmow_demo.yaml")
+    parser.add_argument("--manifest", help="manifest of local pyramids (default: generate one)")
+    parser.add_argument("--scenes", type=int, default=24, help="train scenes used")
+    parser.add_argument("--epochs", type=int, default=2, help="measured epochs per setting")
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--micro-batches", type=int, default=None, help="override data.micro_batches")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    from pipeline.config import load_config
+    from pipeline.data import split_rows
+    from pipeline.manifest import read_classes, read_manifest
+    from pipeline.reader import ZarrPixelSource
+    from pipeline.trainer import resolve_config
+
+    manifest_uri = args.manifest or make_manifest(args.scenes)
+    manifest = read_manifest(manifest_uri)
+    sets = [] if args.micro_batches is None else [f"data.micro_batches={args.micro_batches}"]
+    config = resolve_config(load_config(args.config, sets), list(read_classes(manifest_uri)))
+    rows = split_rows(manifest, "train", args.scenes)
+    keys, sizes, labels = rows["key"], rows["size"], rows["label"]
+    from models.registry import create_model
+
+    view_size = create_model(config.model.name, **config.model.overrides).view_size
+    local = ZarrPixelSource()
+    views = local.view(list(keys), view_size).numpy()
+    full = np.array([level0_bytes(k) for k in keys], dtype=np.float64)
+    raw = (sizes[:, 0] * sizes[:, 1] * 3).astype(np.float64)
+    print(f"{len(keys)} scenes, mean {raw.mean() / 3:,.0f} px, model {config.model.name} "
+          f"{config.model.overrides}, batch {config.data.batch_size}, micro-batches "
+          f"{config.data.micro_batches}, {args.epochs} measured epochs after 1 warm-up; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+
+    results = {}
+    results["memory"] = run_setting("memory", memory_source(list(keys)), keys, views, sizes, labels,
+                                    config, args.epochs)
+    results["local"] = run_setting("local", ZarrPixelSource(concurrency=config.reader.concurrency),
+                                   keys, views, sizes, labels, config, args.epochs)
+    server, proxy = start_s3(args.latency_ms / 1000)
+    try:
+        root = os.path.dirname(os.path.commonprefix([str(k) for k in keys]).rstrip("/"))
+        s3_keys = np.array([f"s3://bench-train/pyr/{os.path.relpath(k, root)}" for k in keys])
+        for k, s3k in zip(keys, s3_keys, strict=True):  # upload straight to moto, no latency
+            copy_scene(str(k), str(s3k))
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        proxy.reset()
+        results["s3"] = run_setting(f"s3+{args.latency_ms:.0f}ms",
+                                    ZarrPixelSource(concurrency=config.reader.concurrency),
+                                    s3_keys, views, sizes, labels, config, args.epochs)
+        served = proxy.counts()["total"]
+    finally:
+        proxy.stop()
+        server.stop()
+
+    sps = {k: v["train/samples_per_s"] for k, v in results.items()}
+    read = results["local"]["train/bytes_per_sample"]
+    ratio = sps["s3"] / sps["memory"]
+    print(f"\ns3 / memory samples per second: {ratio:.2f} (target >= 0.70); local / memory "
+          f"{sps['local'] / sps['memory']:.2f}; S3 requests served {served} (incl. warm-up)")
+    print(f"bytes per sample: read {read:,.0f} vs full-resolution CNN {full.mean():,.0f} compressed "
+          f"({full.mean() / max(read, 1):.0f}x) / {raw.mean():,.0f} raw uint8 "
+          f"({raw.mean() / max(read, 1):.0f}x)")
+    if args.json:
+        print(json.dumps({
+            "samples_per_s": sps,
+            "s3_over_memory": ratio,
+            "data_wait_fraction": {k: v["train/data_wait_fraction"] for k, v in results.items()},
+            "bytes_per_sample": read,
+            "full_resolution_bytes_per_sample": float(full.mean()),
+            "full_resolution_raw_bytes_per_sample": float(raw.mean()),
+            "latency_ms": args.latency_ms,
+            "scenes": len(keys),
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
