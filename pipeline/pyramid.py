@@ -68,6 +68,7 @@ class PyramidInfo:
 
     @property
     def num_levels(self) -> int:
+        """How many levels the scene has (written so far, if incomplete)."""
         return len(self.level_shapes)
 
 

@@ -96,11 +96,13 @@ class ByteLRU:
         return key in self._items
 
     def get(self, key: Any) -> Any:
+        """The value of ``key`` (``KeyError`` if absent), now the most recently used."""
         value, _ = self._items[key]
         self._items.move_to_end(key)
         return value
 
     def put(self, key: Any, value: Any, nbytes: int) -> None:
+        """Insert ``value`` costing ``nbytes``; evict the least recently used over the bound."""
         if key in self._items:
             self.nbytes -= self._items.pop(key)[1]
         if nbytes > self.max_bytes:
