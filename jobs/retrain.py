@@ -1,6 +1,6 @@
 """Scheduled retraining: train a candidate, promote it only if it beats the champion.
 
-    python jobs/retrain.py --config jobs/configs/fmow_ats.yaml --register fmow-ats \\
+    python jobs/retrain.py --config infra/configs/fmow_ats_local.yaml --register fmow-ats \\
         [--alias champion] [--margin 0.01] [--metric accuracy] [--set key=value ...] [--json]
 
 Each invocation is a new training run named ``<run.name>-retrain-<UTC timestamp>`` (so it never

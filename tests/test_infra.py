@@ -151,7 +151,20 @@ def test_cron_line_schedule_and_command():
 
     script, argv = _job_argv(shlex.split(command.split(">>")[0].split("&&")[-1]))
     assert script == "jobs/retrain.py"
-    assert retrain.parse_args(argv).register == "fmow-ats"
+    args = retrain.parse_args(argv)
+    assert args.register == "fmow-ats"
+    _check_config(args.config, args.overrides)
+
+
+def test_infra_configs_are_valid_training_configs():
+    from pipeline.config import load_config
+
+    configs = sorted((INFRA / "configs").glob("*.yaml"))
+    assert [p.name for p in configs] == ["fmow_ats_k8s.yaml", "fmow_ats_local.yaml"]
+    k8s, local = (load_config(p) for p in configs)
+    assert k8s.data.manifest.startswith("s3://") and k8s.run.storage_path.startswith("s3://")
+    assert not local.data.manifest.startswith("s3://")
+    assert k8s.model.name == local.model.name  # the scheduled and the scaled run train one model
 
 
 def test_dockerfile_pins_come_from_pyproject():
