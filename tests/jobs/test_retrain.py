@@ -4,13 +4,19 @@ Two tiny registered models on labelled in-memory scenes: one right on every scen
 one wrong on every scene (accuracy 0), in a SQLite MLflow in a temporary directory.
 """
 
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from pipeline import promotion, tracking
 from pipeline.config import TrainConfig
-from tests.pipeline.tracking_fixtures import brightness_model, brightness_scenes, fresh_mlflow_uri
+from tests.pipeline.tracking_fixtures import (
+    brightness_model,
+    brightness_scenes,
+    constant_model,
+    fresh_mlflow_uri,
+)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +167,89 @@ def test_job_rejects_bad_arguments(tmp_path, capsys):
     bad.write_text("optim:\n  no_such_key: 1\n")
     assert job.main(["--config", str(bad), "--register", "m"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def local_manifest(tmp_path_factory):
+    """A tiny fMoW-layout sample (2 train, 6 val scenes, 2 classes) ingested to a local dir."""
+    from jobs import ingest_fmow, make_fmow_sample
+
+    root = tmp_path_factory.mktemp("fmow")
+    sample = ["--out", str(root / "raw"), "--train", "2", "--val", "6", "--classes", "airport,dam"]
+    sample += [
+        "--size",
+        "300,400",
+        "--min-long-side",
+        "300",
+        "--large-fraction",
+        "0",
+        "--workers",
+        "1",
+    ]
+    assert make_fmow_sample.main(sample) == 0
+    ingest = ["--src", str(root / "raw"), "--dst", str(root / "pyr"), "--workers", "1"]
+    assert ingest_fmow.main([*ingest, "--coarsest", "64", "--progress-s", "60"]) == 0
+    return str(root / "pyr" / "manifest.parquet")
+
+
+def _val_labels(manifest: str, limit: int) -> list[int]:
+    from pipeline import data
+    from pipeline.manifest import read_manifest
+
+    return [int(v) for v in data.split_rows(read_manifest(manifest), "val", limit)["label"]]
+
+
+def test_job_main_wires_training_validation_split_and_promotion(
+    uri, local_manifest, monkeypatch, capsys
+):
+    """``jobs/retrain.py`` end to end with the training replaced by tiny logged models that
+    always answer one class: candidates are registered as ``candidate``, scored on the
+    manifest's val split (``data.limit`` rows) through the Zarr reader, and the alias moves
+    only for the better one."""
+    from jobs import retrain as job
+
+    labels = _val_labels(local_manifest, limit=4)
+    accuracy = {c: sum(v == c for v in labels) / len(labels) for c in (0, 1)}
+    assert accuracy[0] != accuracy[1], (
+        "the val rows must be unbalanced for this test to mean anything"
+    )
+    best, worst = sorted((0, 1), key=accuracy.get, reverse=True)
+    answers = iter([worst, best, worst])
+    configs = []
+
+    def fake_run_training(config, ray_temp_dir=None):
+        configs.append(config)
+        tracker = tracking.MlflowTracker(config.run.mlflow_experiment, uri)
+        run_id = tracker.start(f"{config.run.storage_path}/{config.run.name}")
+        model_uri = tracker.log_model(constant_model(next(answers)), classes=["airport", "dam"])
+        version = tracker.register(model_uri, config.run.register_name, config.run.register_alias)
+        tracker.end()
+        return SimpleNamespace(run_id=run_id, model_uri=model_uri, registered_version=version)
+
+    monkeypatch.setattr("pipeline.trainer.run_training", fake_run_training)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    argv = ["--set", f"data.manifest={local_manifest}", "--set", "data.limit=4"]
+    argv += ["--set", "run.mlflow_experiment=job", "--register", "job-model", "--json"]
+
+    def run(name):
+        assert job.main([*argv, "--run-name", name]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out.splitlines()[-1]), out
+
+    first, _ = run("nightly-1")
+    assert first["promoted"] and first["candidate_score"] == accuracy[worst]
+    second, out = run("nightly-2")
+    assert second["promoted"] and "PROMOTED" in out
+    assert (second["candidate_score"], second["champion_score"]) == (
+        accuracy[best],
+        accuracy[worst],
+    )
+    third, out = run("nightly-3")
+    assert not third["promoted"] and "kept the champion" in out
+    assert tracking.alias_version(uri, "job-model", "champion") == "2"
+    assert tracking.alias_version(uri, "job-model", "candidate") == "3"
+    assert tracking.version_tags(uri, "job-model", "3")["retrain.promoted"] == "False"
+    assert [c.run.name for c in configs] == ["nightly-1", "nightly-2", "nightly-3"]
+    assert {(c.run.register_name, c.run.register_alias) for c in configs} == {
+        ("job-model", "candidate")
+    }

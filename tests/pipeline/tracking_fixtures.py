@@ -112,3 +112,13 @@ def fresh_mlflow_uri(tmp_path_factory, name: str = "mlflow") -> str:
     directory = tmp_path_factory.mktemp(name)
     shutil.copyfile(template, directory / "mlflow.db")
     return sqlite_uri(directory)
+
+
+def constant_model(label: int, num_classes: int = 2) -> TinyAttention:
+    """A tiny model that predicts ``label`` for every scene (its head ignores the pixels)."""
+    model = create_model(TINY, num_classes=num_classes)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.where(torch.arange(num_classes) == label, 5.0, -5.0))
+    model.eval()
+    return model
