@@ -11,7 +11,7 @@
    and where the MLflow run and the registered model are;
 6. stop the Ray head it started (only that one: by its process group, never ``ray stop``).
 
-    python jobs/demo.py [--train 100] [--val 40] [--epochs N] [--keep-data]
+    python jobs/demo.py [--train 200] [--val 40] [--epochs N] [--keep-data]
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def submit(address: str, manifest: str, epochs: int | None) -> dict:
     from pipeline.tracking import default_tracking_uri
 
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": default_tracking_uri(), "OMP_NUM_THREADS": "1"}}
-    sets = [f"data.manifest={manifest}", f"run.storage_path={ROOT / 'runs'}"]
+    # a new run name each time: re-using one would resume (and end) the previous demo run
+    name = time.strftime("fmow-demo-%Y%m%d-%H%M%S")
+    sets = [f"data.manifest={manifest}", f"run.storage_path={ROOT / 'runs'}", f"run.name={name}"]
     if epochs:
         sets.append(f"optim.epochs={epochs}")
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
@@ -169,7 +171,7 @@ def report(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=100)
+    parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--val", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     args = parser.parse_args(argv)

@@ -449,6 +449,13 @@ def worker_main(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        if save:
+            # A report is registered by the controller asynchronously; a worker that dies right
+            # after reporting could lose it. Wait until it is committed, so that a failure costs
+            # at most the work since this checkpoint.
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+            )
 
 
 def _worker_tracker(loop_config: Mapping[str, Any], rank: int) -> Any:
