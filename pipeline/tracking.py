@@ -14,8 +14,9 @@ to ``DIR/mlruns/<experiment name>`` (MLflow itself would use ``./mlruns`` relati
 current directory happens to be). With a server, the server decides (``--artifacts-destination``).
 
 One MLflow run per training run: ``MlflowTracker.start(run_key, ...)`` finds the run whose tag
-``pipeline.run_key`` equals ``run_key`` and reopens it, or creates it. Use a key that names the
-training run uniquely and survives a resume and a worker restart, e.g. ``f"{storage_path}/{name}"``
+``pipeline.run_key`` equals ``run_key`` (searched by its hash) and reopens it, or creates it.
+Use a key that names the training run uniquely and survives a resume and a worker restart, e.g.
+``f"{storage_path}/{name}"``
 of Ray Train's ``RunConfig``. The driver may also create the run and pass ``run_id`` to the
 workers, where ``MlflowTracker.attach(run_id)`` logs into it.
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -49,6 +51,7 @@ from typing import Any
 
 WORK_TREE = Path(__file__).resolve().parents[1]
 RUN_KEY_TAG = "pipeline.run_key"
+RUN_KEY_HASH_TAG = "pipeline.run_key_sha256"
 # MLflow 3 limits (mlflow/utils/validation.py): 6000 chars per param value, 100 params per batch.
 MAX_PARAM_VALUE = 6000
 PARAMS_PER_BATCH = 100
@@ -56,6 +59,11 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 # Inference params of the logged model (``Predictor.predict_any``) and their defaults.
 PREDICT_PARAMS = {"seed": 0, "batch_size": 8}
+
+
+def run_key_hash(run_key: str) -> str:
+    """Hex SHA-256 of a run key: the tag that ``MlflowTracker`` searches runs by."""
+    return hashlib.sha256(run_key.encode("utf-8")).hexdigest()
 
 
 def default_tracking_uri() -> str:
@@ -258,21 +266,32 @@ class MlflowTracker(Tracker):
                 raise
             return experiment.experiment_id
 
-    def find_run(self, run_key: str) -> str | None:
-        """Run id of the (oldest) run tagged ``pipeline.run_key == run_key``, or None."""
-        quoted = run_key.replace("\\", "\\\\").replace("'", "\\'")
+    def runs_with_key(self, run_key: str) -> list[str]:
+        """Ids of the active runs tagged with ``run_key``, oldest first.
+
+        Searched by the key's SHA-256 (tag ``pipeline.run_key_sha256``): MLflow's filter
+        strings have no escapes, so a key holding quotes could not be matched exactly.
+        """
         runs = self.client.search_runs(
             [self.experiment_id()],
-            filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'",
+            filter_string=f"tags.`{RUN_KEY_HASH_TAG}` = '{run_key_hash(run_key)}'",
             order_by=["attributes.start_time ASC"],
-            max_results=10,
         )
-        return runs[0].info.run_id if runs else None
+        return [r.info.run_id for r in runs]
+
+    def find_run(self, run_key: str) -> str | None:
+        """Run id of the (oldest) run tagged ``pipeline.run_key == run_key``, or None."""
+        runs = self.runs_with_key(run_key)
+        return runs[0] if runs else None
 
     def start(self, run_key, params=None, tags=None, run_name=None):
         self.run_id = self.find_run(run_key)
         if self.run_id is None:
-            all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
+            all_tags = {
+                RUN_KEY_TAG: run_key,
+                RUN_KEY_HASH_TAG: run_key_hash(run_key),
+                **(tags or {}),
+            }
             run = self.client.create_run(
                 self.experiment_id(),
                 tags={k: str(v) for k, v in all_tags.items()},
@@ -369,11 +388,11 @@ class MlflowTracker(Tracker):
         run_id = self._require_run()
         with tempfile.TemporaryDirectory() as tmp:
             files = packaging.write_model_files(model, tmp, classes=classes, metadata=metadata)
-            info = log_pyfunc_model(
+            model_uri = log_pyfunc_model(
                 self.tracking_uri, run_id, name, files, packaging.pip_requirements()
             )
-        self.set_tags({"pipeline.model_uri": info})
-        return info
+        self.set_tags({"pipeline.model_uri": model_uri})
+        return model_uri
 
     def register(self, model_uri, name, alias=None):
         return register_model(self.tracking_uri, model_uri, name, alias, run_id=self.run_id)
@@ -608,8 +627,4 @@ def runs_with_key(run_key: str, experiment: str, tracking_uri: str | None = None
     tracker = MlflowTracker(experiment, tracking_uri)
     if tracker.client.get_experiment_by_name(experiment) is None:
         return []
-    quoted = run_key.replace("\\", "\\\\").replace("'", "\\'")
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id()], filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'"
-    )
-    return [r.info.run_id for r in runs]
+    return tracker.runs_with_key(run_key)

@@ -184,3 +184,12 @@ def test_restarted_worker_process_reopens_the_same_run(uri):
     assert out.stdout.strip().splitlines()[-1] == run_id
     assert tracking.runs_with_key("store/job-r", "restart", uri) == [run_id]
     assert tracking.metric_history(run_id, "epoch_done", uri) == [(1, 1.0)]
+
+
+def test_run_keys_with_quotes_and_backslashes_are_matched_exactly(uri):
+    tracker = MlflowTracker("quotes", uri)
+    odd = "s3://bucket/it's a \\ run"
+    run_id = tracker.start(odd)
+    other = MlflowTracker("quotes", uri).start("s3://bucket/it")
+    assert MlflowTracker("quotes", uri).start(odd) == run_id != other
+    assert tracking.runs_with_key(odd, "quotes", uri) == [run_id]
