@@ -206,11 +206,13 @@ def confusion_png(matrix: Any, class_names: Sequence[str] | None = None, cell: i
     norm = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
     font = ImageFont.load_default()
     label_w = min(160, 8 + 6 * max((len(s) for s in names), default=1))
-    canvas = Image.new("RGB", (label_w + n * cell, 14 + n * cell), (255, 255, 255))
+    title = "true \\ predicted (row-normalised)"
+    width = max(label_w + n * cell, 4 + int(font.getlength(title)))
+    canvas = Image.new("RGB", (width, 14 + n * cell), (255, 255, 255))
     grid = np.repeat(np.repeat(colormap(norm), cell, axis=0), cell, axis=1)
     canvas.paste(Image.fromarray(grid), (label_w, 14))
     draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), "true \\ predicted (row-normalised)", fill=(0, 0, 0), font=font)
+    draw.text((2, 1), title, fill=(0, 0, 0), font=font)
     for i, name in enumerate(names):
         draw.text(
             (2, 14 + i * cell + cell // 2 - 5),
