@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from models import sampling
 from models.ats import (
+    MNIST_SETTING,
     AttentionHead,
     FeatureNet,
     centred_boxes,
@@ -124,8 +125,8 @@ class ZoomIn(AttentionModel):
         smoothing: smoothing of alpha and beta.
         entropy_strength: aux term ``-strength * (H(alpha) + mean H(beta))``.
         inference: "topk" or "sample" (see the module docstring).
-        attention_prior, prior_strength, baseline: as ``models.ats.ATS`` (the prior is added to
-            both stages' logits).
+        attention_pool, attention_prior, prior_strength, baseline, feature_scale: as
+            ``models.ats.ATS`` (the pool applies to stage I, the prior to both stages).
         contrastive: "none", "binary" (scenes of ``positive_class``: push the prediction from
             inverted attention away from it, ``-log(1 - p_pos)``) or "multiclass" (every scene
             whose label is not ``reference_class``: ``-log(1 - p_label)``).
@@ -152,9 +153,11 @@ class ZoomIn(AttentionModel):
         smoothing: float = 0.0,
         entropy_strength: float = 1e-5,
         inference: str = "topk",
+        attention_pool: int = 1,
         attention_prior: str = "none",
         prior_strength: float = 5.0,
         baseline: bool = False,
+        feature_scale: float = 1.0,
         contrastive: str = "none",
         contrastive_epoch: int = 10,
         contrastive_weight: float = 1.0,
@@ -194,6 +197,8 @@ class ZoomIn(AttentionModel):
         # contrastive reads (the term would be multiplied by 0 anyway)
         self.contrastive_live = False
         self.baseline = bool(baseline)
+        self.attention_pool = int(attention_pool)
+        self.feature_scale = float(feature_scale)
         self.attention = AttentionHead(
             attention_backbone, in_channels, attention_prior, prior_strength, **(attention_kwargs or {})
         )
@@ -225,6 +230,8 @@ class ZoomIn(AttentionModel):
 
     def attend_tiles(self, views: Tensor) -> tuple[Tensor, Tensor]:
         """Views (B, C, h, w) -> position attention (B, h', w') and tile attention (B, gh*gw)."""
+        if self.attention_pool > 1:
+            views = F.avg_pool2d(views, self.attention_pool, ceil_mode=True)
         logits = self.attention(views)
         b, h, w = logits.shape
         gh, gw = self.tile_grid
@@ -274,7 +281,7 @@ class ZoomIn(AttentionModel):
         pooled = sampling.expect_nested(dist1, tile_idx, beta_q, sub_idx, feats - c, plan) + c
         beta_sel = beta_q.gather(2, sub_idx[..., None]).squeeze(2)
         weights = sampling.nested_weights(beta_sel, plan, beta_q.shape[2])
-        return pooled, weights, boxes, beta_m, plan
+        return self.feature_scale * pooled, weights, boxes, beta_m, plan
 
     def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
         pos, alpha = self.attend_tiles(views)
@@ -343,15 +350,8 @@ def zoom_in(**kwargs) -> ZoomIn:
 
 @register_model("zoom_in_mnist")
 def zoom_in_mnist(**kwargs) -> ZoomIn:
-    """Zoom-In for Megapixel MNIST at 500 px: 1 channel, 100 px view, 5x5 tiles read at level 1
-    into 50 px tile views (s2 = 0.5), 50 px sub-tiles at level 0."""
-    defaults = dict(
-        in_channels=1,
-        num_classes=10,
-        view_size=(100, 100),
-        tile_grid=(5, 5),
-        tile_level=1,
-        tile_view=(50, 50),
-        patch_size=(50, 50),
-    )
+    """Zoom-In for Megapixel MNIST: ``models.ats.MNIST_SETTING`` for the view, stage-I
+    attention and the sub-tiles, plus a 5 x 5 tile grid whose tiles are read at level 1 and
+    resized to 25 px for stage II (s2 = 0.25 on a 500 px canvas)."""
+    defaults = dict(MNIST_SETTING, tile_grid=(5, 5), tile_level=1, tile_view=(25, 25))
     return ZoomIn(**{**defaults, **kwargs})

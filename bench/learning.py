@@ -1,0 +1,309 @@
+"""It learns: ATS, Zoom-In and a low-resolution CNN on in-memory Megapixel MNIST.
+
+Every model sees the same low-resolution view of each canvas and gets the same budget (epochs
+and wall-clock seconds, whichever runs out first); the attention models also read full-resolution
+patches through the pixel protocol from an in-memory ``TensorPyramidSource``. Reports test
+accuracy, training time per sample, inference time per sample and peak inference memory
+(batch of 1, measured from torch.profiler's allocator events: view, reads and activations, not
+the weights or the stored pyramid).
+
+    python bench/learning.py                       # the CPU setting, see DEFAULTS
+    python bench/learning.py --canvas 1500 --noise 50 --view 180   # the reference protocol
+    python bench/learning.py --json                # last line: one JSON object
+
+``--models`` takes report names (``ats``, ``zoom_in``, ``lowres_cnn``) or any registered model
+name; a registered model that needs more than ``num_classes``, ``in_channels`` and
+``view_size`` can get keyword arguments with ``--model-kwargs '{"name": {...}}'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.memory import TensorPyramidSource
+from models.protocol import AttentionModel
+from models.registry import create_model
+from pipeline.megapixel_mnist import DIGIT, MegapixelMNISTSpec, layout, make_split
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """One benchmark run. Sizes in pixels, times in seconds."""
+
+    canvas: int = 500
+    noise: int = 0
+    others: int = 2
+    view: int = 100
+    n_train: int = 2000
+    n_test: int = 500
+    epochs: int = 8
+    budget_s: float = 480.0
+    batch: int = 8
+    lr: float = 3e-3
+    seed: int = 0
+    track: int = 0
+    threads: int = 1
+    models: tuple[str, ...] = ("ats", "zoom_in", "lowres_cnn")
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Split:
+    """Canvases of one split held in memory with their views."""
+
+    source: TensorPyramidSource
+    keys: list[str]
+    views: Tensor  # (N, 1, view, view) float32
+    sizes: Tensor  # (N, 2) int64
+    labels: Tensor  # (N,) int64
+    digits: Tensor  # (N, D, 4) int64 level-0 boxes of the digits, for the hit rate
+
+
+def build_split(spec: MegapixelMNISTSpec, split: str, n: int, view: int) -> Split:
+    """Render ``n`` canvases of ``split`` into a tensor pyramid source and compute their views."""
+    images, labels = make_split(spec, split, n)
+    corners = torch.stack([torch.from_numpy(layout(spec, split, i).positions) for i in range(n)])
+    digits = torch.cat([corners, corners + DIGIT], -1).to(torch.int64)
+    keys = [f"{split}/{i}" for i in range(n)]
+    source = TensorPyramidSource.from_images(dict(zip(keys, images, strict=True)))
+    del images
+    views = torch.cat([source.view(keys[i : i + 256], (view, view)) for i in range(0, n, 256)])
+    return Split(source, keys, views, source.level0_sizes(keys), labels, digits)
+
+
+def model_kwargs(name: str, setup: Setup) -> tuple[str, dict]:
+    """Registry name and keyword arguments of report name ``name`` for this setup.
+
+    ``ats`` and ``zoom_in`` are the registered ``ats_mnist`` and ``zoom_in_mnist`` (the
+    settings found with the measurements in the README); the low-resolution CNN is
+    ``lowres_cnn`` with a (16, 32, 64) ``small_cnn``. ``setup.model_kwargs[name]`` overrides
+    anything (``--model-kwargs``).
+    """
+    base = dict(num_classes=10, in_channels=1, view_size=(setup.view, setup.view))
+    if name == "ats":
+        reg, kw = "ats_mnist", {}
+    elif name == "zoom_in":
+        reg, kw = "zoom_in_mnist", {}
+    elif name == "lowres_cnn":
+        reg, kw = "lowres_cnn", dict(backbone_kwargs={"widths": (16, 32, 64)})
+    else:
+        reg, kw = name, {}
+    return reg, {**base, **kw, **setup.model_kwargs.get(name, {})}
+
+
+def subset(data: Split, n: int) -> Split:
+    """The first ``n`` canvases of ``data`` (same source)."""
+    return Split(
+        data.source, data.keys[:n], data.views[:n], data.sizes[:n], data.labels[:n], data.digits[:n]
+    )
+
+
+def batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
+    """Shuffled index batches covering ``range(n)`` (the last one may be smaller)."""
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(size))
+
+
+def run_batch(model: AttentionModel, data: Split, idx: Tensor, generator=None):
+    keys = [data.keys[i] for i in idx.tolist()]
+    return model(data.views[idx], data.sizes[idx], data.source, keys, generator)
+
+
+def hits(boxes: Tensor, digits: Tensor) -> Tensor:
+    """(B, K) bool: box k of scene b covers at least half of one of the scene's digits.
+
+    boxes (B, K, 4) and digits (B, D, 4) are level-0 ``[y0, x0, y1, x1]``.
+    """
+    lo = torch.maximum(boxes[:, :, None, :2], digits[:, None, :, :2])
+    hi = torch.minimum(boxes[:, :, None, 2:], digits[:, None, :, 2:])
+    overlap = (hi - lo).clamp_min(0).prod(-1)  # (B, K, D)
+    return (overlap * 2 >= DIGIT * DIGIT).any(-1)
+
+
+def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
+    """Eval-mode accuracy, seconds per sample and, for models that read patches, the hit rate
+    (fraction of the boxes read last that cover at least half a digit)."""
+    model.eval()
+    correct, hit, boxes, start = 0, 0, 0, time.perf_counter()
+    with torch.no_grad():
+        for idx in torch.arange(len(data.keys)).split(batch):
+            out = run_batch(model, data, idx, torch.Generator().manual_seed(0))
+            correct += int((out.logits.argmax(-1) == data.labels[idx]).sum())
+            if out.boxes is not None:
+                hit += int(hits(out.boxes, data.digits[idx]).sum())
+                boxes += out.boxes.shape[0] * out.boxes.shape[1]
+    seconds = time.perf_counter() - start
+    model.train()
+    n = len(data.keys)
+    return dict(acc=correct / n, s_per_sample=seconds / n, hit_rate=hit / boxes if boxes else None)
+
+
+def peak_memory_bytes(model: AttentionModel, data: Split) -> int:
+    """Peak bytes allocated during inference on one scene (view read, reads, activations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.eval()
+    key = data.keys[:1]
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        view = data.source.view(key, model.view_size)
+        model(view, data.sizes[:1], data.source, key, torch.Generator().manual_seed(0))
+    model.train()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def train(
+    model: AttentionModel, train_split: Split, test_split: Split, setup: Setup, log
+) -> dict:
+    """Adam with grad-norm clipping 1 until ``setup.epochs`` or ``setup.budget_s`` run out."""
+    opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
+    gen = torch.Generator().manual_seed(setup.seed)
+    seen, history = 0, []
+    if setup.track:
+        ev = evaluate(model, subset(test_split, setup.track))
+        history.append(dict(epoch=-1, seconds=0.0, test_acc=ev["acc"], hit_rate=ev["hit_rate"]))
+        log(f"  at init: test_acc {ev['acc']:.3f} hit_rate {ev['hit_rate']}")
+    start = time.perf_counter()
+    for epoch in range(setup.epochs):
+        correct = total_loss = 0.0
+        for idx in batches(len(train_split.keys), setup.batch, gen):
+            out = run_batch(model, train_split, idx, gen)
+            labels = train_split.labels[idx]
+            loss = model.loss(out, labels, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            model.end_step(out, labels)
+            seen += len(idx)
+            total_loss += float(loss.detach()) * len(idx)
+            correct += float((out.logits.argmax(-1) == labels).sum())
+            if time.perf_counter() - start > setup.budget_s:
+                break
+        n = len(train_split.keys)
+        elapsed = time.perf_counter() - start
+        row = dict(epoch=epoch, seconds=round(elapsed, 1), loss=total_loss / n, train_acc=correct / n)
+        if setup.track:  # test accuracy on the first `track` test canvases, off the clock
+            ev = evaluate(model, subset(test_split, setup.track))
+            row["test_acc"], row["hit_rate"] = ev["acc"], ev["hit_rate"]
+            start += time.perf_counter() - start - elapsed
+        history.append(row)
+        log("  " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if elapsed > setup.budget_s:
+            break
+    train_seconds = time.perf_counter() - start
+    return dict(train_seconds=train_seconds, train_s_per_sample=train_seconds / max(seen, 1),
+                epochs=len(history), history=history)
+
+
+def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict:
+    """Train and evaluate one model; returns its row of the report."""
+    reg, kwargs = model_kwargs(name, setup)
+    torch.manual_seed(setup.seed)
+    model = create_model(reg, **kwargs)
+    log(f"{name}: {reg} {kwargs}")
+    stats = train(model, data[0], data[1], setup, log)
+    ev = evaluate(model, data[1])
+    acc, infer_s = ev["acc"], ev["s_per_sample"]
+    row = dict(
+        model=name,
+        registry=reg,
+        acc=acc,
+        hit_rate=ev["hit_rate"],
+        **{k: v for k, v in stats.items() if k != "history"},
+        infer_s_per_sample=infer_s,
+        peak_mem_mb=peak_memory_bytes(model, data[1]) / 2**20,
+        history=stats["history"],
+    )
+    log(f"{name}: test acc {acc:.3f}, {row['train_s_per_sample'] * 1e3:.1f} ms/sample train, "
+        f"{infer_s * 1e3:.1f} ms/sample inference, peak {row['peak_mem_mb']:.1f} MB")
+    return row
+
+
+def parse(argv: list[str] | None) -> tuple[Setup, bool]:
+    d = Setup()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--canvas", type=int, default=d.canvas, help="canvas side in pixels")
+    p.add_argument("--noise", type=int, default=d.noise, help="noise scribbles per canvas")
+    p.add_argument("--others", type=int, default=d.others,
+                   help="digits of other classes per canvas (the protocol: 2)")
+    p.add_argument("--view", type=int, default=d.view, help="view side in pixels")
+    p.add_argument("--train", type=int, default=d.n_train, help="training canvases")
+    p.add_argument("--test", type=int, default=d.n_test, help="test canvases")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epoch budget per model")
+    p.add_argument("--budget-s", type=float, default=d.budget_s, help="seconds per model")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--track", type=int, default=d.track,
+                   help="after each epoch, test accuracy on this many test canvases (not timed)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch intra-op threads (1: fastest on a loaded shared machine)")
+    p.add_argument("--models", default=",".join(d.models), help="comma-separated names")
+    p.add_argument("--model-kwargs", default="{}", help="JSON: {model name: {kwarg: value}}")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    a = p.parse_args(argv)
+    setup = Setup(
+        canvas=a.canvas, noise=a.noise, others=a.others, view=a.view, n_train=a.train, n_test=a.test,
+        epochs=a.epochs, budget_s=a.budget_s, batch=a.batch, lr=a.lr, seed=a.seed, track=a.track, threads=a.threads,
+        models=tuple(m for m in a.models.split(",") if m), model_kwargs=json.loads(a.model_kwargs),
+    )
+    return setup, a.json
+
+
+def run(setup: Setup, log=print) -> dict:
+    """The whole benchmark; returns the report (what ``--json`` prints)."""
+    torch.set_num_threads(setup.threads)
+    start = time.perf_counter()
+    spec = MegapixelMNISTSpec(
+        canvas=(setup.canvas, setup.canvas), n_noise=setup.noise, n_other=setup.others, seed=setup.seed
+    )
+    data = (
+        build_split(spec, "train", setup.n_train, setup.view),
+        build_split(spec, "test", setup.n_test, setup.view),
+    )
+    log(f"data: {setup.n_train} train / {setup.n_test} test canvases of {setup.canvas} px, "
+        f"{setup.noise} scribbles, view {setup.view} px, {time.perf_counter() - start:.0f}s")
+    rows = [bench_model(name, setup, data, log) for name in setup.models]
+    return dict(
+        acc={r["model"]: r["acc"] for r in rows},
+        canvas=setup.canvas,
+        noise=setup.noise,
+        others=setup.others,
+        view=setup.view,
+        view_scale=setup.view / setup.canvas,
+        seconds=time.perf_counter() - start,
+        train_s_per_sample={r["model"]: r["train_s_per_sample"] for r in rows},
+        infer_s_per_sample={r["model"]: r["infer_s_per_sample"] for r in rows},
+        peak_mem_mb={r["model"]: r["peak_mem_mb"] for r in rows},
+        setup=asdict(setup),
+        rows=rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup, as_json = parse(argv)
+    report = run(setup, log=lambda msg: print(msg, file=sys.stderr if as_json else sys.stdout, flush=True))
+    print(f"{'model':<14}{'acc':>7}{'train ms/s':>12}{'infer ms/s':>12}{'peak MB':>9}")
+    for r in report["rows"]:
+        print(f"{r['model']:<14}{r['acc']:>7.3f}{r['train_s_per_sample'] * 1e3:>12.1f}"
+              f"{r['infer_s_per_sample'] * 1e3:>12.1f}{r['peak_mem_mb']:>9.2f}")
+    print(f"canvas {report['canvas']} px, {report['noise']} scribbles, view {report['view']} px "
+          f"(scale {report['view_scale']:.3f}), total {report['seconds']:.0f}s")
+    if as_json:
+        print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
