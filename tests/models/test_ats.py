@@ -192,9 +192,8 @@ def small_source():
 
 def tiny_model(**kw):
     torch.manual_seed(0)
-    return create_model(
-        "ats_mnist", view_size=(24, 24), patch_size=(8, 8), n_patches=4, **{**TINY, **kw}
-    )
+    base = dict(in_channels=1, view_size=(24, 24), patch_size=(8, 8), n_patches=4)
+    return create_model("ats", **{**base, **TINY, **kw})
 
 
 def test_topk_at_eval_is_deterministic_and_takes_the_most_attended():

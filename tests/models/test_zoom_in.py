@@ -45,10 +45,10 @@ def small_source():
 def tiny(**kw):
     torch.manual_seed(0)
     base = dict(
-        view_size=(32, 32), tile_grid=(4, 4), tile_level=0, tile_view=(16, 16),
+        in_channels=1, view_size=(32, 32), tile_grid=(4, 4), tile_level=0, tile_view=(16, 16),
         patch_size=(8, 8), n_patches=5,
     )
-    return create_model("zoom_in_mnist", **{**base, **TINY, **kw})
+    return create_model("zoom_in", **{**base, **TINY, **kw})
 
 
 # ------------------------------------------------------------------ geometry tables
@@ -260,6 +260,12 @@ def inference_peak_bytes(model, source, key) -> tuple[int, int]:
 def test_auto_tile_level(sizes, level):
     model = tiny(tile_level=None, tile_view=(32, 32))
     assert model.read_level(torch.tensor(sizes)) == level
+
+
+def test_mnist_variants_build_with_their_setting():
+    ats, zoom = create_model("ats_mnist"), create_model("zoom_in_mnist", view_size=(50, 50))
+    assert ats.patch_level == zoom.patch_level == 1 and ats.view_size == (100, 100)
+    assert zoom.tile_grid == (5, 5) and zoom.view_size == (50, 50)
 
 
 def test_inference_memory_does_not_grow_with_the_scene():
