@@ -437,6 +437,15 @@ def worker_main(loop_config: dict[str, Any]) -> None:
         save = last or (epoch + 1) % config.run.checkpoint_every == 0
         rank_rng = _all_gather(capture_rng(sampling)) if save else []
         if rank == 0:
+            print(
+                f"[train] epoch {epoch + 1}/{config.optim.epochs}: train loss "
+                f"{metrics['train/loss']:.3f} acc {metrics['train/accuracy']:.3f} | val acc "
+                f"{metrics['val/accuracy']:.3f} | {metrics['train/bytes_per_sample']:,.0f} B and "
+                f"{metrics['train/requests_per_sample']:.1f} requests per sample | data wait "
+                f"{100 * metrics['train/data_wait_fraction']:.0f}% | "
+                f"{metrics['train/samples_per_s']:.1f} samples/s",
+                flush=True,
+            )
             tracker.log_metrics(metrics, step=epoch)
             tracker.log_confusion(val.confusion, classes, step=epoch)
             _log_pictures(tracker, shown, classes, epoch)
