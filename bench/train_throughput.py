@@ -12,8 +12,9 @@ differ only in where the attended patches come from:
   (a) ``TensorPyramidSource`` over every level of every scene loaded into RAM;
   (b) ``ZarrPixelSource`` over the local pyramids;
   (c) ``ZarrPixelSource`` over the same pyramids copied to moto's S3 server on 127.0.0.1, behind
-      ``pipeline.http_proxy.CountingProxy``, a loopback proxy that sleeps ``--latency-ms`` before
-      forwarding each request (so every request, metadata, shard index or chunk range, pays it).
+      ``pipeline.http_proxy``, a loopback proxy that sleeps ``--latency-ms`` before forwarding
+      each request (every request, metadata, shard index or chunk range, pays it). The server
+      and the proxy run in their own processes (on the same 2 cores, so their CPU still counts).
 Also printed: bytes read per sample against a full-resolution CNN that must read every level-0
 shard of a scene (compressed bytes in the store, and raw uint8 bytes).
 Without ``--manifest`` a small fMoW-layout sample is generated and ingested under
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,31 +78,87 @@ def level0_bytes(uri: str) -> int:
     return sum(len(storage.read_bytes(u)) for u in storage.list_prefix(storage.join_uri(uri, "0")))
 
 
+def _wait_http(endpoint: str, proc, what: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not answer on {endpoint}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_s3(latency_s: float):
-    """moto's S3 server on 127.0.0.1 behind a latency proxy; sets ``AWS_*``; (server, proxy)."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server and the latency proxy, each in its own process on 127.0.0.1 (so that
+    neither shares a GIL with the training loop it serves); sets ``AWS_*`` to the server.
+    Returns (server process, proxy process, server endpoint, proxy endpoint)."""
+    import subprocess
+    import urllib.request
 
-    from pipeline.http_proxy import CountingProxy
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    _wait_http(endpoint, server, "moto_server")
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_ENDPOINT_URL": endpoint})
-    import urllib.request
-
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench-train", method="PUT"),
                            timeout=30).close()
-    proxy = CountingProxy(endpoint, latency_s=latency_s).start()
-    return server, proxy
+    pport = _free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "pipeline.http_proxy", endpoint,
+                              "--latency-ms", str(latency_s * 1000), "--port", str(pport)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL)
+    proxy_endpoint = f"http://127.0.0.1:{pport}"
+    _wait_http(proxy_endpoint, proxy, "latency proxy")
+    return server, proxy, endpoint, proxy_endpoint
+
+
+def proxy_counts(proxy_endpoint: str) -> dict:
+    import urllib.request
+
+    from pipeline.http_proxy import COUNTS_PATH
+
+    with urllib.request.urlopen(proxy_endpoint + COUNTS_PATH, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except Exception:
+        proc.kill()
 
 
 def copy_scene(src_uri: str, dst_uri: str) -> None:
     for uri in storage.list_prefix(src_uri):
         rel = os.path.relpath(uri, src_uri)
         storage.write_bytes(storage.join_uri(dst_uri, rel), storage.read_bytes(uri))
+
+
+def zarr_source(config):
+    """The reader exactly as the training workers build it (``config.reader``)."""
+    from pipeline.data import ZarrSourceFactory
+
+    r = config.reader
+    return ZarrSourceFactory(r.concurrency, r.cache_bytes, r.max_gap)()
 
 
 def run_setting(name, source, keys, views, sizes, labels, config, epochs, seed=0):
@@ -146,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="measured epochs per setting")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--micro-batches", type=int, default=None, help="override data.micro_batches")
+    parser.add_argument("--concurrency", type=int, default=None, help="override reader.concurrency")
+    parser.add_argument("--max-gap", type=int, default=None, help="override reader.max_gap")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -159,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest_uri = args.manifest or make_manifest(args.scenes)
     manifest = read_manifest(manifest_uri)
     sets = [] if args.micro_batches is None else [f"data.micro_batches={args.micro_batches}"]
+    sets += [f"reader.{k}={v}" for k, v in (("concurrency", args.concurrency),
+                                            ("max_gap", args.max_gap)) if v is not None]
     config = resolve_config(load_config(args.config, sets), list(read_classes(manifest_uri)))
     rows = split_rows(manifest, "train", args.scenes)
     keys, sizes, labels = rows["key"], rows["size"], rows["label"]
@@ -171,29 +233,29 @@ def main(argv: list[str] | None = None) -> int:
     raw = (sizes[:, 0] * sizes[:, 1] * 3).astype(np.float64)
     print(f"{len(keys)} scenes, mean {raw.mean() / 3:,.0f} px, model {config.model.name} "
           f"{config.model.overrides}, batch {config.data.batch_size}, micro-batches "
-          f"{config.data.micro_batches}, {args.epochs} measured epochs after 1 warm-up; "
+          f"{config.data.micro_batches}, reader {config.reader}, {args.epochs} measured epochs "
+          f"after 1 warm-up; "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
     results = {}
     results["memory"] = run_setting("memory", memory_source(list(keys)), keys, views, sizes, labels,
                                     config, args.epochs)
-    results["local"] = run_setting("local", ZarrPixelSource(concurrency=config.reader.concurrency),
-                                   keys, views, sizes, labels, config, args.epochs)
-    server, proxy = start_s3(args.latency_ms / 1000)
+    results["local"] = run_setting("local", zarr_source(config), keys, views, sizes, labels,
+                                   config, args.epochs)
+    server, proxy, _, proxy_endpoint = start_s3(args.latency_ms / 1000)
     try:
         root = os.path.dirname(os.path.commonprefix([str(k) for k in keys]).rstrip("/"))
         s3_keys = np.array([f"s3://bench-train/pyr/{os.path.relpath(k, root)}" for k in keys])
         for k, s3k in zip(keys, s3_keys, strict=True):  # upload straight to moto, no latency
             copy_scene(str(k), str(s3k))
-        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
-        proxy.reset()
-        results["s3"] = run_setting(f"s3+{args.latency_ms:.0f}ms",
-                                    ZarrPixelSource(concurrency=config.reader.concurrency),
-                                    s3_keys, views, sizes, labels, config, args.epochs)
-        served = proxy.counts()["total"]
+        os.environ["AWS_ENDPOINT_URL"] = proxy_endpoint
+        before = proxy_counts(proxy_endpoint)["total"]
+        results["s3"] = run_setting(f"s3+{args.latency_ms:.0f}ms", zarr_source(config), s3_keys,
+                                    views, sizes, labels, config, args.epochs)
+        served = proxy_counts(proxy_endpoint)["total"] - before
     finally:
-        proxy.stop()
-        server.stop()
+        stop(proxy)
+        stop(server)
 
     sps = {k: v["train/samples_per_s"] for k, v in results.items()}
     read = results["local"]["train/bytes_per_sample"]

@@ -86,10 +86,16 @@ class ScalingConfig:
 
 @dataclass(frozen=True, slots=True)
 class ReaderConfig:
-    """The attended-chunk reader in each worker: concurrent requests and cache bound (bytes)."""
+    """The attended-chunk reader in each worker.
 
-    concurrency: int = 32
+    ``concurrency``: requests in flight; ``cache_bytes``: bound of the metadata and shard-index
+    cache; ``max_gap``: merge two byte ranges of a shard when at most this many bytes lie
+    between them (fewer requests for a few more bytes: worth it when requests cost latency).
+    """
+
+    concurrency: int = 64
     cache_bytes: int = 64 * 2**20
+    max_gap: int = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +255,7 @@ def validate(config: TrainConfig) -> None:
         (config.optim.scheduler in ("none", "cosine"), "optim.scheduler must be none or cosine"),
         (config.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
         (config.reader.concurrency >= 1, "reader.concurrency must be >= 1"),
+        (config.reader.max_gap >= 0, "reader.max_gap must be >= 0"),
         (config.run.checkpoint_every >= 1, "run.checkpoint_every must be >= 1"),
         (bool(config.run.name), "run.name must not be empty"),
     ]

@@ -24,17 +24,20 @@ from models.protocol import PixelSource
 class ZarrSourceFactory:
     """Picklable recipe for the worker's reader: ``factory()`` -> ``ZarrPixelSource``.
 
-    ``concurrency``: concurrent storage requests; ``cache_bytes``: bound of the metadata and
-    shard-index cache. The source is built inside the worker, where it lives for the run.
+    ``concurrency``, ``cache_bytes``, ``max_gap``: see ``pipeline.config.ReaderConfig``. The
+    source is built inside the worker, where it lives for the run.
     """
 
-    concurrency: int = 32
+    concurrency: int = 64
     cache_bytes: int = 64 * 2**20
+    max_gap: int = 16384
 
     def __call__(self) -> PixelSource:
         from pipeline.reader import ZarrPixelSource
 
-        return ZarrPixelSource(concurrency=self.concurrency, cache_bytes=self.cache_bytes)
+        return ZarrPixelSource(
+            concurrency=self.concurrency, cache_bytes=self.cache_bytes, max_gap=self.max_gap
+        )
 
 
 def split_rows(manifest: Any, split: str, limit: int = 0) -> dict[str, np.ndarray]:

@@ -10,13 +10,17 @@ client computed for the proxy's address, reach the server as they were signed.
 
 from __future__ import annotations
 
+import argparse
 import http.client
+import json
+import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+COUNTS_PATH = "/__proxy__/counts"  # answered by the proxy itself (JSON counters), not forwarded
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate", "content-length"}
 
@@ -61,7 +65,7 @@ class CountingProxy:
             self._counts[method] += 1
             self._bytes += nbytes
 
-    def start(self) -> CountingProxy:
+    def start(self, port: int = 0) -> CountingProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,6 +89,14 @@ class CountingProxy:
 
             def _forward(self) -> None:
                 body = self._body()
+                if self.path == COUNTS_PATH:  # the proxy's own counters, for other processes
+                    data = json.dumps({**proxy.counts(), "bytes": proxy.response_bytes()}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 conn = proxy._local  # one upstream connection per client connection (thread)
@@ -117,7 +129,7 @@ class CountingProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -135,3 +147,26 @@ class CountingProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.http_proxy UPSTREAM [--latency-ms 20] [--port P]``: run in its own
+    process (so that it does not share a GIL with what it measures); prints its endpoint."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("upstream")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    proxy = CountingProxy(args.upstream, latency_s=args.latency_ms / 1000).start(args.port)
+    print(proxy.endpoint, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,7 +127,7 @@ def run_training(
     classes = list(read_classes(config.data.manifest))
     config = resolve_config(config, classes)
     source_factory = source_factory or data.ZarrSourceFactory(
-        config.reader.concurrency, config.reader.cache_bytes
+        config.reader.concurrency, config.reader.cache_bytes, config.reader.max_gap
     )
     view_size = create_model(config.model.name, **config.model.overrides).view_size
     train_rows = data.split_rows(manifest, config.data.train_split, config.data.limit)
