@@ -11,3 +11,5 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402  (after the environment above)
 
 torch.set_num_threads(1)
+
+from tests.s3 import s3_server  # noqa: E402,F401  (one moto server per session, for every package)

@@ -19,7 +19,6 @@ from PIL import Image
 from jobs.ingest_fmow import main
 from pipeline import pyramid, storage
 from pipeline.manifest import read_classes, read_manifest, read_rejects
-from tests.pipeline.conftest import s3_server  # noqa: F401 - the S3 fixture lives there
 from tests.pipeline.fmow_fixtures import SMALL_CLASSES, make_sample, small_spec
 
 ROOT = Path(__file__).resolve().parents[2]

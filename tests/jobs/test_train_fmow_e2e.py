@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.pipeline.conftest are parameters here)
 """End to end: a tiny fMoW-layout sample ingested into pyramids on the S3 server, trained by
 ``jobs/train_fmow.py`` with two CPU Ray Train workers, tracked and registered in MLflow.
 
@@ -25,7 +24,6 @@ from pipeline.checkpoint import load_model, read_meta
 from pipeline.config import load_config
 from pipeline.http_proxy import CountingProxy
 from pipeline.manifest import read_classes, read_manifest
-from tests.pipeline.conftest import s3_server  # noqa: F401 - the S3 fixture lives there
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.ray]
 
