@@ -11,7 +11,7 @@
    and where the MLflow run and the registered model are;
 6. stop the Ray head it started (only that one: by its process group, never ``ray stop``).
 
-    python jobs/demo.py [--train 200] [--val 40] [--epochs N] [--keep-data]
+    python jobs/demo.py [--train 200] [--val 60] [--epochs N] [--keep-data]
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def report(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=200)
-    parser.add_argument("--val", type=int, default=40)
+    parser.add_argument("--val", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     args = parser.parse_args(argv)
     start = time.monotonic()
