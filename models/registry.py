@@ -63,6 +63,12 @@ def list_models() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def model_module(name: str) -> str:
+    """The module whose factory registered ``name`` (tests register throw-away models too)."""
+    _load_families()
+    return _FACTORIES[name].__module__
+
+
 def create_model(name: str, **overrides: Any) -> AttentionModel:
     """Build the model registered as ``name`` with keyword ``overrides`` of its defaults."""
     _load_families()
