@@ -1,9 +1,10 @@
 """A much shorter run of bench/learning.py: ATS and Zoom-In learn clearly better than chance.
 
-The easiest canvas that still needs the patches: 300 px with 3 digits of the label and no
+A small, easy canvas: 300 px with 3 digits of the label and no
 others (label = the digit shown), view 60 px (scale 0.2: a digit is about 5.6 px in the view),
 patches read at level 1. Ten classes, so chance is 0.10; on 200 test canvases the standard
-deviation of a chance-level accuracy is 0.02, and the bar of 0.30 is ten of those above it.
+deviation of a chance-level accuracy is 0.02; the bar is 0.50 (measured here: ATS 0.825,
+Zoom-In 0.82 in 36 s).
 """
 
 import importlib.util
@@ -42,7 +43,7 @@ def test_attention_models_learn_clearly_better_than_chance():
     report = bench.run(setup, log=lambda msg: None)
     assert set(report["acc"]) == {"ats", "zoom_in"}
     for name, acc in report["acc"].items():
-        assert acc >= 0.30, f"{name}: test accuracy {acc:.3f} after 3 epochs (chance 0.10)"
+        assert acc >= 0.50, f"{name}: test accuracy {acc:.3f} after 3 epochs (chance 0.10)"
     json.dumps({k: v for k, v in report.items() if k != "rows"})  # the --json line serialises
 
 
