@@ -169,5 +169,8 @@ class AttentionModel(torch.nn.Module):
             total = total + term
         return total
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Hook before each training epoch (e.g. an alternating schedule). Default: nothing."""
+
     def end_step(self, output: ModelOutput, labels: Tensor) -> None:
         """Hook after the optimiser step (e.g. a running baseline update). Default: nothing."""

@@ -125,6 +125,9 @@ class RACNN(AttentionModel):
         min_side: the smallest crop side as a fraction of the previous scale (1/3).
         read_margin: extra context read around each crop, as a fraction of its side.
         max_level: deepest pyramid level to read from (None: whatever the scene has).
+        alternate_epochs: 0 trains everything jointly; n > 0 runs the paper's alternating
+            schedule by epochs: n epochs of "cls" (classifiers, APNs fixed), then n of "apn"
+            (APNs, classifiers fixed), and so on (``begin_epoch``; resumes with the epoch).
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class RACNN(AttentionModel):
         min_side: float = 1.0 / 3.0,
         read_margin: float = 0.0,
         max_level: int | None = None,
+        alternate_epochs: int = 0,
     ):
         super().__init__()
         if scales < 1:
@@ -162,6 +166,7 @@ class RACNN(AttentionModel):
         self.apns = nn.ModuleList([APN(dim, apn_hidden) for _ in range(scales - 1)])
         self.fusion = nn.Linear(dim * scales, num_classes)
         self.phase = "joint"
+        self.alternate_epochs = int(alternate_epochs)
         scale_read = 1.0 + 2.0 * read_margin
         self.read_size = tuple(max(1, round(s * scale_read)) for s in self.view_size)
 
@@ -183,6 +188,11 @@ class RACNN(AttentionModel):
         for name, params in groups.items():
             for p in params:
                 p.requires_grad_(phase in ("joint", name))
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Set the phase of ``epoch`` when the alternating schedule is on."""
+        if self.alternate_epochs > 0:
+            self.set_phase(self.phase_for_step(epoch, self.alternate_epochs))
 
     @staticmethod
     def phase_for_step(step: int, period: int) -> str:
@@ -275,36 +285,7 @@ class RACNN(AttentionModel):
 
 
 @register_model("racnn")
-def racnn(
-    num_classes: int = 10,
-    view_size: tuple[int, int] = (64, 64),
-    scales: int = 3,
-    backbone: str = "small_cnn",
-    in_channels: int = 3,
-    backbone_options: dict | None = None,
-    share_backbone: bool = False,
-    apn_hidden: int = 64,
-    k: float = 10.0,
-    margin: float = 0.05,
-    rank_weight: float = 1.0,
-    min_side: float = 1.0 / 3.0,
-    read_margin: float = 0.0,
-    max_level: int | None = None,
-) -> RACNN:
-    """RA-CNN with ``scales`` scales; each zoom reads one crop per scene."""
-    return RACNN(
-        num_classes=num_classes,
-        view_size=view_size,
-        scales=scales,
-        backbone=backbone,
-        in_channels=in_channels,
-        backbone_options=backbone_options,
-        share_backbone=share_backbone,
-        apn_hidden=apn_hidden,
-        k=k,
-        margin=margin,
-        rank_weight=rank_weight,
-        min_side=min_side,
-        read_margin=read_margin,
-        max_level=max_level,
-    )
+def racnn(num_classes: int = 10, view_size: tuple[int, int] = (64, 64), **kwargs) -> RACNN:
+    """RA-CNN with ``scales`` scales (default 3); each zoom reads one crop per scene.
+    Keyword arguments are ``RACNN``'s."""
+    return RACNN(num_classes=num_classes, view_size=view_size, **kwargs)

@@ -225,7 +225,10 @@ def train_epoch(
     epoch: int,
     after_step: Callable[[int], None] | None = None,
 ) -> EpochStats:
-    """One pass over ``batches``; ``after_step(step_in_epoch)`` runs after every step."""
+    """One pass over ``batches``; ``after_step(step_in_epoch)`` runs after every step.
+
+    ``model.begin_epoch(epoch)`` runs first (alternating schedules such as RA-CNN's)."""
+    runner.model.begin_epoch(epoch)
     stats = EpochStats()
     for i, batch in enumerate(batches):
         runner.train_step(batch, epoch, stats)

@@ -54,3 +54,26 @@ def test_trains_through_the_step_runner(name):
     assert set(moved) | exempt == set(before), sorted(set(before) - set(moved) - exempt)[:5]
     val = evaluate(runner, batches, seed=0, num_classes=3)
     assert val.samples == 4 and val.confusion.sum() == 4
+
+
+def test_racnn_alternating_schedule_runs_through_the_epoch_loop():
+    """alternate_epochs=1: epoch 0 trains only the classifiers, epoch 1 only the APNs."""
+    torch.manual_seed(0)
+    model = create_model("racnn", num_classes=3, view_size=[32, 32], alternate_epochs=1,
+                         **CASES["racnn"])
+    source, keys = random_scenes([(160, 200), (220, 180), (300, 260), (180, 180)], seed=1,
+                                 coarsest=64)
+    batches = _batches(source, keys, model.view_size, np.array([0, 1, 2, 0]), batch_size=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    runner = StepRunner(model=model, optimizer=optimizer, source=source, micro_batches=2,
+                        generator=torch.Generator().manual_seed(0))
+    groups = {k: [id(p) for p in v] for k, v in model.parameter_groups().items()}
+
+    def moved_groups(epoch: int) -> set[str]:
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        train_epoch(runner, batches, epoch=epoch)
+        moved = {id(p) for p in model.parameters() if not torch.equal(p, before[id(p)])}
+        return {name for name, ids in groups.items() if moved & set(ids)}
+
+    assert moved_groups(0) == {"cls"} and model.phase == "cls"
+    assert moved_groups(1) <= {"apn"} and model.phase == "apn"
