@@ -29,16 +29,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--src", required=True, help="fMoW-rgb root (local path, file://, s3://)")
     p.add_argument("--dst", required=True, help="pyramid root URI")
-    p.add_argument("--manifest", help="manifest URI (default: <dst>/manifest.parquet)")
     p.add_argument("--splits", default=None, help="comma-separated splits (default: all found)")
     p.add_argument("--classes", default="present", help="present | fmow62 | comma-separated names")
-    p.add_argument("--workers", type=int, default=2, help="scenes processed at once")
-    p.add_argument("--coarsest", type=int, default=256, help="max long side of the last level")
-    p.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="threads")
-    p.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+    ingest.add_engine_options(p, unit="scenes")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.coarsest < 1:
-        p.error("--workers and --coarsest must be >= 1")
+    ingest.check_engine_options(p, args)
     return args
 
 

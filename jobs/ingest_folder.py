@@ -29,15 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--src", required=True, help="folder of images (local path or URI)")
     p.add_argument("--dst", required=True, help="pyramid root URI")
     p.add_argument("--labels", help="labels CSV URI (default: <src>/labels.csv)")
-    p.add_argument("--manifest", help="manifest URI (default: <dst>/manifest.parquet)")
     p.add_argument("--classes", help="comma-separated class names, in label order")
-    p.add_argument("--workers", type=int, default=2, help="images processed at once")
-    p.add_argument("--coarsest", type=int, default=256, help="max long side of the last level")
-    p.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="threads")
-    p.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+    ingest.add_engine_options(p, unit="images")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.coarsest < 1:
-        p.error("--workers and --coarsest must be >= 1")
+    ingest.check_engine_options(p, args)
     return args
 
 

@@ -402,3 +402,19 @@ def summary(report: IngestReport, manifest_uri: str | None = None) -> str:
     if manifest_uri:
         lines.append(f"[ingest] manifest: {manifest_uri}")
     return "\n".join(lines)
+
+
+def add_engine_options(parser: Any, unit: str = "scenes") -> None:
+    """Command-line options of the ingest engine shared by every ingest job (argparse)."""
+    parser.add_argument("--manifest", help="manifest URI (default: <dst>/manifest.parquet)")
+    parser.add_argument("--workers", type=int, default=2, help=f"{unit} processed at once")
+    parser.add_argument("--coarsest", type=int, default=256, help="max long side of the last level")
+    parser.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="threads")
+    parser.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+
+
+def check_engine_options(parser: Any, args: Any) -> None:
+    """Reject engine options out of range through ``parser.error`` (exit 2)."""
+    if args.workers < 1 or args.coarsest < 1:
+        parser.error("--workers and --coarsest must be >= 1")
+
