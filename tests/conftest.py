@@ -8,8 +8,19 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # of its own; oversubscribed torch threads measured up to ~100x slower here than one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the environment above)
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs with one intra-op thread, whatever an earlier test (or a bench's
+    --threads) set: on 2 shared cores, two threads made tiny ops up to 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 from tests.s3 import s3_server  # noqa: E402,F401  (one moto server per session, for every package)

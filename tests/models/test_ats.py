@@ -22,14 +22,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def coded_scene(h: int, w: int) -> torch.Tensor:
     """(3, h, w) uint8: channel 0 = y % 256, channel 1 = x % 256, channel 2 =
     (y // 256) * 16 + x // 256, so every pixel of a scene up to 4096 px names its (y, x)."""

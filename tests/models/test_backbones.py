@@ -11,15 +11,6 @@ from models.backbones import backbone_names, build_backbone
 from models.blocks import CBAM, SEBlock
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine two threads run up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

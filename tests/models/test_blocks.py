@@ -6,15 +6,6 @@ import torch
 from models.blocks import CBAM, SEBlock, attention_block
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine two threads run up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_se_output_is_input_times_hand_computed_sigmoid_gates():
     se = SEBlock(4, ratio=2)  # hidden width 2
     with torch.no_grad():

@@ -9,7 +9,6 @@ from torch import nn
 from models.dasnet import SNES, DasNet, policy_reward, snes_train_policy, snes_utilities
 from tests.models.tiny_nets import (
     TinyConv,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 
 

@@ -25,16 +25,6 @@ from models.sampling import (
     without_replacement_weights,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine two threads run up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SE_TOL = 5.0
 MAX_SE = 0.02
 DT = torch.float64

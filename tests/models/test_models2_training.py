@@ -10,7 +10,6 @@ import torch
 from models.registry import create_model
 from pipeline.train_loop import StepRunner, evaluate, train_epoch
 from tests.models.tiny_nets import (
-    one_thread,  # noqa: F401  (autouse fixture)
     random_scenes,
 )
 

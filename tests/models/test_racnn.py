@@ -16,7 +16,6 @@ from models.regions import read_level, to_level0
 from tests.models.tiny_nets import (
     RecordingSource,
     TinyConv,
-    one_thread,  # noqa: F401  (autouse fixture)
     random_scenes,
 )
 

@@ -13,7 +13,6 @@ from models.regions import (
     to_level0,
     to_normalised,
 )
-from tests.models.tiny_nets import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_grid_regions_half_overlap_gives_half_size_regions():

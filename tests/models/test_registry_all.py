@@ -56,15 +56,6 @@ BATCH_COUPLED = {
 COUPLED_ATOL = 2e-2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine two threads run up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def model_params():
     return [
         pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name

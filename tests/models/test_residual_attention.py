@@ -9,7 +9,6 @@ from models.feature_nets import make_backbone
 from models.memory import TensorPyramidSource
 from models.registry import create_model
 from models.residual_attention import AttentionModule, mask_activation
-from tests.models.tiny_nets import one_thread  # noqa: F401  (autouse fixture)
 
 
 def n_params(module: torch.nn.Module) -> int:

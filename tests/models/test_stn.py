@@ -13,7 +13,6 @@ from tests.models.tiny_nets import (
     RecordingSource,
     TinyConv,
     coordinate_scene,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 
 

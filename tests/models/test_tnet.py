@@ -13,7 +13,6 @@ from models.tnet import TNet, plackett_luce_log_prob, region_pooling_weights
 from tests.models.tiny_nets import (
     RecordingSource,
     TinyConv,
-    one_thread,  # noqa: F401  (autouse fixture)
     random_scenes,
 )
 

@@ -13,7 +13,6 @@ from models.two_level import (
 from tests.models.tiny_nets import (
     RecordingSource,
     TinyConv,
-    one_thread,  # noqa: F401  (autouse fixture)
     random_scenes,
 )
 

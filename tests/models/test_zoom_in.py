@@ -19,14 +19,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(model, source, keys, seed=0):
     views = source.view(keys, model.view_size)
     return model(views, source.level0_sizes(keys), source, keys, torch.Generator().manual_seed(seed))

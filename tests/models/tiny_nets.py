@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from models.memory import TensorPyramidSource
 from models.protocol import PixelSource, ReadRequest
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread while a test runs: on this shared 2-core machine, two threads make
-    these tiny ops many times slower. Import it into a test module to switch it on there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TinyConv(nn.Module):
