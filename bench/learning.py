@@ -23,13 +23,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from models.memory import TensorPyramidSource
-from models.protocol import AttentionModel
+from models.protocol import AttentionModel, ReadRequest, box_at_level
 from models.registry import create_model
 from pipeline.megapixel_mnist import DIGIT, MegapixelMNISTSpec, layout, make_split
 
@@ -131,14 +131,40 @@ def hits(boxes: Tensor, digits: Tensor) -> Tensor:
     return (overlap * 2 >= DIGIT * DIGIT).any(-1)
 
 
+class PixelCounter:
+    """``PixelSource`` wrapper counting the stored bytes under every box read: the uint8
+    pixels of each box's region at the level read, clipped to the level (padding is free).
+    This is what a reader of uncompressed pyramids would fetch at best; the view is not
+    counted (every model gets the same one)."""
+
+    def __init__(self, source: TensorPyramidSource):
+        self.source, self.nbytes = source, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+    def read(self, keys, request: ReadRequest) -> Tensor:
+        for key, boxes in zip(keys, request.boxes.tolist(), strict=True):
+            level = self.source.pyramids[key][request.level]
+            c, h, w = level.shape
+            for box in boxes:
+                y0, x0, y1, x1 = box_at_level(box, request.level)
+                dy, dx = min(y1, h) - max(y0, 0), min(x1, w) - max(x0, 0)
+                self.nbytes += c * max(dy, 0) * max(dx, 0)
+        return self.source.read(keys, request)
+
+
 def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
-    """Eval-mode accuracy, seconds per sample and, for models that read patches, the hit rate
-    (fraction of the boxes read last that cover at least half a digit)."""
+    """Eval-mode accuracy, seconds per sample, stored bytes read per sample (``PixelCounter``)
+    and, for models that read patches, the hit rate (fraction of the boxes read last that
+    cover at least half a digit)."""
     model.eval()
     correct, hit, boxes, start = 0, 0, 0, time.perf_counter()
+    counter = PixelCounter(data.source)
     with torch.no_grad():
         for idx in torch.arange(len(data.keys)).split(batch):
-            out = run_batch(model, data, idx, torch.Generator().manual_seed(0))
+            out = run_batch(model, replace(data, source=counter), idx,
+                            torch.Generator().manual_seed(0))
             correct += int((out.logits.argmax(-1) == data.labels[idx]).sum())
             if out.boxes is not None:
                 hit += int(hits(out.boxes, data.digits[idx]).sum())
@@ -146,7 +172,8 @@ def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
     seconds = time.perf_counter() - start
     model.train()
     n = len(data.keys)
-    return dict(acc=correct / n, s_per_sample=seconds / n, hit_rate=hit / boxes if boxes else None)
+    return dict(acc=correct / n, s_per_sample=seconds / n, hit_rate=hit / boxes if boxes else None,
+                bytes_per_sample=counter.nbytes / n)
 
 
 def peak_memory_bytes(model: AttentionModel, data: Split) -> int:
@@ -257,11 +284,13 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
         hit_rate=ev["hit_rate"],
         **{k: v for k, v in stats.items() if k != "history"},
         infer_s_per_sample=infer_s,
+        bytes_per_sample=ev["bytes_per_sample"],
         peak_mem_mb=peak_memory_bytes(model, data[1]) / 2**20,
         history=stats["history"],
     )
     log(f"{name}: test acc {acc:.3f}, {row['train_s_per_sample'] * 1e3:.1f} ms/sample train, "
-        f"{infer_s * 1e3:.1f} ms/sample inference, peak {row['peak_mem_mb']:.1f} MB")
+        f"{infer_s * 1e3:.1f} ms/sample inference, {row['bytes_per_sample']:,.0f} B/sample read, "
+        f"peak {row['peak_mem_mb']:.1f} MB")
     return row
 
 
@@ -321,6 +350,8 @@ def run(setup: Setup, log=print) -> dict:
         train_s_per_sample={r["model"]: r["train_s_per_sample"] for r in rows},
         infer_s_per_sample={r["model"]: r["infer_s_per_sample"] for r in rows},
         peak_mem_mb={r["model"]: r["peak_mem_mb"] for r in rows},
+        bytes_per_sample={r["model"]: r["bytes_per_sample"] for r in rows},
+        canvas_bytes=setup.canvas * setup.canvas,
         setup=asdict(setup),
         rows=rows,
     )
@@ -329,10 +360,14 @@ def run(setup: Setup, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     setup, as_json = parse(argv)
     report = run(setup, log=lambda msg: print(msg, file=sys.stderr if as_json else sys.stdout, flush=True))
-    print(f"{'model':<14}{'acc':>7}{'train ms/s':>12}{'infer ms/s':>12}{'peak MB':>9}")
+    print(f"{'model':<26}{'acc':>7}{'train ms/s':>12}{'infer ms/s':>12}{'peak MB':>9}"
+          f"{'read B/s':>10}")
     for r in report["rows"]:
-        print(f"{r['model']:<14}{r['acc']:>7.3f}{r['train_s_per_sample'] * 1e3:>12.1f}"
-              f"{r['infer_s_per_sample'] * 1e3:>12.1f}{r['peak_mem_mb']:>9.2f}")
+        print(f"{r['model']:<26}{r['acc']:>7.3f}{r['train_s_per_sample'] * 1e3:>12.1f}"
+              f"{r['infer_s_per_sample'] * 1e3:>12.1f}{r['peak_mem_mb']:>9.2f}"
+              f"{r['bytes_per_sample']:>10,.0f}")
+    print(f"(read B/s: stored uint8 bytes under the boxes read per test sample, beside the "
+          f"view; a whole canvas is {report['canvas_bytes']:,} bytes)")
     print(f"canvas {report['canvas']} px, {report['noise']} scribbles, view {report['view']} px "
           f"(scale {report['view_scale']:.3f}), total {report['seconds']:.0f}s")
     if as_json:

@@ -51,4 +51,24 @@ def test_cli_prints_the_json_line_last(capsys):
     assert set(report["acc"]) == {"ats", "lowres_cnn"}
     assert report["canvas"] == 300 and report["seconds"] > 0
     assert set(report["peak_mem_mb"]) == {"ats", "lowres_cnn"}
+    assert report["bytes_per_sample"]["lowres_cnn"] == 0 < report["bytes_per_sample"]["ats"]
     assert 0.0 <= report["acc"]["ats"] <= 1.0
+
+
+def test_pixel_counter_counts_the_stored_bytes_under_each_box():
+    """Boxes at level 1 (8 x 8) of a (1, 16, 16) image: a 4 x 4 level-1 region inside, one half outside
+    (clipped to 2 x 4), one wholly outside (nothing)."""
+    import torch
+
+    from models.memory import TensorPyramidSource
+    from models.protocol import ReadRequest
+
+    bench = load_bench()
+    source = TensorPyramidSource.from_images({"a": torch.zeros(1, 16, 16, dtype=torch.uint8)},
+                                                coarsest=8)
+    counter = bench.PixelCounter(source)
+    boxes = torch.tensor([[[0, 0, 8, 8], [12, 0, 20, 8], [40, 40, 48, 48]]])
+    out = counter.read(["a"], ReadRequest(boxes, 1, (4, 4)))
+    assert out.shape == (1, 3, 1, 4, 4)
+    assert counter.nbytes == 16 + 8 + 0
+    assert counter.level0_sizes(["a"]).tolist() == [[16, 16]]  # everything else is passed on
