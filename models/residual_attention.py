@@ -6,8 +6,18 @@ an activation), combined as ``(1 + M(x)) * T(x)`` (attention residual learning),
 residual units before and after. Residual units are pre-activation bottlenecks.
 
 Registered configurations (classifiers of the low-resolution view, no patch reads):
-- ``residual_attention_56`` / ``residual_attention_92``: the paper's ImageNet networks
-  (31.9 M / 51.3 M parameters at 1000 classes), stage multiplicities (1, 1, 1) and (1, 2, 3).
+- ``residual_attention_56`` / ``residual_attention_92``: the paper's ImageNet networks, stage
+  multiplicities (1, 1, 1) and (1, 2, 3). At 1000 classes they have 31.81 M and 52.47 M
+  parameters; the paper quotes 31.9 M and 51.3 M (-0.3 %, +2.3 %). Every convolution of
+  Attention-92 here has a counterpart of the same shape in the authors' Caffe file
+  (fwang91/residual-attention-network, ``model/Attention-92-deploy.prototxt``) and vice versa,
+  and its convolutions plus classifier alone come to 52.33 M (+2.01 %): no counting convention
+  (leaving out BatchNorm or the classifier bias) brings the released structure within 2 % of
+  51.3 M. The paper's two figures imply 19.4 M for one more stage-2 and two more stage-3
+  modules; the paper's module (p=1, t=2, r=1, two 1x1 convs in the mask head) costs 20.66 M.
+  Identity mask skip connections (no residual unit on them) would give 31.39 M / 51.77 M, but
+  the released prototxt has the units and that variant moves Attention-56 away from its
+  figure, so the released structure is kept.
 - ``residual_attention_small``: three narrow stages for small views (tens of thousands of params).
 ``build_residual_attention_backbone(name)`` gives the same networks without their classifier, as
 the feature network of the patch models (``models.feature_nets.make_backbone`` dispatches it).

@@ -22,10 +22,12 @@ def test_attention_56_parameter_count_matches_the_paper():
 
 def test_attention_92_parameter_count_near_the_paper():
     # The official Caffe prototxt (fwang91/residual-attention-network, Attention-92-deploy)
-    # has exactly this structure (stages of 1, 2 and 3 modules, p=1, t=2, r=1, two 1x1 convs in
-    # each mask head) and counts 52.47 M, 2.3 % above the paper's 51.3 M; Attention-56 built
-    # the same way is within 0.3 % of its 31.9 M. We keep the official structure and state the
-    # gap instead of bending the architecture to the quoted figure.
+    # has exactly these convolutions (stages of 1, 2 and 3 modules, p=1, t=2, r=1, two 1x1
+    # convs in each mask head); built here it counts 52.47 M, 2.3 % above the paper's 51.3 M,
+    # and its convolutions plus classifier alone are 52.33 M (+2.01 %), so no counting
+    # convention reaches 2 %. Attention-56 built the same way is within 0.3 % of its 31.9 M.
+    # We keep the official structure and state the gap instead of bending the architecture to
+    # the quoted figure.
     model = create_model("residual_attention_92", num_classes=1000)
     assert abs(n_params(model) / 51.3e6 - 1.0) < 0.025
     one_more_stage2 = n_params(AttentionModule(512, depth=2))
