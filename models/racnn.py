@@ -14,8 +14,11 @@ features of every scale) + the pairwise ranking loss ``max(0, p_t^(s) - p_t^(s+1
 The paper's alternating schedule: ``set_phase("cls")`` trains the classifiers with the APNs
 fixed (cross-entropy terms), ``set_phase("apn")`` the APNs with the classifiers fixed (ranking
 loss); ``phase_for_step`` alternates them; the default phase ``"joint"`` trains all at once.
-APN pre-training targets: a square of half the image side centred on the strongest response of
-the last conv layer (``apn_pretrain_loss``).
+APN pre-training (``set_phase("pretrain")``, the paper's step before the alternation): the APNs
+alone regress onto a square of half the image side centred on the strongest response of the
+last conv layer of their scale (``apn_pretrain_loss``), the classifiers fixed. With
+``apn_pretrain_epochs`` / ``alternate_epochs`` the training job runs the whole schedule through
+``begin_epoch``: pre-training first, then the alternation (or joint training).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import crop_resize, read_level, sub_region, to_level0, to_normalised
 from models.registry import register_model
 
-PHASES = ("joint", "cls", "apn")
+PHASES = ("joint", "cls", "apn", "pretrain")
 
 
 def boxcar_mask(boxes: Tensor, size: tuple[int, int], k: float = 10.0) -> Tensor:
@@ -128,6 +131,11 @@ class RACNN(AttentionModel):
         alternate_epochs: 0 trains everything jointly; n > 0 runs the paper's alternating
             schedule by epochs: n epochs of "cls" (classifiers, APNs fixed), then n of "apn"
             (APNs, classifiers fixed), and so on (``begin_epoch``; resumes with the epoch).
+        apn_pretrain_epochs: the first this many epochs pre-train the APNs alone on
+            ``apn_pretrain_loss`` (the paper's step before the alternation); the schedule of
+            ``alternate_epochs`` (or joint training) starts after them. Default 0: the paper
+            pre-trains APNs on ImageNet-initialised classifiers, ours start from random
+            weights, so the default keeps the measured behaviour; 1 follows the paper.
     """
 
     def __init__(
@@ -147,10 +155,16 @@ class RACNN(AttentionModel):
         read_margin: float = 0.0,
         max_level: int | None = None,
         alternate_epochs: int = 0,
+        apn_pretrain_epochs: int = 0,
     ):
         super().__init__()
         if scales < 1:
             raise ValueError(f"RA-CNN needs at least one scale, got {scales}")
+        if apn_pretrain_epochs < 0 or (apn_pretrain_epochs > 0 and scales == 1):
+            raise ValueError(
+                f"apn_pretrain_epochs must be >= 0 and needs scales >= 2 (an APN to pre-train), "
+                f"got {apn_pretrain_epochs} with scales={scales}"
+            )
         self.view_size = tuple(view_size)
         self.scales, self.k, self.margin, self.rank_weight = scales, k, margin, rank_weight
         self.min_side, self.read_margin, self.max_level = min_side, read_margin, max_level
@@ -167,6 +181,7 @@ class RACNN(AttentionModel):
         self.fusion = nn.Linear(dim * scales, num_classes)
         self.phase = "joint"
         self.alternate_epochs = int(alternate_epochs)
+        self.apn_pretrain_epochs = int(apn_pretrain_epochs)
         scale_read = 1.0 + 2.0 * read_margin
         self.read_size = tuple(max(1, round(s * scale_read)) for s in self.view_size)
 
@@ -179,20 +194,34 @@ class RACNN(AttentionModel):
         return {"cls": [p for p in self.parameters() if id(p) not in apn_ids], "apn": apn}
 
     def set_phase(self, phase: str) -> None:
-        """Train only the group of ``phase`` ("cls", "apn") or everything ("joint"): sets
-        ``requires_grad`` and chooses the loss terms of ``loss``."""
+        """Train only the group of ``phase`` ("cls"; "apn" and "pretrain" train the APNs) or
+        everything ("joint"): sets ``requires_grad`` and chooses the loss terms of ``loss``."""
         if phase not in PHASES:
             raise ValueError(f"unknown RA-CNN phase {phase!r}; expected one of {PHASES}")
         self.phase = phase
+        trained = "apn" if phase == "pretrain" else phase
         groups = self.parameter_groups()
         for name, params in groups.items():
             for p in params:
-                p.requires_grad_(phase in ("joint", name))
+                p.requires_grad_(trained in ("joint", name))
+
+    def phase_for_epoch(self, epoch: int) -> str | None:
+        """The phase of ``epoch`` under the schedule: "pretrain" for the first
+        ``apn_pretrain_epochs``, then the alternation of ``alternate_epochs`` counted from the
+        end of pre-training, else "joint" after pre-training; None when no schedule is on
+        (the phase is left as it is)."""
+        pretrain = self.apn_pretrain_epochs
+        if epoch < pretrain:
+            return "pretrain"
+        if self.alternate_epochs > 0:
+            return self.phase_for_step(epoch - pretrain, self.alternate_epochs)
+        return "joint" if pretrain > 0 else None
 
     def begin_epoch(self, epoch: int) -> None:
-        """Set the phase of ``epoch`` when the alternating schedule is on."""
-        if self.alternate_epochs > 0:
-            self.set_phase(self.phase_for_step(epoch, self.alternate_epochs))
+        """Set the phase of ``epoch`` (``phase_for_epoch``); a resume continues in its phase."""
+        phase = self.phase_for_epoch(epoch)
+        if phase is not None:
+            self.set_phase(phase)
 
     @staticmethod
     def phase_for_step(step: int, period: int) -> str:
@@ -203,6 +232,7 @@ class RACNN(AttentionModel):
         """Parameters that receive no gradient in the current phase (none in "joint")."""
         if self.phase == "joint":
             return []
+        # "apn" and "pretrain" both freeze the classifier group
         frozen = {id(p) for p in self.parameter_groups()["apn" if self.phase == "cls" else "cls"]}
         return [n for n, p in self.named_parameters() if id(p) in frozen]
 
@@ -220,7 +250,9 @@ class RACNN(AttentionModel):
             logits.append(self.classifiers[s](feat))
             if s == self.scales - 1:
                 break
-            raw = self.apns[s](fmap)
+            # pre-training regresses each APN on its own scale's features only: without the
+            # detach, APN s's error would also reach APN s-1 through the zoom it chose
+            raw = self.apns[s](fmap.detach() if self.phase == "pretrain" else fmap)
             apn_raw.append(raw)
             apn_targets.append(strongest_response_targets(fmap, self.min_side))
             _, square = square_from_apn(raw, self.min_side)
@@ -263,7 +295,10 @@ class RACNN(AttentionModel):
 
     def loss(self, output: ModelOutput, labels: Tensor, epoch: int = 0) -> Tensor:
         """Joint: every cross-entropy + ``rank_weight`` x ranking. "cls": cross-entropies only.
-        "apn": ranking loss only."""
+        "apn": ranking loss only. "pretrain": ``apn_pretrain_loss`` only (the paper pre-trains
+        the APNs on their strongest-response targets with the classifiers fixed)."""
+        if self.phase == "pretrain":
+            return self.apn_pretrain_loss(output)
         ce = F.cross_entropy(output.logits, labels) + sum(
             F.cross_entropy(lg, labels) for lg in output.extras["scale_logits"]
         )
