@@ -238,6 +238,7 @@ def snes_train_policy(
     sigma0: float = 0.5,
     popsize: int = 0,
     reward: Callable[[Tensor, Tensor], float] = accuracy_reward,
+    on_generation: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Stage 2 of dasNet: train ``model.policy`` with SNES, one generation per batch.
 
@@ -254,8 +255,12 @@ def snes_train_policy(
         sigma0: initial standard deviation of every policy parameter.
         popsize: population size (0: the SNES default).
         reward: ``reward(logits, labels) -> float`` (default: accuracy).
-    Returns one record per generation: ``{"mean_reward", "best_reward", "centre_reward"}``,
-    where ``centre_reward`` is the reward of the mean *before* that generation's update.
+        on_generation: called as ``on_generation(index, record)`` after each generation (to
+            report progress while it runs); the policy then holds that generation's last
+            candidate, not the mean.
+    Returns one record per generation: ``{"mean_reward", "best_reward", "centre_reward",
+    "sigma_mean"}``, where ``centre_reward`` is the reward of the mean *before* that
+    generation's update and ``sigma_mean`` the mean search deviation after it.
     """
     params = list(model.policy.parameters())
     start = parameters_to_vector(params).detach()
@@ -276,13 +281,15 @@ def snes_train_policy(
                 noise, population = es.ask(generator)
                 fitness = torch.tensor([score(x, views, labels) for x in population])
                 es.tell(noise, fitness)
-                history.append(
-                    {
-                        "mean_reward": float(fitness.mean()),
-                        "best_reward": float(fitness.max()),
-                        "centre_reward": centre,
-                    }
-                )
+                record = {
+                    "mean_reward": float(fitness.mean()),
+                    "best_reward": float(fitness.max()),
+                    "centre_reward": centre,
+                    "sigma_mean": float(es.sigma.mean()),
+                }
+                history.append(record)
+                if on_generation is not None:
+                    on_generation(len(history) - 1, dict(record))
             vector_to_parameters(es.mean.to(start.dtype), params)
     finally:
         model.train(was_training)

@@ -99,6 +99,32 @@ class ReaderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SnesConfig:
+    """dasNet's second stage (``jobs/dasnet_policy.py``): the gain policy alone, by SNES.
+
+    Attributes:
+        init: the stage-1 model: '' = the latest checkpoint of the run ``run.storage_path`` /
+            ``run.name`` (a local path), else a checkpoint directory, a run directory (its
+            latest checkpoint) or an MLflow model URI (``models:/NAME@alias``, ``runs:/...``).
+        generations: SNES generations; each scores its population on one batch of views.
+        batch_size: training scenes per generation (the batch every candidate is scored on).
+        popsize: candidates per generation (0: the SNES default ``4 + floor(3 ln d)``).
+        sigma0: initial search standard deviation of every policy parameter.
+        seed: seed of the batch order and of the SNES noise.
+        run_suffix: stage 2 is the run ``<run.name><run_suffix>`` (output directory under
+            ``run.storage_path`` and MLflow run name).
+    """
+
+    init: str = ""
+    generations: int = 50
+    batch_size: int = 32
+    popsize: int = 0
+    sigma0: float = 0.5
+    seed: int = 0
+    run_suffix: str = "-policy"
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     """Naming, storage, tracking and fault tolerance of one training run.
 
@@ -138,6 +164,7 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    snes: SnesConfig = field(default_factory=SnesConfig)
 
 
 def _check_value(value: Any, hint: Any, key: str, origin: str) -> Any:
@@ -258,6 +285,11 @@ def validate(config: TrainConfig) -> None:
         (config.reader.max_gap >= 0, "reader.max_gap must be >= 0"),
         (config.run.checkpoint_every >= 1, "run.checkpoint_every must be >= 1"),
         (bool(config.run.name), "run.name must not be empty"),
+        (config.snes.generations >= 1, "snes.generations must be >= 1"),
+        (config.snes.batch_size >= 1, "snes.batch_size must be >= 1"),
+        (config.snes.popsize == 0 or config.snes.popsize >= 2, "snes.popsize must be 0 or >= 2"),
+        (config.snes.sigma0 > 0, "snes.sigma0 must be > 0"),
+        (bool(config.snes.run_suffix), "snes.run_suffix must not be empty"),
     ]
     for ok, message in checks:
         if not ok:
