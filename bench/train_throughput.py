@@ -1,25 +1,31 @@
 """Training throughput with the scenes (a) in memory, (b) as pyramids in a local directory,
-(c) as pyramids on an S3 server with ~20 ms added per request; same model, data and steps.
+(c) as pyramids behind an S3 endpoint with ~20 ms added per request; same model, data and steps.
 
     python bench/train_throughput.py [--config jobs/configs/fmow_demo.yaml] [--manifest URI]
-        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--json]
+        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto] [--json]
 
 Every setting runs the per-worker loop of ``pipeline.train_loop`` (one process, no Ray: this
 measures the data path, not Ray's start-up) from the same initial weights and sampling seed, for
 ``--epochs`` epochs after one warm-up epoch (the reader's metadata and shard-index caches are
 warm in a long run too). The low-resolution views are computed once and shared, so the settings
 differ only in where the attended patches come from:
-  (a) ``TensorPyramidSource`` over every level of every scene loaded into RAM;
-  (b) ``ZarrPixelSource`` over the local pyramids;
-  (c) ``ZarrPixelSource`` over the same pyramids copied to moto's S3 server on 127.0.0.1, behind
-      ``pipeline.http_proxy``, a loopback proxy that sleeps ``--latency-ms`` before forwarding
-      each request (every request, metadata, shard index or chunk range, pays it). The server
-      and the proxy run in their own processes (on the same 2 cores, so their CPU still counts).
+  (a) ``memory``: ``TensorPyramidSource`` over every level of every scene loaded into RAM;
+  (b) ``local``: ``ZarrPixelSource`` over the local pyramids;
+  (c) ``s3``: ``ZarrPixelSource`` over ``s3://`` copies of the pyramids served by
+      ``bench/object_server.py`` (S3's GET-object protocol, signed requests from obstore as
+      against AWS), which waits ``--latency-ms`` before answering each request (metadata,
+      shard index or chunk range alike) and costs the client's machine a fraction of a
+      millisecond of CPU per request, as a remote object store would;
+  (d) ``s3_moto`` (unless ``--no-moto``): the same through moto's S3 server, the one the tests
+      use, behind ``pipeline.http_proxy`` adding the same latency. moto spends ~6 ms of CPU per
+      request on the same 2 cores as the training loop, so this row measures moto's CPU as much
+      as the data path; it is printed for comparison.
+The servers run in their own processes on 127.0.0.1 (their CPU still counts: same cores).
 Also printed: bytes read per sample against a full-resolution CNN that must read every level-0
 shard of a scene (compressed bytes in the store, and raw uint8 bytes).
 Without ``--manifest`` a small fMoW-layout sample is generated and ingested under
 ``data/bench`` (reused by later runs). With ``--json`` the last line is one JSON object with
-``samples_per_s`` per setting and ``s3_over_memory``.
+``samples_per_s`` per setting and ``s3_over_memory`` (setting c over a).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,7 +111,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_s3(latency_s: float):
+def start_moto(latency_s: float):
     """moto's S3 server and the latency proxy, each in its own process on 127.0.0.1 (so that
     neither shares a GIL with the training loop it serves); sets ``AWS_*`` to the server.
     Returns (server process, proxy process, server endpoint, proxy endpoint)."""
@@ -116,9 +124,7 @@ def start_s3(latency_s: float):
                                "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     _wait_http(endpoint, server, "moto_server")
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": endpoint})
+    _aws_env(endpoint)
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench-train", method="PUT"),
                            timeout=30).close()
     pport = _free_port()
@@ -128,6 +134,25 @@ def start_s3(latency_s: float):
     proxy_endpoint = f"http://127.0.0.1:{pport}"
     _wait_http(proxy_endpoint, proxy, "latency proxy")
     return server, proxy, endpoint, proxy_endpoint
+
+
+def start_object_server(root: Path, latency_s: float):
+    """``bench/object_server.py`` over ``root`` in its own process; returns (process, endpoint)."""
+    import subprocess
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "object_server.py"), "--root",
+                               str(root), "--latency-ms", str(latency_s * 1000), "--port",
+                               str(port)], stdout=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    _wait_http(endpoint, server, "object server")
+    return server, endpoint
+
+
+def _aws_env(endpoint: str) -> None:
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint})
 
 
 def proxy_counts(proxy_endpoint: str) -> dict:
@@ -190,7 +215,7 @@ def run_setting(name, source, keys, views, sizes, labels, config, epochs, seed=0
         s = train_epoch(runner, batches(epoch), epoch)
         total = EpochStats.from_vector(total.as_vector() + s.as_vector())
     m = total.metrics("train")
-    print(f"  {name:<7} {m['train/samples_per_s']:8.2f} samples/s   data wait "
+    print(f"  {name:<9} {m['train/samples_per_s']:8.2f} samples/s   data wait "
           f"{100 * m['train/data_wait_fraction']:5.1f}%   {m['train/bytes_per_sample']:>10,.0f} B/sample"
           f"   {m['train/requests_per_sample']:6.2f} requests/sample", flush=True)
     return m
@@ -206,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batches", type=int, default=None, help="override data.micro_batches")
     parser.add_argument("--concurrency", type=int, default=None, help="override reader.concurrency")
     parser.add_argument("--max-gap", type=int, default=None, help="override reader.max_gap")
+    parser.add_argument("--no-moto", dest="moto", action="store_false",
+                        help="skip setting (d), moto's server")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -242,26 +269,38 @@ def main(argv: list[str] | None = None) -> int:
                                     config, args.epochs)
     results["local"] = run_setting("local", zarr_source(config), keys, views, sizes, labels,
                                    config, args.epochs)
-    server, proxy, _, proxy_endpoint = start_s3(args.latency_ms / 1000)
-    try:
-        root = os.path.dirname(os.path.commonprefix([str(k) for k in keys]).rstrip("/"))
-        s3_keys = np.array([f"s3://bench-train/pyr/{os.path.relpath(k, root)}" for k in keys])
-        for k, s3k in zip(keys, s3_keys, strict=True):  # upload straight to moto, no latency
-            copy_scene(str(k), str(s3k))
-        os.environ["AWS_ENDPOINT_URL"] = proxy_endpoint
-        before = proxy_counts(proxy_endpoint)["total"]
-        results["s3"] = run_setting(f"s3+{args.latency_ms:.0f}ms", zarr_source(config), s3_keys,
-                                    views, sizes, labels, config, args.epochs)
-        served = proxy_counts(proxy_endpoint)["total"] - before
-    finally:
-        stop(proxy)
-        stop(server)
+    root = os.path.dirname(os.path.commonprefix([str(k) for k in keys]).rstrip("/"))
+    s3_keys = np.array([f"s3://bench-train/pyr/{os.path.relpath(k, root)}" for k in keys])
+    label = f"s3+{args.latency_ms:.0f}ms"
+    with tempfile.TemporaryDirectory(prefix="bench-objects-") as objects:
+        for k in keys:  # the object server's bucket is a directory: copy the files in
+            shutil.copytree(str(k), f"{objects}/bench-train/pyr/{os.path.relpath(k, root)}")
+        server, endpoint = start_object_server(Path(objects), args.latency_ms / 1000)
+        try:
+            _aws_env(endpoint)
+            results["s3"] = run_setting(label, zarr_source(config), s3_keys, views, sizes,
+                                        labels, config, args.epochs)
+            served = proxy_counts(endpoint)["total"]
+        finally:
+            stop(server)
+    if args.moto:
+        server, proxy, _, proxy_endpoint = start_moto(args.latency_ms / 1000)
+        try:
+            for k, s3k in zip(keys, s3_keys, strict=True):  # upload straight to moto, no latency
+                copy_scene(str(k), str(s3k))
+            os.environ["AWS_ENDPOINT_URL"] = proxy_endpoint
+            results["s3_moto"] = run_setting(f"moto+{args.latency_ms:.0f}ms", zarr_source(config),
+                                             s3_keys, views, sizes, labels, config, args.epochs)
+        finally:
+            stop(proxy)
+            stop(server)
 
     sps = {k: v["train/samples_per_s"] for k, v in results.items()}
     read = results["local"]["train/bytes_per_sample"]
     ratio = sps["s3"] / sps["memory"]
+    moto = f"; moto / memory {sps['s3_moto'] / sps['memory']:.2f}" if "s3_moto" in sps else ""
     print(f"\ns3 / memory samples per second: {ratio:.2f} (target >= 0.70); local / memory "
-          f"{sps['local'] / sps['memory']:.2f}; S3 requests served {served} (incl. warm-up)")
+          f"{sps['local'] / sps['memory']:.2f}{moto}; S3 requests served {served} (incl. warm-up)")
     print(f"bytes per sample: read {read:,.0f} vs full-resolution CNN {full.mean():,.0f} compressed "
           f"({full.mean() / max(read, 1):.0f}x) / {raw.mean():,.0f} raw uint8 "
           f"({raw.mean() / max(read, 1):.0f}x)")
@@ -269,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({
             "samples_per_s": sps,
             "s3_over_memory": ratio,
+            "s3_requests_served": served,
             "data_wait_fraction": {k: v["train/data_wait_fraction"] for k, v in results.items()},
             "bytes_per_sample": read,
             "full_resolution_bytes_per_sample": float(full.mean()),
