@@ -2,7 +2,7 @@
 (c) as pyramids behind an S3 endpoint with ~20 ms added per request; same model, data and steps.
 
     python bench/train_throughput.py [--config jobs/configs/fmow_demo.yaml] [--manifest URI]
-        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto] [--json]
+        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto] [--set KEY=VALUE] [--json]
 
 Every setting runs the per-worker loop of ``pipeline.train_loop`` (one process, no Ray: this
 measures the data path, not Ray's start-up) from the same initial weights and sampling seed, for
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batches", type=int, default=None, help="override data.micro_batches")
     parser.add_argument("--concurrency", type=int, default=None, help="override reader.concurrency")
     parser.add_argument("--max-gap", type=int, default=None, help="override reader.max_gap")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config override, as for jobs/train_fmow.py")
     parser.add_argument("--no-moto", dest="moto", action="store_false",
                         help="skip setting (d), moto's server")
     parser.add_argument("--json", action="store_true")
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = [] if args.micro_batches is None else [f"data.micro_batches={args.micro_batches}"]
     sets += [f"reader.{k}={v}" for k, v in (("concurrency", args.concurrency),
                                             ("max_gap", args.max_gap)) if v is not None]
+    sets += args.set
     config = resolve_config(load_config(args.config, sets), list(read_classes(manifest_uri)))
     rows = split_rows(manifest, "train", args.scenes)
     keys, sizes, labels = rows["key"], rows["size"], rows["label"]

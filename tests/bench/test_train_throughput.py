@@ -1,0 +1,43 @@
+"""bench/train_throughput.py end to end on a tiny ingested sample: every setting runs, the
+patches come through each store, and the last line is the JSON object the README describes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from jobs.ingest_fmow import main as ingest
+from tests.pipeline.fmow_fixtures import make_sample, small_spec
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_three_settings_and_the_json_line(tmp_path, capsys, monkeypatch):
+    src, dst = str(tmp_path / "fmow"), str(tmp_path / "pyr")
+    make_sample(src, small_spec(train=4, val=1))
+    assert ingest(["--src", src, "--dst", dst, "--workers", "1"]) == 0
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, "unset")  # the bench sets its own; restored after the test
+    code = load_bench().main(["--manifest", f"{dst}/manifest.parquet", "--scenes", "4",
+                              "--epochs", "1", "--latency-ms", "5", "--no-moto",
+                              "--set", "data.batch_size=2", "--json"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert set(report["samples_per_s"]) == {"memory", "local", "s3"}
+    assert all(v > 0 for v in report["samples_per_s"].values())
+    assert report["s3_over_memory"] == report["samples_per_s"]["s3"] / report["samples_per_s"]["memory"]
+    assert report["data_wait_fraction"]["memory"] == 0.0
+    assert 0 < report["bytes_per_sample"] < report["full_resolution_bytes_per_sample"]
+    assert report["s3_requests_served"] > 0 and report["scenes"] == 4
