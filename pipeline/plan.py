@@ -64,9 +64,10 @@ class ReadPlan:
 
     def by_shard(self) -> dict[ShardKey, tuple[ChunkKey, ...]]:
         """The planned chunks grouped by shard, shards and chunks sorted."""
+        ny, nx = self.chunks_per_shard
         out: dict[ShardKey, list[ChunkKey]] = {}
         for chunk in self.chunks:
-            out.setdefault(self.shard_of(chunk), []).append(chunk)
+            out.setdefault(ShardKey(chunk.level, chunk.cy // ny, chunk.cx // nx), []).append(chunk)
         return {k: tuple(v) for k, v in sorted(out.items())}
 
 
@@ -167,29 +168,34 @@ def plan_ranges(
     Returns the ranges sorted by offset and the chunks with no bytes (read as fill value).
     """
     ny, nx = chunks_per_shard
-    present: list[tuple[int, int, ChunkKey]] = []
-    absent: list[ChunkKey] = []
-    table = None if index is None else np.asarray(index).reshape(ny, nx, 2)
+    chunks = list(chunks)
     for chunk in chunks:
         if (chunk.level, chunk.cy // ny, chunk.cx // nx) != (shard.level, shard.sy, shard.sx):
             raise ValueError(f"{chunk} is not in {shard}")
-        if table is None:
-            absent.append(chunk)
-            continue
-        offset, nbytes = (int(v) for v in table[chunk.cy % ny, chunk.cx % nx])
-        if offset == ABSENT and nbytes == ABSENT:
-            absent.append(chunk)
-        else:
-            present.append((offset, offset + nbytes, chunk))
-    present.sort()
-    ranges: list[tuple[int, int, list[tuple[int, int, ChunkKey]]]] = []
-    for start, end, chunk in present:
-        if ranges and start - ranges[-1][1] <= max_gap:
-            ranges[-1] = (ranges[-1][0], max(end, ranges[-1][1]), ranges[-1][2] + [(start, end, chunk)])
-        else:
-            ranges.append((start, end, [(start, end, chunk)]))
-    out = tuple(
-        ByteRange(r0, r1, tuple(ChunkSpan(c, s - r0, e - r0) for s, e, c in members))
-        for r0, r1, members in ranges
-    )
-    return ShardRead(shard, out, tuple(sorted(absent)))
+    if index is None or not chunks:
+        return ShardRead(shard, (), tuple(sorted(chunks)))
+    # one vectorised lookup of every chunk's (offset, nbytes), then merge in offset order
+    table = np.asarray(index).reshape(ny, nx, 2)
+    cy = np.fromiter((c.cy % ny for c in chunks), np.int64, len(chunks))
+    cx = np.fromiter((c.cx % nx for c in chunks), np.int64, len(chunks))
+    entries = table[cy, cx]
+    is_absent = (entries[:, 0] == ABSENT) & (entries[:, 1] == ABSENT)
+    absent = tuple(sorted(c for c, a in zip(chunks, is_absent.tolist(), strict=True) if a))
+    kept = np.flatnonzero(~is_absent)
+    if kept.size == 0:
+        return ShardRead(shard, (), absent)
+    starts = entries[kept, 0].astype(np.int64)
+    ends = starts + entries[kept, 1].astype(np.int64)
+    order = np.lexsort((ends, starts))
+    starts, ends, kept = starts[order], ends[order], kept[order]
+    # a new request wherever the gap to everything before exceeds max_gap
+    reach = np.maximum.accumulate(ends)
+    breaks = np.flatnonzero(starts[1:] - reach[:-1] > max_gap) + 1
+    out = []
+    for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(starts)].tolist(), strict=True):
+        r0, r1 = int(starts[lo]), int(reach[hi - 1])
+        spans = tuple(ChunkSpan(chunks[i], s - r0, e - r0) for i, s, e in
+                      zip(kept[lo:hi].tolist(), starts[lo:hi].tolist(), ends[lo:hi].tolist(),
+                          strict=True))
+        out.append(ByteRange(r0, r1, spans))
+    return ShardRead(shard, tuple(out), absent)

@@ -94,3 +94,20 @@ def test_plan_ranges_without_a_shard_object_and_foreign_chunks():
     assert read.ranges == () and read.absent == keys(0, [(0, 0), (1, 1)])
     with pytest.raises(ValueError, match="not in ShardKey"):
         plan_ranges(ShardKey(0, 0, 0), keys(0, [(2, 0)]), None, (2, 2))
+
+
+def test_plan_ranges_all_absent_and_gaps_measured_from_the_furthest_end():
+    index = np.full((2, 2, 2), ABSENT, dtype=np.uint64)
+    shard = ShardKey(0, 0, 0)
+    got = plan_ranges(shard, keys(0, [(1, 1), (0, 0)]), index, (2, 2), max_gap=100)
+    assert got.ranges == () and got.absent == keys(0, [(0, 0), (1, 1)])
+    # (0, 0) spans [0, 100) and contains (0, 1) at [10, 20); (1, 0) at [130, 140) is 30 bytes
+    # past the furthest end (100), not 110 past (0, 1)'s end
+    index[0, 0], index[0, 1], index[1, 0] = (0, 100), (10, 10), (130, 10)
+    got = plan_ranges(shard, keys(0, [(0, 0), (0, 1), (1, 0)]), index, (2, 2), max_gap=30)
+    assert [(r.start, r.end) for r in got.ranges] == [(0, 140)]
+    assert got.ranges[0].spans == (ChunkSpan(ChunkKey(0, 0, 0), 0, 100),
+                                   ChunkSpan(ChunkKey(0, 0, 1), 10, 20),
+                                   ChunkSpan(ChunkKey(0, 1, 0), 130, 140))
+    got = plan_ranges(shard, keys(0, [(0, 0), (0, 1), (1, 0)]), index, (2, 2), max_gap=29)
+    assert [(r.start, r.end) for r in got.ranges] == [(0, 100), (130, 140)]
