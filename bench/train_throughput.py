@@ -5,9 +5,10 @@
         [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto] [--set KEY=VALUE] [--json]
 
 Every setting runs the per-worker loop of ``pipeline.train_loop`` (one process, no Ray: this
-measures the data path, not Ray's start-up) from the same initial weights and sampling seed, for
-``--epochs`` epochs after one warm-up epoch (the reader's metadata and shard-index caches are
-warm in a long run too). The low-resolution views are computed once and shared, so the settings
+measures the data path, not Ray's start-up) from the same initial weights and sampling seed:
+one warm-up epoch each (the reader's metadata and shard-index caches are warm in a long run
+too), then ``--epochs`` rounds in which every setting trains one epoch, in an order that
+rotates from round to round, so that the machine's changing load falls on all of them alike. The low-resolution views are computed once and shared, so the settings
 differ only in where the attended patches come from:
   (a) ``memory``: ``TensorPyramidSource`` over every level of every scene loaded into RAM;
   (b) ``local``: ``ZarrPixelSource`` over the local pyramids;
@@ -37,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,39 +188,59 @@ def zarr_source(config):
     return ZarrSourceFactory(r.concurrency, r.cache_bytes, r.max_gap)()
 
 
-def run_setting(name, source, keys, views, sizes, labels, config, epochs, seed=0):
-    """Warm-up epoch, then ``epochs`` measured epochs; per-sample metrics of the measured ones."""
+@dataclass
+class Setting:
+    """One way of serving the patches: its name, source, scene keys and ``AWS_ENDPOINT_URL``."""
+
+    name: str
+    source: object
+    keys: np.ndarray
+    endpoint: str | None = None
+
+    def activate(self) -> None:
+        if self.endpoint is not None:
+            os.environ["AWS_ENDPOINT_URL"] = self.endpoint
+
+
+def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, seed: int = 0):
+    """A warm-up epoch per setting, then ``epochs`` rounds of one epoch per setting, the order
+    rotating each round (so drifts in the machine's load fall on every setting alike); the
+    same initial weights and sampling seed everywhere. Returns per-sample metrics by name."""
     from models.registry import create_model
     from pipeline.train_loop import EpochStats, StepRunner, train_epoch
 
-    torch.manual_seed(seed)
-    model = create_model(config.model.name, **config.model.overrides)
-    runner = StepRunner(
-        model=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=config.optim.lr),
-        source=source,
-        micro_batches=config.data.micro_batches,
-        clip_norm=config.optim.clip_norm,
-        generator=torch.Generator().manual_seed(seed + 1),
-    )
     bs = config.data.batch_size
 
-    def batches(epoch):
+    def batches(keys, epoch):
         order = np.random.default_rng(epoch).permutation(len(keys))
         return [{"key": keys[order[i:i + bs]], "view": views[order[i:i + bs]],
                  "size": sizes[order[i:i + bs]], "label": labels[order[i:i + bs]]}
                 for i in range(0, len(keys), bs)]
 
-    train_epoch(runner, batches(0), 0)  # warm-up: caches, allocator, first-touch
-    total = EpochStats()
+    runners = {}
+    for s in settings:
+        torch.manual_seed(seed)
+        model = create_model(config.model.name, **config.model.overrides)
+        runners[s.name] = StepRunner(
+            model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=config.optim.lr),
+            source=s.source, micro_batches=config.data.micro_batches,
+            clip_norm=config.optim.clip_norm, generator=torch.Generator().manual_seed(seed + 1))
+        s.activate()
+        train_epoch(runners[s.name], batches(s.keys, 0), 0)  # warm-up: caches, first-touch
+    totals = {s.name: EpochStats() for s in settings}
     for epoch in range(1, epochs + 1):
-        s = train_epoch(runner, batches(epoch), epoch)
-        total = EpochStats.from_vector(total.as_vector() + s.as_vector())
-    m = total.metrics("train")
-    print(f"  {name:<9} {m['train/samples_per_s']:8.2f} samples/s   data wait "
-          f"{100 * m['train/data_wait_fraction']:5.1f}%   {m['train/bytes_per_sample']:>10,.0f} B/sample"
-          f"   {m['train/requests_per_sample']:6.2f} requests/sample", flush=True)
-    return m
+        shift = (epoch - 1) % len(settings)
+        for s in settings[shift:] + settings[:shift]:
+            s.activate()
+            stats = train_epoch(runners[s.name], batches(s.keys, epoch), epoch)
+            totals[s.name] = EpochStats.from_vector(totals[s.name].as_vector() + stats.as_vector())
+    results = {}
+    for s in settings:
+        m = results[s.name] = totals[s.name].metrics("train")
+        print(f"  {s.name:<9} {m['train/samples_per_s']:8.2f} samples/s   data wait "
+              f"{100 * m['train/data_wait_fraction']:5.1f}%   {m['train/bytes_per_sample']:>10,.0f} B/sample"
+              f"   {m['train/requests_per_sample']:6.2f} requests/sample", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,39 +286,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(keys)} scenes, mean {raw.mean() / 3:,.0f} px, model {config.model.name} "
           f"{config.model.overrides}, batch {config.data.batch_size}, micro-batches "
           f"{config.data.micro_batches}, reader {config.reader}, {args.epochs} measured epochs "
-          f"after 1 warm-up; "
+          f"after 1 warm-up, interleaved; {args.latency_ms:g} ms added per S3 request; "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
-    results = {}
-    results["memory"] = run_setting("memory", memory_source(list(keys)), keys, views, sizes, labels,
-                                    config, args.epochs)
-    results["local"] = run_setting("local", zarr_source(config), keys, views, sizes, labels,
-                                   config, args.epochs)
     root = os.path.dirname(os.path.commonprefix([str(k) for k in keys]).rstrip("/"))
     s3_keys = np.array([f"s3://bench-train/pyr/{os.path.relpath(k, root)}" for k in keys])
-    label = f"s3+{args.latency_ms:.0f}ms"
+    settings = [Setting("memory", memory_source(list(keys)), keys),
+                Setting("local", zarr_source(config), keys)]
+    processes = []
     with tempfile.TemporaryDirectory(prefix="bench-objects-") as objects:
-        for k in keys:  # the object server's bucket is a directory: copy the files in
-            shutil.copytree(str(k), f"{objects}/bench-train/pyr/{os.path.relpath(k, root)}")
-        server, endpoint = start_object_server(Path(objects), args.latency_ms / 1000)
         try:
+            for k in keys:  # the object server's bucket is a directory: copy the files in
+                shutil.copytree(str(k), f"{objects}/bench-train/pyr/{os.path.relpath(k, root)}")
+            server, endpoint = start_object_server(Path(objects), args.latency_ms / 1000)
+            processes.append(server)
             _aws_env(endpoint)
-            results["s3"] = run_setting(label, zarr_source(config), s3_keys, views, sizes,
-                                        labels, config, args.epochs)
+            settings.append(Setting("s3", zarr_source(config), s3_keys, endpoint))
+            if args.moto:
+                server, proxy, _, proxy_endpoint = start_moto(args.latency_ms / 1000)
+                processes += [proxy, server]
+                for k, s3k in zip(keys, s3_keys, strict=True):  # upload to moto, no latency
+                    copy_scene(str(k), str(s3k))
+                settings.append(Setting("s3_moto", zarr_source(config), s3_keys, proxy_endpoint))
+            results = measure(settings, views, sizes, labels, config, args.epochs)
             served = proxy_counts(endpoint)["total"]
         finally:
-            stop(server)
-    if args.moto:
-        server, proxy, _, proxy_endpoint = start_moto(args.latency_ms / 1000)
-        try:
-            for k, s3k in zip(keys, s3_keys, strict=True):  # upload straight to moto, no latency
-                copy_scene(str(k), str(s3k))
-            os.environ["AWS_ENDPOINT_URL"] = proxy_endpoint
-            results["s3_moto"] = run_setting(f"moto+{args.latency_ms:.0f}ms", zarr_source(config),
-                                             s3_keys, views, sizes, labels, config, args.epochs)
-        finally:
-            stop(proxy)
-            stop(server)
+            for proc in processes:
+                stop(proc)
 
     sps = {k: v["train/samples_per_s"] for k, v in results.items()}
     read = results["local"]["train/bytes_per_sample"]
