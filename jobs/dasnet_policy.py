@@ -30,7 +30,6 @@ that is not a dasNet with a policy, 1 when it failed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `ray job submit` runs this file from the uploaded working dir
     sys.path.insert(0, str(ROOT))
 
-from pipeline.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from pipeline.config import ConfigError, TrainConfig, load_job_config  # noqa: E402
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -260,16 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     """Train the policy; 0 on success, 2 on a bad config or stage-1 model, 1 when it failed."""
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_job_config(args.config, args.overrides, args.register, args.alias)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run = config.run
-    if args.register:
-        run = dataclasses.replace(run, register_name=args.register)
-    if args.alias:
-        run = dataclasses.replace(run, register_alias=args.alias)
-    config = dataclasses.replace(config, run=run)
     try:
         summary = run_policy_stage(config)
     except (ConfigError, StageOneError) as err:

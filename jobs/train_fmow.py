@@ -12,7 +12,6 @@ run.ray_address=HOST:PORT`` it joins that cluster. Re-running with the same ``ru
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `ray job submit` runs this file from the uploaded working dir
     sys.path.insert(0, str(ROOT))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError, load_job_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,16 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     """Train; 0 on success, 2 on a bad config, 1 when training failed."""
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_job_config(args.config, args.overrides, args.register, args.alias)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run = config.run
-    if args.register:
-        run = dataclasses.replace(run, register_name=args.register)
-    if args.alias:
-        run = dataclasses.replace(run, register_alias=args.alias)
-    config = dataclasses.replace(config, run=run)
 
     from pipeline.trainer import run_training
 

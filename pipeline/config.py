@@ -272,6 +272,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return config
 
 
+def load_job_config(path: str | Path | None, overrides: list[str] = (), register: str | None = None,
+                    alias: str | None = None) -> TrainConfig:
+    """``load_config``, then a job's ``--register NAME`` / ``--alias A`` applied to ``run``."""
+    config = load_config(path, overrides)
+    run = config.run
+    if register:
+        run = dataclasses.replace(run, register_name=register)
+    if alias:
+        run = dataclasses.replace(run, register_alias=alias)
+    return dataclasses.replace(config, run=run)
+
+
 def validate(config: TrainConfig) -> None:
     """Range checks that a type cannot express."""
     checks = [

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from models.racnn import strongest_response_targets
 from models.registry import create_model
 from pipeline.train_loop import StepRunner, train_epoch
+from tests.models.test_models2_training import _batches
 from tests.models.tiny_nets import random_scenes
 
 SMALL = {"backbone_options": {"widths": [8, 16], "norm": "group"}, "scales": 3}
@@ -25,16 +26,6 @@ def _model(**kwargs):
 
 def _forward(model, source, keys):
     return model(source.view(keys, model.view_size), source.level0_sizes(keys), source, keys)
-
-
-def _batches(source, keys, view_size, labels, batch_size=2):
-    views = source.view(keys, view_size).numpy()
-    sizes = source.level0_sizes(keys).numpy()
-    return [
-        {"key": np.array(keys[i : i + batch_size]), "view": views[i : i + batch_size],
-         "size": sizes[i : i + batch_size], "label": labels[i : i + batch_size]}
-        for i in range(0, len(keys), batch_size)
-    ]
 
 
 def test_schedule_pretrains_first_then_alternates_or_trains_jointly():
@@ -94,7 +85,7 @@ def test_job_loop_pretrains_then_runs_the_alternating_schedule():
     epoch 2 only the classifiers, epoch 3 only the APNs again (ranking loss)."""
     model = _model(apn_pretrain_epochs=2, alternate_epochs=1)
     source, keys = random_scenes(SHAPES, seed=1, coarsest=64)
-    batches = _batches(source, keys, model.view_size, np.array([0, 1, 2, 0]))
+    batches = _batches(source, keys, model.view_size, np.array([0, 1, 2, 0]), batch_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
     runner = StepRunner(model=model, optimizer=optimizer, source=source, micro_batches=2,
                         generator=torch.Generator().manual_seed(0))
