@@ -96,24 +96,38 @@ def plan_reads(
     Returns a ``ReadPlan`` whose ``chunks`` hold every chunk that overlaps at least one box
     inside the level, once.
     """
-    h, w = _yx(level_shape)
     ch, cw = _yx(chunk_shape)
     sh, sw = _yx(shard_shape)
     if sh % ch or sw % cw:
         raise ValueError(f"shard shape {tuple(shard_shape)} is not a multiple of {tuple(chunk_shape)}")
+    regions = box_regions(boxes, level)
+    cyx = touched_chunks(regions, level_shape, chunk_shape)
+    return ReadPlan(level, tuple(tuple(r) for r in regions.tolist()),
+                    tuple(ChunkKey(level, cy, cx) for cy, cx in cyx.tolist()), (sh // ch, sw // cw))
+
+
+def box_regions(boxes: Iterable[Sequence[int]], level: int) -> np.ndarray:
+    """(K, 4) int64 ``(y0, x0, y1, x1)`` of each level-0 box at ``level`` (``box_at_level``)."""
     rows = boxes.tolist() if hasattr(boxes, "tolist") else boxes
-    regions, chunks = [], set()
-    for box in rows:
-        y0, x0, y1, x1 = box_at_level(box, level)
-        regions.append((y0, x0, y1, x1))
-        cy0, cy1 = max(y0, 0) // ch, (min(y1, h) - 1) // ch
-        cx0, cx1 = max(x0, 0) // cw, (min(x1, w) - 1) // cw
-        if min(y1, h) <= max(y0, 0) or min(x1, w) <= max(x0, 0):
-            continue  # entirely outside the level
-        chunks.update(
-            ChunkKey(level, cy, cx) for cy in range(cy0, cy1 + 1) for cx in range(cx0, cx1 + 1)
-        )
-    return ReadPlan(level, tuple(regions), tuple(sorted(chunks)), (sh // ch, sw // cw))
+    return np.array([box_at_level(box, level) for box in rows], dtype=np.int64).reshape(-1, 4)
+
+
+def touched_chunks(regions: np.ndarray, level_shape: Sequence[int],
+                   chunk_shape: Sequence[int]) -> np.ndarray:
+    """(N, 2) int64 ``(cy, cx)`` of every chunk that overlaps a region inside the level, once,
+    sorted by row then column. ``regions``: (K, 4) level pixels, half-open, possibly outside."""
+    h, w = _yx(level_shape)
+    ch, cw = _yx(chunk_shape)
+    y0, x0 = np.maximum(regions[:, 0], 0), np.maximum(regions[:, 1], 0)
+    y1, x1 = np.minimum(regions[:, 2], h), np.minimum(regions[:, 3], w)
+    inside = (y1 > y0) & (x1 > x0)
+    cy0, cx0 = y0[inside] // ch, x0[inside] // cw
+    cy1, cx1 = (y1[inside] - 1) // ch, (x1[inside] - 1) // cw
+    grid_w = -(-w // cw)
+    lin = [(np.arange(a, b + 1)[:, None] * grid_w + np.arange(c, d + 1)[None, :]).ravel()
+           for a, b, c, d in zip(cy0.tolist(), cy1.tolist(), cx0.tolist(), cx1.tolist(), strict=True)]
+    lin = np.unique(np.concatenate(lin)) if lin else np.zeros(0, dtype=np.int64)
+    return np.stack([lin // grid_w, lin % grid_w], 1).astype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,28 +188,62 @@ def plan_ranges(
             raise ValueError(f"{chunk} is not in {shard}")
     if index is None or not chunks:
         return ShardRead(shard, (), tuple(sorted(chunks)))
-    # one vectorised lookup of every chunk's (offset, nbytes), then merge in offset order
     table = np.asarray(index).reshape(ny, nx, 2)
     cy = np.fromiter((c.cy % ny for c in chunks), np.int64, len(chunks))
     cx = np.fromiter((c.cx % nx for c in chunks), np.int64, len(chunks))
-    entries = table[cy, cx]
-    is_absent = (entries[:, 0] == ABSENT) & (entries[:, 1] == ABSENT)
-    absent = tuple(sorted(c for c, a in zip(chunks, is_absent.tolist(), strict=True) if a))
-    kept = np.flatnonzero(~is_absent)
-    if kept.size == 0:
-        return ShardRead(shard, (), absent)
-    starts = entries[kept, 0].astype(np.int64)
-    ends = starts + entries[kept, 1].astype(np.int64)
-    order = np.lexsort((ends, starts))
-    starts, ends, kept = starts[order], ends[order], kept[order]
-    # a new request wherever the gap to everything before exceeds max_gap
-    reach = np.maximum.accumulate(ends)
-    breaks = np.flatnonzero(starts[1:] - reach[:-1] > max_gap) + 1
-    out = []
-    for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(starts)].tolist(), strict=True):
-        r0, r1 = int(starts[lo]), int(reach[hi - 1])
+    rt = range_table(table[cy, cx], max_gap)
+    absent = tuple(sorted(c for c, a in zip(chunks, rt.absent.tolist(), strict=True) if a))
+    ranges = []
+    for r in range(rt.count):
+        lo, hi = int(rt.bounds[r]), int(rt.bounds[r + 1])
+        r0 = int(rt.range_start[r])
         spans = tuple(ChunkSpan(chunks[i], s - r0, e - r0) for i, s, e in
-                      zip(kept[lo:hi].tolist(), starts[lo:hi].tolist(), ends[lo:hi].tolist(),
-                          strict=True))
-        out.append(ByteRange(r0, r1, spans))
-    return ShardRead(shard, tuple(out), absent)
+                      zip(rt.chunk[lo:hi].tolist(), rt.start[lo:hi].tolist(),
+                          rt.end[lo:hi].tolist(), strict=True))
+        ranges.append(ByteRange(r0, int(rt.range_end[r]), spans))
+    return ShardRead(shard, tuple(ranges), absent)
+
+
+@dataclass(frozen=True)
+class RangeTable:
+    """Requests for n chunks of one shard, as arrays (what ``plan_ranges`` builds objects from).
+
+    Attributes:
+        absent: (n,) bool, chunks with no bytes in the shard (read as fill value).
+        chunk: (m,) int64 indices (into the n chunks) of the present ones, in offset order.
+        start, end: (m,) int64 byte range of each of those chunks in the shard object.
+        bounds: (R + 1,) int64: request r carries ``chunk[bounds[r]:bounds[r + 1]]``.
+        range_start, range_end: (R,) int64 byte range of each request.
+    """
+
+    absent: np.ndarray
+    chunk: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    bounds: np.ndarray
+    range_start: np.ndarray
+    range_end: np.ndarray
+
+    @property
+    def count(self) -> int:
+        """Number of requests."""
+        return len(self.range_start)
+
+
+def range_table(entries: np.ndarray, max_gap: int = 0) -> RangeTable:
+    """Coalesced requests for chunks whose shard-index entries are ``entries``: (n, 2) uint64
+    ``(offset, nbytes)``, ``ABSENT`` in both for a chunk never written. Chunks are taken in
+    offset order; a new request starts where more than ``max_gap`` bytes separate a chunk from
+    the furthest end so far."""
+    entries = np.asarray(entries, dtype=np.uint64).reshape(-1, 2)
+    absent = (entries[:, 0] == ABSENT) & (entries[:, 1] == ABSENT)
+    kept = np.flatnonzero(~absent)
+    start = entries[kept, 0].astype(np.int64)
+    end = start + entries[kept, 1].astype(np.int64)
+    order = np.lexsort((end, start))
+    kept, start, end = kept[order], start[order], end[order]
+    reach = np.maximum.accumulate(end) if len(end) else end
+    breaks = np.flatnonzero(start[1:] - reach[:-1] > max_gap) + 1
+    bounds = np.concatenate([[0], breaks, [len(start)]]) if len(start) else np.zeros(1, np.int64)
+    return RangeTable(absent, kept.astype(np.int64), start, end, bounds.astype(np.int64),
+                      start[bounds[:-1]], reach[bounds[1:] - 1])
