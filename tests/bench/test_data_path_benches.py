@@ -1,5 +1,6 @@
-"""bench/train_throughput.py end to end on a tiny ingested sample: every setting runs, the
-patches come through each store, and the last line is the JSON object the README describes."""
+"""bench/train_throughput.py and bench/reader_cpu.py end to end on a tiny ingested sample:
+every setting runs, the patches come through each store, and the last line is the JSON object
+the README describes."""
 
 from __future__ import annotations
 
@@ -8,28 +9,22 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.ingest_fmow import main as ingest
-from tests.pipeline.fmow_fixtures import make_sample, small_spec
-
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train_throughput", BENCH)
+def load_bench(path: Path = BENCH):
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def test_three_settings_and_the_json_line(tmp_path, capsys, monkeypatch):
-    src, dst = str(tmp_path / "fmow"), str(tmp_path / "pyr")
-    make_sample(src, small_spec(train=4, val=1))
-    assert ingest(["--src", src, "--dst", dst, "--workers", "1"]) == 0
+def test_three_settings_and_the_json_line(tiny_manifest, capsys, monkeypatch):
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
                 "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(key, "unset")  # the bench sets its own; restored after the test
-    code = load_bench().main(["--manifest", f"{dst}/manifest.parquet", "--scenes", "4",
+    code = load_bench().main(["--manifest", tiny_manifest, "--scenes", "4",
                               "--epochs", "1", "--latency-ms", "5", "--no-moto",
                               "--set", "data.batch_size=2", "--json"])
     assert code == 0
@@ -41,3 +36,12 @@ def test_three_settings_and_the_json_line(tmp_path, capsys, monkeypatch):
     assert report["data_wait_fraction"]["memory"] == 0.0
     assert 0 < report["bytes_per_sample"] < report["full_resolution_bytes_per_sample"]
     assert report["s3_requests_served"] > 0 and report["scenes"] == 4
+
+
+def test_reader_cpu_reports_per_sample_costs(tiny_manifest, capsys):
+    bench = load_bench(BENCH.parent / "reader_cpu.py")
+    assert bench.main(["--manifest", tiny_manifest, "--scenes", "4", "--batches", "5",
+                       "--batch", "2", "--patches", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["samples"] == 10 and report["cpu_ms_per_sample"] > 0
+    assert report["requests_per_sample"] > 0 and report["chunks_per_sample"] >= 4
