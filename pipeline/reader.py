@@ -14,8 +14,8 @@ For every request the reader
    exactly like ``TensorPyramidSource``.
 
 Planning works on arrays, not per-chunk objects (``plan_reads`` / ``plan_ranges`` give the same
-plan as objects, for tests and tools): about 5 ms of CPU per sample of 16 patches of 32 px at
-16 px chunks, on a thread that shares the GIL with the training loop.
+plan as objects, for tests and tools): about 6.5 ms of CPU per sample of 16 boxes of 64 px read
+at level 1 (``bench/reader_cpu.py``), on a thread that shares the GIL with the training loop.
 
 Nothing else is fetched: the plan decides, and ``counters()`` shows it. zarr-python is not used
 for pixel reads because it re-reads the shard index on every read and spends ~0.45 ms of CPU per
