@@ -64,10 +64,9 @@ class ReadPlan:
 
     def by_shard(self) -> dict[ShardKey, tuple[ChunkKey, ...]]:
         """The planned chunks grouped by shard, shards and chunks sorted."""
-        ny, nx = self.chunks_per_shard
         out: dict[ShardKey, list[ChunkKey]] = {}
         for chunk in self.chunks:
-            out.setdefault(ShardKey(chunk.level, chunk.cy // ny, chunk.cx // nx), []).append(chunk)
+            out.setdefault(self.shard_of(chunk), []).append(chunk)
         return {k: tuple(v) for k, v in sorted(out.items())}
 
 
