@@ -522,8 +522,8 @@ class Tiles:
         # position of every chunk in a dense grid over the fetched chunks' bounding box
         self.origin = cyx.min(0) if len(cyx) else np.zeros(2, dtype=np.int64)
         extent = (cyx.max(0) - self.origin + 1) if len(cyx) else np.zeros(2, dtype=np.int64)
-        self.lookup = np.full(tuple(extent.tolist()), -1, dtype=np.int64)
-        self.lookup[tuple((cyx - self.origin).T)] = np.arange(len(cyx))
+        self.lookup = np.full(tuple(extent.tolist()), -1, dtype=np.int32)  # 1 MB at 512 x 512
+        self.lookup[tuple((cyx - self.origin).T)] = np.arange(len(cyx), dtype=np.int32)
 
     def crop(self, region: Sequence[int]) -> np.ndarray:
         """(C, y1-y0, x1-x0) uint8 pixels of ``region`` (level pixels, half-open); 0 outside
