@@ -8,18 +8,24 @@ For every request the reader
    inner chunks the regions touch (``box_regions``, ``touched_chunks``),
 3. reads the index of every shard those chunks live in (cached) and plans the byte ranges
    (``range_table``, pure: chunks at most ``max_gap`` bytes apart share one request),
-4. fetches the ranges with bounded concurrency, decodes the inner chunks with the array's own
-   codecs into one (N, C, ch, cw) array (``Tiles``), and crops each box from a mosaic of its
-   chunks: zero padding outside the level, then ``resize_patches(crop.float() / 255, size)``,
-   exactly like ``TensorPyramidSource``.
+4. fetches the ranges with bounded concurrency (a local directory: ``pread`` on the loop
+   thread, no thread hop per range), then decodes the inner chunks with the array's own codecs
+   into one (N, C, ch, cw) array (``Tiles``) and crops each box from a mosaic of its chunks:
+   zero padding outside the level, then ``resize_patches(crop.float() / 255, size)``, exactly
+   like ``TensorPyramidSource``.
 
-Planning works on arrays, not per-chunk objects (``plan_reads`` / ``plan_ranges`` give the same
-plan as objects, for tests and tools): about 6.5 ms of CPU per sample of 16 boxes of 64 px read
-at level 1 (``bench/reader_cpu.py``), on a thread that shares the GIL with the training loop.
+Concurrent reads all fetch at once, but decode in the order they were asked (``Turns``), so the
+first micro-batch of a training step gets its patches first. Planning works on arrays, not
+per-chunk objects (``plan_reads`` / ``plan_ranges`` give the same plan as objects, for tests
+and tools): about 4.3 ms of CPU per sample of 16 boxes of 64 px read at level 1
+(``bench/reader_cpu.py``). ``pipeline.reader_process`` runs this source in a child process, so
+that this CPU does not share the training loop's GIL.
 
-Nothing else is fetched: the plan decides, and ``counters()`` shows it. zarr-python is not used
-for pixel reads because it re-reads the shard index on every read and spends ~0.45 ms of CPU per
-inner chunk (REFERENCE.md); the results are identical (tested).
+Nothing else is fetched: the plan decides, and ``counters()`` shows it (with
+``prefetch_indexes``, the first read of a scene's level also asks for every shard index of that
+level). zarr-python is not used for pixel reads because it re-reads the shard index on every
+read and spends ~0.45 ms of CPU per inner chunk (REFERENCE.md); the results are identical
+(tested).
 
 Metadata and shard indexes are cached per scene in one LRU bounded in bytes. All I/O runs on a
 background event loop owned by the source and created on first use, so ``submit`` returns a
@@ -142,6 +148,8 @@ class ZarrPixelSource:
         max_gap: merge the byte ranges of two chunks of a shard when at most this many bytes
             lie between them (0: merge only chunks stored back to back).
         record_requests: keep every store request for ``requests()`` (tests, benchmarks).
+        prefetch_indexes: on the first read of a level of a scene, ask for every shard index
+            of that level at once (a few hundred bytes each): later reads need one round trip.
     """
 
     def __init__(
@@ -151,6 +159,7 @@ class ZarrPixelSource:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_gap: int = 0,
         record_requests: bool = False,
+        prefetch_indexes: bool = False,
     ):
         if concurrency < 1 or cache_bytes < 0 or max_gap < 0:
             raise ValueError(
@@ -158,8 +167,10 @@ class ZarrPixelSource:
                 f"{cache_bytes}, {max_gap}"
             )
         self._settings = {"concurrency": concurrency, "cache_bytes": cache_bytes,
-                          "max_gap": max_gap, "record_requests": record_requests}
+                          "max_gap": max_gap, "record_requests": record_requests,
+                          "prefetch_indexes": prefetch_indexes}
         self.concurrency, self.max_gap = concurrency, max_gap
+        self.prefetch_indexes = prefetch_indexes
         self._log = RequestLog(record_requests)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,6 +184,8 @@ class ZarrPixelSource:
         self._inflight: dict[Any, asyncio.Future] = {}
         self._semaphore: asyncio.Semaphore | None = None
         self._zstd: Any = None  # zstandard.ZstdDecompressor, not thread-safe: loop thread only
+        self._turns = Turns()
+        self._prefetched: set[tuple[str, int]] = set()  # (scene, level) whose indexes were asked
 
     # ------------------------------------------------------------------ pickling, loop
 
@@ -253,6 +266,7 @@ class ZarrPixelSource:
 
     async def _clear_cache(self) -> None:
         self._cache = ByteLRU(self._settings["cache_bytes"])
+        self._prefetched = set()
 
     # ------------------------------------------------------------------ async API
 
@@ -261,10 +275,16 @@ class ZarrPixelSource:
         if len(keys) != request.boxes.shape[0]:
             raise ValueError(f"{len(keys)} keys for {request.boxes.shape[0]} rows of boxes")
         boxes = request.boxes.tolist()
-        scenes = await asyncio.gather(*(
-            self._read_scene(key, rows, request.level, request.size)
-            for key, rows in zip(keys, boxes, strict=True)
-        ))
+        ticket = self._turns.take()
+        try:
+            fetched = await asyncio.gather(*(
+                self._fetch_scene(key, rows, request.level)
+                for key, rows in zip(keys, boxes, strict=True)
+            ))
+            await self._turns.wait_below(ticket)  # decode in arrival order (see ``Turns``)
+            scenes = [await self._finish_scene(*f, request.size) for f in fetched]
+        finally:
+            self._turns.mark(ticket)
         return torch.stack(scenes)
 
     async def view_async(self, keys: Sequence[str], size: tuple[int, int]) -> Tensor:
@@ -278,12 +298,22 @@ class ZarrPixelSource:
 
     # ------------------------------------------------------------------ per scene
 
-    async def _read_scene(self, uri: str, boxes: list, level: int, size: tuple[int, int]) -> Tensor:
+    async def _fetch_scene(self, uri: str, boxes: list, level: int) -> tuple:
+        """The I/O half of reading ``boxes`` of one scene: (meta, regions, tiles, fetched) for
+        ``_finish_scene`` (``tiles`` / ``fetched`` are None when there is no box)."""
         meta = await self._level(uri, level)
         regions = box_regions(boxes, level)
         if not len(regions):
+            return meta, regions, None, None
+        cyx = touched_chunks(regions, meta.shape, meta.chunk_shape)
+        return meta, regions, *(await self._fetch_raw(meta, cyx))
+
+    async def _finish_scene(self, meta: LevelMeta, regions: np.ndarray, tiles: Tiles | None,
+                            fetched: list | None, size: tuple[int, int]) -> Tensor:
+        """The CPU half: decode, crop every region, resize: (K, C, *size) float32."""
+        if tiles is None:
             return torch.zeros((0, meta.shape[0], *size))
-        tiles = await self._fetch(meta, touched_chunks(regions, meta.shape, meta.chunk_shape))
+        await self._decode_into(meta, tiles, fetched)
         return resize_crops([tiles.crop(r) for r in regions.tolist()], size)
 
     async def _view_scene(self, uri: str, size: tuple[int, int]) -> Tensor:
@@ -300,53 +330,86 @@ class ZarrPixelSource:
 
     async def _fetch(self, meta: LevelMeta, cyx: np.ndarray) -> Tiles:
         """Fetch and decode the chunks ``cyx`` ((N, 2) ``(cy, cx)``, sorted) of one level."""
+        tiles, fetched = await self._fetch_raw(meta, cyx)
+        await self._decode_into(meta, tiles, fetched)
+        return tiles
+
+    async def _fetch_raw(self, meta: LevelMeta, cyx: np.ndarray) -> tuple[Tiles, list]:
+        """Fetch the encoded chunks ``cyx`` of one level: ``Tiles`` (chunks of absent shards or
+        ranges already filled) and, per byte range fetched, (rows of ``tiles.data``, the range's
+        bytes as uint8, each chunk's [start, end) offsets in the shard, the range's start,
+        shard object key) for ``_decode_into``. One task per range, none per shard."""
         tiles = Tiles(meta, cyx)
         ny, nx = meta.chunks_per_shard
         shards, members = np.unique(cyx // (ny, nx), axis=0, return_inverse=True)
         members = members.reshape(-1)
-        await asyncio.gather(*(
-            self._fetch_shard(meta, ShardKey(meta.level, sy, sx), np.flatnonzero(members == i), tiles)
-            for i, (sy, sx) in enumerate(shards.tolist())))
-        self._log.add_chunks(len(cyx), len(cyx) * math.prod(meta.chunk_shape))
-        return tiles
+        keys = [ShardKey(meta.level, sy, sx) for sy, sx in shards.tolist()]
+        plans = []  # (rows, range table, shard object key)
+        for i, (shard, index) in enumerate(zip(keys, await self._indexes(meta, keys), strict=True)):
+            rows = np.flatnonzero(members == i)
+            if index is None:
+                tiles.data[rows] = meta.fill_value
+                continue
+            local = cyx[rows] % (ny, nx)
+            rt = range_table(np.asarray(index).reshape(ny, nx, 2)[local[:, 0], local[:, 1]],
+                             self.max_gap)
+            tiles.data[rows[rt.absent]] = meta.fill_value
+            plans.append((rows, rt, meta.shard_object(shard)))
+        ranges = [(key, int(rt.range_start[r]), int(rt.range_end[r]))
+                  for rows, rt, key in plans for r in range(rt.count)]
+        data = iter(await self._get_ranges(self._store(locate(meta.uri)[0]), meta, ranges))
+        fetched = []
+        for rows, rt, key in plans:
+            for r in range(rt.count):
+                span = slice(int(rt.bounds[r]), int(rt.bounds[r + 1]))
+                fetched.append((rows[rt.chunk[span]], next(data), rt.start[span], rt.end[span],
+                                int(rt.range_start[r]), key))
+        return tiles, fetched
 
-    async def _fetch_shard(self, meta: LevelMeta, shard: ShardKey, members: np.ndarray,
-                           tiles: Tiles) -> None:
-        """Fill ``tiles.data[members]`` (chunks of ``shard``) from the shard's byte ranges."""
-        index = await self._index(meta, shard)
-        if index is None:
-            tiles.data[members] = meta.fill_value
-            return
-        ny, nx = meta.chunks_per_shard
-        local = tiles.cyx[members] % (ny, nx)
-        rt = range_table(np.asarray(index).reshape(ny, nx, 2)[local[:, 0], local[:, 1]], self.max_gap)
-        tiles.data[members[rt.absent]] = meta.fill_value
-        store = self._store(locate(meta.uri)[0])
-        key = meta.shard_object(shard)
-
-        async def fetch_range(r: int) -> None:
-            from zarr.abc.store import RangeByteRequest
-
-            r0, r1 = int(rt.range_start[r]), int(rt.range_end[r])
-            where = f"scene {meta.uri} level {meta.level} object {key} bytes [{r0}, {r1})"
-            buf = await self._get(store, key, RangeByteRequest(r0, r1), where)
-            if buf is None or len(buf) != r1 - r0:
-                got = "nothing" if buf is None else f"{len(buf)} bytes"
-                raise ReadError(f"{where}: expected {r1 - r0} bytes, got {got}")
-            data = buf.as_numpy_array()
-            span = slice(int(rt.bounds[r]), int(rt.bounds[r + 1]))
-            rows = members[rt.chunk[span]]
-            parts = [data[s - r0 : e - r0]
-                     for s, e in zip(rt.start[span].tolist(), rt.end[span].tolist(), strict=True)]
+    async def _decode_into(self, meta: LevelMeta, tiles: Tiles, fetched: list) -> None:
+        """Decode every fetched range into ``tiles.data`` (and count the chunks)."""
+        cyx = tiles.cyx
+        for rows, data, starts, ends, r0, key in fetched:
+            parts = [data[s - r0 : e - r0] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
             try:
                 arrays = await self._decode(meta, parts)
             except Exception as err:
-                names = ", ".join(f"({cy}, {cx})" for cy, cx in tiles.cyx[rows].tolist())
+                names = ", ".join(f"({cy}, {cx})" for cy, cx in cyx[rows].tolist())
+                where = _where(meta, key, r0, r0 + len(data))
                 raise ReadError(f"{where}: decoding chunks {names}: {err}") from err
             for row, array in zip(rows.tolist(), arrays, strict=True):
                 tiles.data[row] = array
+        self._log.add_chunks(len(cyx), len(cyx) * math.prod(meta.chunk_shape))
 
-        await asyncio.gather(*(fetch_range(r) for r in range(rt.count)))
+    async def _get_ranges(self, store: CountingStore, meta: LevelMeta,
+                          ranges: list[tuple[str, int, int]]) -> list[np.ndarray]:
+        """The bytes of every (key, start, end) as uint8 arrays, each checked for its length.
+
+        A local directory is read with ``pread`` on this loop's thread: a page-cache read of a
+        few KB takes microseconds, while a thread hop per range (zarr's ``LocalStore``) costs
+        far more and contends for the GIL. Other stores get one task per range, at most
+        ``concurrency`` in flight.
+        """
+        from zarr.abc.store import RangeByteRequest
+
+        if store.local_root is not None:
+            out = []
+            for key, r0, r1 in ranges:
+                try:
+                    out.append(store.read_local(key, r0, r1))
+                except OSError as err:
+                    raise ReadError(f"{_where(meta, key, r0, r1)}: read failed: {err!r}") from err
+        else:
+            out = await asyncio.gather(*(
+                self._get(store, key, RangeByteRequest(r0, r1), _where(meta, key, r0, r1))
+                for key, r0, r1 in ranges))
+        arrays = []
+        for (key, r0, r1), buf in zip(ranges, out, strict=True):
+            if buf is None or len(buf) != r1 - r0:
+                got = "nothing" if buf is None else f"{len(buf)} bytes"
+                raise ReadError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, got {got}")
+            arrays.append(np.frombuffer(buf, np.uint8) if isinstance(buf, bytes) else buf.as_numpy_array())
+        return arrays
 
     async def _decode(self, meta: LevelMeta, parts: list[np.ndarray]) -> list[np.ndarray]:
         if meta.zstd_only:
@@ -442,6 +505,27 @@ class ZarrPixelSource:
 
         return await self._cached(("index", meta.uri, meta.level, shard.sy, shard.sx), load)
 
+    async def _indexes(self, meta: LevelMeta, shards: list[ShardKey]) -> list:
+        """``_index`` of every shard: cached ones directly, the others loaded concurrently.
+
+        With ``prefetch_indexes``, the first read of a level of a scene asks for the index of
+        every shard of that level at once, so later reads of the scene need one round trip
+        (chunks) instead of two (index, then chunks) whenever attention moves to a new shard.
+        """
+        if self.prefetch_indexes and (meta.uri, meta.level) not in self._prefetched:
+            self._prefetched.add((meta.uri, meta.level))
+            gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
+            every = [ShardKey(meta.level, sy, sx) for sy in range(gy) for sx in range(gx)]
+            await asyncio.gather(*(self._index(meta, sh) for sh in every))
+        keys = [("index", meta.uri, meta.level, sh.sy, sh.sx) for sh in shards]
+        out = [self._cache.get(k) if k in self._cache else None for k in keys]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if missing:
+            loaded = await asyncio.gather(*(self._index(meta, shards[i]) for i in missing))
+            for i, index in zip(missing, loaded, strict=True):
+                out[i] = index
+        return out
+
     # ------------------------------------------------------------------ stores
 
     def _store(self, root: str) -> CountingStore:
@@ -461,6 +545,10 @@ class ZarrPixelSource:
                 return await store.get(key, default_buffer_prototype(), byte_range)
             except Exception as err:
                 raise ReadError(f"{where}: GET {key} failed: {err!r}") from err
+
+
+def _where(meta: LevelMeta, key: str, r0: int, r1: int) -> str:
+    return f"scene {meta.uri} level {meta.level} object {key} bytes [{r0}, {r1})"
 
 
 def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) -> LevelMeta:
@@ -497,6 +585,49 @@ def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) 
         metadata=metadata, codec=codec, chunk_spec=chunk_spec,
         zstd_only=kinds == (BytesCodec, ZstdCodec),
     )
+
+
+class Turns:
+    """The order in which concurrent ``read_async`` calls decode (used on the loop thread only).
+
+    Requests are numbered as they arrive (``take``); all fetch at once, but request t decodes,
+    crops and resizes only once every request before it has finished (``wait_below(t)``) or
+    failed (``mark`` runs in a ``finally``; marking twice is harmless). So the first request's
+    patches come back first, instead of every request's interleaved CPU work finishing together
+    at the end: the training loop starts computing on micro-batch 0 sooner.
+    """
+
+    def __init__(self) -> None:
+        self.issued = 0
+        self.below = 0  # every ticket < below is marked
+        self.marked: set[int] = set()
+        self.changed: asyncio.Condition | None = None
+
+    def take(self) -> int:
+        self.issued += 1
+        return self.issued - 1
+
+    async def wait_below(self, n: int) -> None:
+        if self.below >= n:
+            return
+        if self.changed is None:
+            self.changed = asyncio.Condition()
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.below >= n)
+
+    def mark(self, ticket: int) -> None:
+        if ticket < self.below or ticket in self.marked:
+            return
+        self.marked.add(ticket)
+        while self.below in self.marked:
+            self.marked.remove(self.below)
+            self.below += 1
+        if self.changed is not None:
+            asyncio.ensure_future(self._notify())
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
 
 
 def resize_crops(crops: list[np.ndarray], size: tuple[int, int]) -> Tensor:

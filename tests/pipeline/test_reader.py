@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import os
 import pickle
 
 import numpy as np
@@ -284,3 +286,101 @@ def test_absent_chunks_read_as_zero(tmp_path):
     log = source.requests()
     assert len([r for r in log if r.kind == "index"]) == 4  # a missing object is learnt once
     assert {r.key.rsplit("/", 2)[-2] for r in log if r.kind == "chunk"} == {"1"}  # shard row 1
+
+
+def test_local_ranges_are_read_directly_and_counted_like_any_store(tmp_path, monkeypatch):
+    shapes = [(301, 517), (200, 150)]
+    on_disk = write_scenes(str(tmp_path / "disk"), shapes)
+    in_memory = write_scenes(f"memory://{tmp_path.name}/mem", shapes)
+    boxes = random_boxes(2, 12, 301, 517, seed=4)
+    from zarr.storage import LocalStore
+
+    real_get = LocalStore.get
+
+    async def no_ranges(self, key, prototype, byte_range=None):
+        assert byte_range is None or not hasattr(byte_range, "end"), "a chunk range went through LocalStore"
+        return await real_get(self, key, prototype, byte_range)
+
+    monkeypatch.setattr(LocalStore, "get", no_ranges)
+    logs = []
+    for scenes in (on_disk, in_memory):
+        source = ZarrPixelSource(record_requests=True)
+        out = source.read(list(scenes), ReadRequest(boxes, 1, (16, 16)))
+        logs.append(([(r.kind, r.key, r.start, r.end, r.nbytes) for r in source.requests()],
+                     source.counters(), out))
+    (disk_log, disk_counts, disk_out), (mem_log, mem_counts, mem_out) = logs
+    assert torch.equal(disk_out, mem_out)
+    assert disk_counts == mem_counts and disk_counts.chunk_requests > 0
+    strip = lambda log: sorted((k, key[key.index("scene-"):], s, e, n) for k, key, s, e, n in log)  # noqa: E731
+    assert strip(disk_log) == strip(mem_log)
+
+
+def test_a_shard_gone_after_its_index_was_read_names_the_object(tmp_path):
+    img = np.maximum(textured(3, 130, 130), 1)  # no empty chunk: chunk (0, 0) is at offset 0
+    uri = write_pyramid(str(tmp_path), "s", img, {}, chunk=CHUNK, shard=SHARD)
+    source = ZarrPixelSource()
+    box = ReadRequest(torch.tensor([[[0, 0, 10, 10]]]), 0, (10, 10))
+    source.read([uri], box)  # the shard index is cached now
+    shard = join_uri(uri, "0", "c", "0", "0", "0")
+    data = storage.read_bytes(shard)
+    storage.write_bytes(shard, data[:10])
+    with pytest.raises(ReadError, match=r"object .*0/c/0/0/0 bytes \[0, \d+\): expected \d+ bytes, got 10"):
+        source.read([uri], box)
+    os.remove(shard)
+    with pytest.raises(ReadError, match=r"object .*0/c/0/0/0 bytes .*read failed: FileNotFoundError"):
+        source.read([uri], box)
+
+
+def test_prefetching_indexes_asks_for_every_shard_of_the_level_once(scenes):
+    uri = next(iter(scenes))
+    shape = tuple(scenes[uri].shape)
+    plain, eager = ZarrPixelSource(), ZarrPixelSource(prefetch_indexes=True)
+    first, second = (ReadRequest(random_boxes(1, 4, 301, 517, seed=s), 0, (8, 8)) for s in (5, 6))
+    shards = math.ceil(shape[1] / SHARD) * math.ceil(shape[2] / SHARD)
+    for request, index_requests in ((first, shards), (second, 0)):
+        plain.reset_counters()
+        eager.reset_counters()
+        assert torch.equal(eager.read([uri], request), plain.read([uri], request))
+        assert eager.counters().index_requests == index_requests
+        assert eager.counters().chunk_requests == plain.counters().chunk_requests
+    assert plain.counters().index_requests > 0  # without prefetch, new shards cost an index read
+    eager.reset_counters()
+    eager.read([uri], ReadRequest(first.boxes, 1, (8, 8)))  # another level: its own indexes
+    level1 = math.ceil(math.ceil(shape[1] / 2) / SHARD) * math.ceil(math.ceil(shape[2] / 2) / SHARD)
+    assert eager.counters().index_requests == level1
+
+
+def test_concurrent_reads_come_back_in_the_order_they_were_asked(scenes):
+    source = ZarrPixelSource()
+    keys = list(scenes)
+    done = []
+    requests = [ReadRequest(random_boxes(2, 30 - 8 * i, 301, 517, seed=i), 0, (8, 8)) for i in range(4)]
+    futures = [source.submit(keys, r) for r in requests]
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda _, i=i: done.append(i))
+    for f in futures:
+        f.result(timeout=60)
+    assert done == [0, 1, 2, 3]
+    source.close()
+
+
+def test_turns_let_a_request_decode_only_after_every_earlier_one_and_skip_failed_ones():
+    async def run() -> list[int]:
+        turns, order = reader.Turns(), []
+
+        async def request(delay: float, fail: bool) -> None:
+            ticket = turns.take()
+            try:
+                await asyncio.sleep(delay)  # the fetch
+                if fail:
+                    raise OSError("fetch failed")
+                await turns.wait_below(ticket)
+                order.append(ticket)
+            finally:
+                turns.mark(ticket)
+
+        await asyncio.gather(request(0.05, False), request(0.0, False), request(0.03, True),
+                             request(0.01, False), return_exceptions=True)
+        return order
+
+    assert asyncio.run(run()) == [0, 1, 3]
