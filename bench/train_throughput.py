@@ -184,8 +184,7 @@ def zarr_source(config):
     """The reader exactly as the training workers build it (``config.reader``)."""
     from pipeline.data import ZarrSourceFactory
 
-    r = config.reader
-    return ZarrSourceFactory(r.concurrency, r.cache_bytes, r.max_gap)()
+    return ZarrSourceFactory.from_config(config.reader)()
 
 
 @dataclass
@@ -224,6 +223,7 @@ def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, 
         runners[s.name] = StepRunner(
             model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=config.optim.lr),
             source=s.source, micro_batches=config.data.micro_batches,
+            ramp=config.data.ramp_micro_batches,
             clip_norm=config.optim.clip_norm, generator=torch.Generator().manual_seed(seed + 1))
         s.activate()
         train_epoch(runners[s.name], batches(s.keys, 0), 0)  # warm-up: caches, first-touch

@@ -179,8 +179,7 @@ def run_policy_stage(config: TrainConfig, tracker: Any = None) -> dict[str, Any]
     manifest = read_manifest(config.data.manifest)
     train = data.split_rows(manifest, config.data.train_split, config.data.limit)
     val = data.split_rows(manifest, config.data.val_split, config.data.limit)
-    source = data.ZarrSourceFactory(config.reader.concurrency, config.reader.cache_bytes,
-                                    config.reader.max_gap)()
+    source = data.ZarrSourceFactory.from_config(config.reader)()
     view_size = tuple(model.view_size)
 
     name = f"{config.run.name}{snes.run_suffix}"

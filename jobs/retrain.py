@@ -81,7 +81,7 @@ def validation_evaluator(config: TrainConfig, batch_size: int):
     rows = data.split_rows(
         read_manifest(config.data.manifest), config.data.val_split, config.data.limit
     )
-    source = data.ZarrSourceFactory(config.reader.concurrency, config.reader.cache_bytes)()
+    source = data.ZarrSourceFactory.from_config(config.reader)()
     return registered_evaluator(
         source,
         list(rows["key"]),

@@ -35,6 +35,8 @@ class DataConfig:
         batch_size: scenes per optimiser step *per worker*.
         micro_batches: the step's batch is split into this many micro-batches whose reads
             overlap with the other micro-batches' compute (see ``pipeline.microbatch``).
+        ramp_micro_batches: micro-batch sizes grow 1 : 2 : 3 ... instead of being equal, so
+            the first read (the one no compute hides) is the smallest.
         shuffle_seed: seed of the per-epoch shuffle (epoch ``e`` uses ``seed * 100003 + e``).
         limit: at most this many scenes per split (0: all); for smoke runs.
     """
@@ -45,6 +47,7 @@ class DataConfig:
     view_size: tuple[int, ...] = ()
     batch_size: int = 8
     micro_batches: int = 2
+    ramp_micro_batches: bool = False
     shuffle_seed: int = 0
     limit: int = 0
 
@@ -90,12 +93,19 @@ class ReaderConfig:
 
     ``concurrency``: requests in flight; ``cache_bytes``: bound of the metadata and shard-index
     cache; ``max_gap``: merge two byte ranges of a shard when at most this many bytes lie
-    between them (fewer requests for a few more bytes: worth it when requests cost latency).
+    between them (fewer requests for a few more bytes: worth it when requests cost latency);
+    ``process``: run the reader in a child process of the worker
+    (``pipeline.reader_process``), so that its CPU does not share the training loop's GIL;
+    ``prefetch_indexes``: on the first read of a scene's level, fetch every shard index of
+    that level at once (metadata, a few hundred bytes per shard), so that later reads cost one
+    round trip instead of two when attention moves to a shard not read before.
     """
 
     concurrency: int = 64
     cache_bytes: int = 64 * 2**20
     max_gap: int = 16384
+    process: bool = True
+    prefetch_indexes: bool = True
 
 
 @dataclass(frozen=True, slots=True)

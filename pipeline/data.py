@@ -10,6 +10,7 @@ each worker's shard every epoch with a seed (``pipeline.train_loop.worker_main``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,20 +25,34 @@ from models.protocol import PixelSource
 class ZarrSourceFactory:
     """Picklable recipe for the worker's reader: ``factory()`` -> ``ZarrPixelSource``.
 
-    ``concurrency``, ``cache_bytes``, ``max_gap``: see ``pipeline.config.ReaderConfig``. The
+    The fields: see ``pipeline.config.ReaderConfig``. The
     source is built inside the worker, where it lives for the run.
     """
 
     concurrency: int = 64
     cache_bytes: int = 64 * 2**20
     max_gap: int = 16384
+    process: bool = False
+    prefetch_indexes: bool = False
+
+    @classmethod
+    def from_config(cls, reader: Any) -> ZarrSourceFactory:
+        """The factory for a ``pipeline.config.ReaderConfig``."""
+        return cls(reader.concurrency, reader.cache_bytes, reader.max_gap, reader.process,
+                   reader.prefetch_indexes)
+
+    def in_process(self) -> ZarrSourceFactory:
+        """The same reader without a child process (for short-lived users such as view tasks)."""
+        return dataclasses.replace(self, process=False)
 
     def __call__(self) -> PixelSource:
         from pipeline.reader import ZarrPixelSource
+        from pipeline.reader_process import ProcessPixelSource
 
-        return ZarrPixelSource(
-            concurrency=self.concurrency, cache_bytes=self.cache_bytes, max_gap=self.max_gap
-        )
+        if self.process:  # the same reader, built in a child process
+            return ProcessPixelSource(dataclasses.replace(self, process=False))
+        return ZarrPixelSource(concurrency=self.concurrency, cache_bytes=self.cache_bytes,
+                               max_gap=self.max_gap, prefetch_indexes=self.prefetch_indexes)
 
 
 def split_rows(manifest: Any, split: str, limit: int = 0) -> dict[str, np.ndarray]:
@@ -70,7 +85,11 @@ def add_views(
     os.environ.update(env or {})
     source = source_factory()
     keys = [str(k) for k in batch["key"]]
-    views = source.view(keys, tuple(view_size))
+    try:
+        views = source.view(keys, tuple(view_size))
+    finally:
+        if hasattr(source, "close"):
+            source.close()
     return {**batch, "view": views.numpy().astype(np.float32)}
 
 

@@ -65,11 +65,22 @@ def split_batch(
     labels: Tensor,
     parts: int,
     generators: Sequence[torch.Generator | None] | None = None,
+    ramp: bool = False,
 ) -> list[MicroBatch]:
-    """Split a batch of B scenes into ``min(parts, B)`` contiguous micro-batches of near-equal size."""
+    """Split a batch of B scenes into ``min(parts, B)`` contiguous micro-batches.
+
+    Sizes are near-equal, or with ``ramp`` near-proportional to 1, 2, ..., parts (6 scenes in
+    3 parts: 1, 2, 3): the first read, which nothing can hide, is the smallest and comes back
+    first, and each later, larger read has the compute of the earlier micro-batches to hide
+    behind. A ramp that would leave a micro-batch empty falls back to the even split.
+    """
     n = len(keys)
     parts = max(1, min(parts, n))
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    weights = [i + 1 for i in range(parts)] if ramp else [1] * parts
+    cum = [sum(weights[:i]) for i in range(parts + 1)]
+    bounds = [round(c * n / cum[-1]) for c in cum]
+    if len(set(bounds)) <= parts:  # a ramp rounded an early micro-batch to nothing: split evenly
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
     out = []
     for i in range(parts):
         lo, hi = bounds[i], bounds[i + 1]

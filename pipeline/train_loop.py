@@ -108,7 +108,8 @@ class StepRunner:
         model: the bare ``AttentionModel`` (not DDP-wrapped; ``sync`` averages gradients).
         optimizer, scheduler: stepped once per batch (scheduler may be None).
         source: the ``PixelSource``; its ``submit`` (if any) makes reads asynchronous.
-        micro_batches: micro-batches per step. clip_norm: gradient-norm clip (0: off).
+        micro_batches: micro-batches per step; ramp: their sizes grow 1 : 2 : 3 ...
+            (``split_batch``). clip_norm: gradient-norm clip (0: off).
         generator: sampling generator; each micro-batch gets a child seeded from it, in order.
         device: where the model lives. autocast: context for model compute (bf16 on GPU).
         sync: gradient/buffer averaging across workers (a no-op in one process).
@@ -119,6 +120,7 @@ class StepRunner:
     source: PixelSource
     scheduler: Any = None
     micro_batches: int = 2
+    ramp: bool = False
     clip_norm: float = 0.0
     generator: torch.Generator = field(default_factory=torch.Generator)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -135,9 +137,8 @@ class StepRunner:
         parts = max(1, min(self.micro_batches, len(keys)))
         seeds = torch.randint(0, 2**62, (parts,), generator=generator).tolist()
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        return split_batch(
-            keys, views.to(self.device), sizes.to(self.device), labels.to(self.device), parts, gens
-        )
+        return split_batch(keys, views.to(self.device), sizes.to(self.device),
+                           labels.to(self.device), parts, gens, ramp=self.ramp)
 
     def _run(self, micro: list[MicroBatch], finish: Callable[[MicroBatch, ModelOutput], None]):
         return run_microbatches(
@@ -393,6 +394,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
         scheduler=scheduler,
         source=loop_config["source_factory"](),
         micro_batches=config.data.micro_batches,
+        ramp=config.data.ramp_micro_batches,
         clip_norm=config.optim.clip_norm,
         generator=sampling,
         device=device,
@@ -468,6 +470,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
             ray.train.get_all_reported_checkpoints(
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
             )
+    if hasattr(runner.source, "close"):
+        runner.source.close()  # the reader's I/O thread or child process
 
 
 def _worker_tracker(loop_config: Mapping[str, Any], rank: int) -> Any:

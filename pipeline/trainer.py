@@ -126,9 +126,7 @@ def run_training(
     manifest = read_manifest(config.data.manifest)
     classes = list(read_classes(config.data.manifest))
     config = resolve_config(config, classes)
-    source_factory = source_factory or data.ZarrSourceFactory(
-        config.reader.concurrency, config.reader.cache_bytes, config.reader.max_gap
-    )
+    source_factory = source_factory or data.ZarrSourceFactory.from_config(config.reader)
     view_size = create_model(config.model.name, **config.model.overrides).view_size
     train_rows = data.split_rows(manifest, config.data.train_split, config.data.limit)
     val_rows = data.split_rows(manifest, config.data.val_split, config.data.limit)
@@ -171,9 +169,10 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     ray.data.DataContext.get_current().enable_progress_bars = False  # one line per dataset is enough
     env = data.reader_env()
     _say(f"reading the views of {len(train_rows['key'])} train and {len(val_rows['key'])} val scenes")
+    view_factory = getattr(source_factory, "in_process", lambda: source_factory)()
     datasets = {
-        "train": data.view_dataset(train_rows, source_factory, view_size, env),
-        "val": data.view_dataset(val_rows, source_factory, view_size, env),
+        "train": data.view_dataset(train_rows, view_factory, view_size, env),
+        "val": data.view_dataset(val_rows, view_factory, view_size, env),
     }
     loop_config = {
         "config": to_dict(config),

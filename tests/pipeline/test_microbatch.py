@@ -81,6 +81,17 @@ def test_split_batch_sizes_and_order():
     assert len(split_batch(keys[:2], torch.zeros(2, 3, 2, 2), torch.zeros(2, 2), torch.arange(2), 4)) == 2
 
 
+@pytest.mark.parametrize("n, parts, sizes", [(6, 3, [1, 2, 3]), (12, 3, [2, 4, 6]), (7, 2, [2, 5]),
+                                             (3, 3, [1, 1, 1]), (4, 3, [1, 1, 2])])
+def test_ramp_split_grows_and_keeps_every_scene_in_order(n, parts, sizes):
+    keys = [f"k{i}" for i in range(n)]
+    micro = split_batch(keys, torch.zeros(n, 3, 2, 2), torch.zeros(n, 2), torch.arange(n), parts,
+                        ramp=True)
+    assert [len(mb.keys) for mb in micro] == sizes
+    assert [k for mb in micro for k in mb.keys] == keys
+    assert [mb.index for mb in micro] == list(range(len(sizes)))
+
+
 @pytest.mark.parametrize("order", [[(2, 0), (0, 0), (1, 0)], [(0, 0), (1, 0), (2, 0)]])
 def test_one_round_finishes_in_completion_order_with_reference_outputs(order):
     model, source, micro, key_to_mb = _setup()
