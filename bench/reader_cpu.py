@@ -2,7 +2,7 @@
 
     python bench/reader_cpu.py --manifest data/demo/pyramids/manifest.parquet
         [--scenes 48] [--batches 200] [--batch 3] [--patches 16] [--patch 64] [--level 1]
-        [--max-gap 16384] [--json]
+        [--max-gap 16384] [--in-flight 3] [--json]
 
 Reads ``--batches`` batches of ``--batch`` scenes, each with ``--patches`` random boxes of
 ``--patch`` level-0 pixels read at ``--level`` (the demo's ATS reads 16 boxes of 64 px at level
@@ -10,6 +10,12 @@ Reads ``--batches`` batches of ``--batch`` scenes, each with ``--patches`` rando
 warm-up of 20 batches that fills the metadata and shard-index caches. Prints wall and process
 CPU milliseconds per sample and the reader's counters; with ``--json`` the last line is one
 JSON object. Same boxes on every run (seeded), so two versions of the reader can be compared.
+
+Then, with ``--in-flight K`` (default 3; 0 skips it), the latency a training step sees: groups
+of K batches are submitted at once through ``submit`` (as the micro-batch scheduler does), by
+the reader in this process and in a child process (``pipeline.reader_process``), and the median
+milliseconds until each of the K comes back are printed (run with ``--batch 2`` for the demo's
+micro-batches of 2 scenes).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--max-gap", type=int, default=16384)
+    parser.add_argument("--in-flight", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -89,9 +96,39 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['cpu_ms_per_sample']:.2f} ms CPU / {report['wall_ms_per_sample']:.2f} ms wall "
           f"per sample; {report['requests_per_sample']:.1f} requests, "
           f"{report['chunks_per_sample']:.0f} chunks, {report['bytes_per_sample']:,.0f} bytes per sample")
+    if args.in_flight > 0:
+        for process in (False, True):
+            done = in_flight(keys, requests, args, process)
+            name = "child process" if process else "this process"
+            report[f"in_flight_ms_{'process' if process else 'thread'}"] = done
+            print(f"{args.in_flight} reads of {args.batch} scenes in flight, reader in {name}: "
+                  f"back after {', '.join(f'{t:.1f}' for t in done)} ms (median)")
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def in_flight(keys: list[str], requests: list, args, process: bool) -> list[float]:
+    """Median ms until each of ``args.in_flight`` reads submitted together comes back."""
+    from pipeline.data import ZarrSourceFactory
+
+    source = ZarrSourceFactory(max_gap=args.max_gap, process=process)()
+    k, times = args.in_flight, []
+    try:
+        for idx, request in requests[:20]:
+            source.read([keys[i] for i in idx], request)
+        for g in range(20, len(requests) - k + 1, k):
+            t0 = time.perf_counter()
+            futures = [source.submit([keys[i] for i in idx], request)
+                       for idx, request in requests[g:g + k]]
+            back = []
+            for future in futures:
+                future.result()
+                back.append(1e3 * (time.perf_counter() - t0))
+            times.append(back)
+    finally:
+        source.close()
+    return np.median(np.array(times), 0).round(1).tolist()
 
 
 if __name__ == "__main__":

@@ -45,3 +45,6 @@ def test_reader_cpu_reports_per_sample_costs(tiny_manifest, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["samples"] == 10 and report["cpu_ms_per_sample"] > 0
     assert report["requests_per_sample"] > 0 and report["chunks_per_sample"] >= 4
+    for where in ("thread", "process"):  # 3 reads in flight: each comes back after the one before
+        back = report[f"in_flight_ms_{where}"]
+        assert len(back) == 3 and 0 < back[0] <= back[1] <= back[2]
