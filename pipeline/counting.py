@@ -130,7 +130,8 @@ class CountingStore(WrapperStore):
             data = os.pread(fd, end - start, start)
         finally:
             os.close(fd)
-        self.log.add(StoreRequest("chunk", key, start, end, len(data)))
+        self.log.add(StoreRequest(classify(key, RangeByteRequest(start, end)), key, start, end,
+                                  len(data)))
         return data
 
     def _with_store(self, store: Any) -> CountingStore:

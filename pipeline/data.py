@@ -25,8 +25,8 @@ from models.protocol import PixelSource
 class ZarrSourceFactory:
     """Picklable recipe for the worker's reader: ``factory()`` -> ``ZarrPixelSource``.
 
-    The fields: see ``pipeline.config.ReaderConfig``. The
-    source is built inside the worker, where it lives for the run.
+    The fields are those of ``pipeline.config.ReaderConfig``. The source is built inside the
+    worker, where it lives for the run.
     """
 
     concurrency: int = 64
