@@ -223,7 +223,7 @@ def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, 
         runners[s.name] = StepRunner(
             model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=config.optim.lr),
             source=s.source, micro_batches=config.data.micro_batches,
-            ramp=config.data.ramp_micro_batches,
+            ramp=config.data.ramp_micro_batches, read_ahead=config.data.read_ahead,
             clip_norm=config.optim.clip_norm, generator=torch.Generator().manual_seed(seed + 1))
         s.activate()
         train_epoch(runners[s.name], batches(s.keys, 0), 0)  # warm-up: caches, first-touch
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = (sizes[:, 0] * sizes[:, 1] * 3).astype(np.float64)
     print(f"{len(keys)} scenes, mean {raw.mean() / 3:,.0f} px, model {config.model.name} "
           f"{config.model.overrides}, batch {config.data.batch_size}, micro-batches "
-          f"{config.data.micro_batches}, reader {config.reader}, {args.epochs} measured epochs "
+          f"{config.data.micro_batches}, read ahead {config.data.read_ahead}, reader {config.reader}, {args.epochs} measured epochs "
           f"after 1 warm-up, interleaved; {args.latency_ms:g} ms added per S3 request; "
           f"torch threads {torch.get_num_threads()}", flush=True)
 

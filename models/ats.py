@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from models import sampling
 from models.backbones import build_backbone
-from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
+from models.protocol import AttentionModel, ModelOutput, Proposal, ReadRequest, Steps
 from models.registry import register_model
 
 _EPS = 1e-12
@@ -276,31 +276,73 @@ class ATS(AttentionModel):
         draw = sampling.sample_with_replacement if self.replace else sampling.sample_without_replacement
         return draw(probs.detach(), self.n_patches, scene_generators(scene_seeds(views, generator), device=probs.device))
 
-    def estimate(self, probs: Tensor, idx: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+    def estimate(
+        self, probs: Tensor, idx: Tensor, features: Tensor, proposal: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(B, D) estimate of ``sum_i a_i f_i`` from features (B, N, D) at positions idx, and
-        (B, N) the weight of each feature in it (the estimator is linear in the features)."""
+        (B, N) the weight of each feature in it (the estimator is linear in the features).
+        ``proposal`` (B, P): the distribution idx was drawn from when it is not ``probs``."""
         a_sel = probs.gather(1, idx)
+        ratio = None if proposal is None else sampling.importance_ratio(a_sel, proposal.gather(1, idx))
         if self.replace:
-            weights = sampling.with_replacement_weights(idx, probs.dtype)
+            weights = sampling.with_replacement_weights(idx, probs.dtype, ratio)
         else:
-            weights = sampling.without_replacement_weights(a_sel)
+            q_sel = None if proposal is None else proposal.gather(1, idx)
+            weights = sampling.without_replacement_weights(a_sel, q_sel=q_sel)
         if not self.baseline:
             return sampling.expect_weighted(a_sel, weights, features), weights
-        # sum_q w_q = 1, so subtracting a constant c and adding it back keeps the value and the
-        # feature gradient; only the score-function term becomes w_q g.(f_q - c) / a_q
+        # subtracting a constant c and adding back c * sum_q w_q keeps the value and the feature
+        # gradient; only the score-function term becomes w_q g.(f_q - c) / a_q. On-policy the
+        # weights sum to 1; off-policy their sum is 1 only in expectation.
         c = features.detach().mean((0, 1))
-        return sampling.expect_weighted(a_sel, weights, features - c) + c, weights
+        total = 1.0 if proposal is None else weights.sum(1, keepdim=True)
+        return sampling.expect_weighted(a_sel, weights, features - c) + c * total, weights
 
-    def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
+    def _request(self, idx: Tensor, grid: tuple[int, int], sizes: Tensor) -> ReadRequest:
+        boxes = view_boxes(idx, grid, self.view_size, sizes, self.patch_size, self.patch_level)
+        return ReadRequest(boxes, self.patch_level, self.patch_size)
+
+    @torch.no_grad()
+    def propose(
+        self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None
+    ) -> Proposal:
+        """Draw the N positions now with the current weights; see ``Proposal``.
+
+        Consumes ``generator`` as ``steps`` would. The attention network's buffers (batch-norm
+        running statistics) are left as they were: the forward that counts is the one in
+        ``steps``."""
+        saved = [(b, b.clone()) for b in self.attention.buffers()]
         att = self.attend(views)
+        for buffer, value in saved:
+            buffer.copy_(value)
         b, gh, gw = att.shape
         probs = att.reshape(b, -1)
         idx = self.choose(probs, views, generator)
-        boxes = view_boxes(idx, (gh, gw), self.view_size, sizes, self.patch_size, self.patch_level)
-        patches = yield ReadRequest(boxes, self.patch_level, self.patch_size)
+        return Proposal(self._request(idx, (gh, gw), sizes), idx, probs)
+
+    def steps(
+        self,
+        views: Tensor,
+        sizes: Tensor,
+        generator: torch.Generator | None = None,
+        proposal: Proposal | None = None,
+    ) -> Steps:
+        """See ``AttentionModel.steps``; with ``proposal`` (from ``propose``, possibly with
+        other weights) its positions are used, importance-weighted from its distribution to
+        this attention (``models.sampling``: unbiased for any proposal)."""
+        att = self.attend(views)
+        b, gh, gw = att.shape
+        probs = att.reshape(b, -1)
+        if proposal is None:
+            idx, drawn_from = self.choose(probs, views, generator), None
+            request = self._request(idx, (gh, gw), sizes)
+        else:
+            idx, drawn_from, request = proposal.positions, proposal.probs, proposal.request
+        boxes = request.boxes
+        patches = yield request
         patches = patches.to(views.device, views.dtype)
         feats = self.features(patches.flatten(0, 1)).reshape(b, self.n_patches, -1)
-        pooled, weights = self.estimate(probs, idx, feats)
+        pooled, weights = self.estimate(probs, idx, feats, drawn_from)
         logits = self.classifier(self.feature_scale * pooled)
         aux = {}
         if self.entropy_strength and self.training:

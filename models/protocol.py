@@ -120,6 +120,25 @@ class ModelOutput:
 Steps = Generator[ReadRequest, Tensor, ModelOutput]
 
 
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """A model's first read, drawn ahead of time so that it can be read while the weights change.
+
+    ``AttentionModel.propose`` makes it with the current weights; ``steps(..., proposal=p)``
+    then yields ``p.request`` as its first read and corrects for the weights having moved in
+    between (importance weights), so the estimator stays unbiased.
+
+    Attributes:
+        request: the ``ReadRequest`` of the drawn locations.
+        positions: (B, n) int64 drawn positions, in draw order.
+        probs: (B, P) the distribution they were drawn from (no gradient).
+    """
+
+    request: ReadRequest
+    positions: Tensor
+    probs: Tensor
+
+
 def drive(steps: Steps, source: PixelSource, keys: Sequence[str]) -> ModelOutput:
     """Run a model coroutine to the end, serving each ``ReadRequest`` from ``source``."""
     try:
@@ -151,6 +170,17 @@ class AttentionModel(torch.nn.Module):
         Yields ``ReadRequest``; receives (B, K, C, h, w) patches; returns ``ModelOutput``.
         """
         raise NotImplementedError
+
+    def propose(
+        self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None
+    ) -> Proposal | None:
+        """Draw the first read's locations now, with the current weights (no gradient).
+
+        Models that can use draws made with other weights (``steps(..., proposal=...)``)
+        return a ``Proposal`` and consume ``generator`` exactly as ``steps`` would; the rest
+        return None (the default) and the caller reads the usual way.
+        """
+        return None
 
     def forward(
         self,

@@ -226,12 +226,28 @@ def _check_draws(probs: Tensor, idx: Tensor, features: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def with_replacement_weights(idx: Tensor, dtype=torch.float32) -> Tensor:
-    """(B, n) weights 1/n of the with-replacement estimator."""
-    return torch.full(idx.shape, 1.0 / idx.shape[1], dtype=dtype, device=idx.device)
+def importance_ratio(a_sel: Tensor, q_sel: Tensor | None) -> Tensor | None:
+    """(B, n) ``a / q`` at the draws, detached (0 where q = 0); None when ``q_sel`` is None.
+
+    ``q`` is the proposal the draws came from, ``a`` the attention they are used for (see
+    "Off-policy draws" in ``expect_with_replacement``)."""
+    if q_sel is None:
+        return None
+    a, q = a_sel.detach(), q_sel.detach()
+    return torch.where(q > 0, a / torch.where(q > 0, q, 1.0), 0.0)
 
 
-def expect_with_replacement(probs: Tensor, idx: Tensor, features: Tensor) -> Tensor:
+def with_replacement_weights(
+    idx: Tensor, dtype=torch.float32, ratio: Tensor | None = None
+) -> Tensor:
+    """(B, n) weights 1/n of the with-replacement estimator (times ``ratio`` = a/q if given)."""
+    w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=dtype, device=idx.device)
+    return w if ratio is None else w * ratio
+
+
+def expect_with_replacement(
+    probs: Tensor, idx: Tensor, features: Tensor, proposal: Tensor | None = None
+) -> Tensor:
     """Unbiased ``E_a[f]`` from n draws with replacement: ``Phi = (1/n) sum_q f_q``.
 
     Gradient: exact 1/n per feature; to the attention, the score-function term
@@ -239,17 +255,26 @@ def expect_with_replacement(probs: Tensor, idx: Tensor, features: Tensor) -> Ten
     ``E[(1/n) sum_q f_q d log a_{i_q}] = sum_i f_i da_i``; the cross terms
     ``f_q d log a_{i_r}`` (q != r) have zero mean since draws are independent, so they are left out.
 
+    Off-policy draws (``proposal`` q given: the draws came from q, not from ``probs`` a, e.g.
+    from the weights before an optimiser step): ``Phi = (1/n) sum_q (a_q / q_q) f_q``,
+    unbiased for ``E_a[f]`` for every a (importance sampling, q > 0 wherever a > 0). The draws
+    do not depend on a, so the plain derivative is the unbiased gradient: ``(a_q / q_q) / n``
+    to f_q and ``(g . f_q) / (n q_q) = w_q (g . f_q) / a_q`` to a_q, the same score-weighted
+    form. With q = a this is the on-policy estimator exactly.
+
     Args:
         probs: (B, P) attention, rows summing to 1.
-        idx: (B, n) positions drawn with ``sample_with_replacement``.
+        idx: (B, n) positions drawn with ``sample_with_replacement`` (from ``proposal`` if given).
         features: (B, n, D) feature of each draw.
+        proposal: (B, P) the distribution the draws came from (treated as a constant), or None.
 
     Returns:
         (B, D).
     """
     _check_draws(probs, idx, features)
     p_sel = probs.gather(1, idx)
-    return expect_weighted(p_sel, with_replacement_weights(idx, probs.dtype), features)
+    ratio = importance_ratio(p_sel, None if proposal is None else proposal.gather(1, idx))
+    return expect_weighted(p_sel, with_replacement_weights(idx, probs.dtype, ratio), features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,36 +283,53 @@ def expect_with_replacement(probs: Tensor, idx: Tensor, features: Tensor) -> Ten
 
 
 def _sequential_weights(
-    a_sel: Tensor, prior_mass: Tensor, k: Tensor, m: Tensor, scale: Tensor
+    a_sel: Tensor,
+    prior_mass: Tensor,
+    k: Tensor,
+    m: Tensor,
+    scale: Tensor,
+    ratio: Tensor | None = None,
 ) -> Tensor:
-    """``scale * [(m - 1 - k) a + (1 - S)] / m`` for draws with k < m, else 0.
+    """``scale * [(m - 1 - k) a + (1 - S) r] / m`` for draws with k < m, else 0.
 
     a_sel: probability of the draw, prior_mass S: probability of the earlier draws of the same
-    sequence (exclusive), k: position in the sequence, m: sequence length, scale: its share.
+    sequence (exclusive) under the distribution they were drawn from, k: position in the
+    sequence, m: sequence length, scale: its share, ratio r: a / q for off-policy draws (1).
     """
     a = a_sel.detach()
-    w = ((m - 1 - k) * a + (1 - prior_mass).clamp_min(0)) / m.clamp_min(1)
+    rest = (1 - prior_mass).clamp_min(0)
+    if ratio is not None:
+        rest = rest * ratio
+    w = ((m - 1 - k) * a + rest) / m.clamp_min(1)
     return torch.where(k < m, scale * w, torch.zeros_like(w))
 
 
-def without_replacement_weights(a_sel: Tensor, *, exclusive: bool = True) -> Tensor:
+def without_replacement_weights(
+    a_sel: Tensor, *, exclusive: bool = True, q_sel: Tensor | None = None
+) -> Tensor:
     """(B, n) weights of the sequential estimator from the drawn probabilities in draw order.
 
     ``w_k = [(n - 1 - k) a_k + (1 - S_k)] / n`` with ``S_k = sum_{j<k} a_j`` (exclusive
-    cumulative sum, k from 0). ``exclusive=False`` uses the inclusive sum of the public ports'
-    backward pass; it exists only so that a test can show the gradient check catches it.
+    cumulative sum, k from 0). With ``q_sel``, the draws' probabilities under the proposal
+    they came from: ``w_k = [(n - 1 - k) a_k + (1 - Q_k) a_k / q_k] / n``, ``Q_k = sum_{j<k} q_j``
+    (see ``expect_without_replacement``). ``exclusive=False`` uses the inclusive sum of the
+    public ports' backward pass; it exists only so that a test can show the gradient check
+    catches it.
     """
     a = a_sel.detach()
+    drawn_from = a if q_sel is None else q_sel.detach()
     n = a.shape[1]
-    prior = torch.cumsum(a, dim=1)
+    prior = torch.cumsum(drawn_from, dim=1)
     if exclusive:
-        prior = prior - a
+        prior = prior - drawn_from
     k = torch.arange(n, device=a.device, dtype=a.dtype).expand_as(a)
     m = torch.full_like(a, float(n))
-    return _sequential_weights(a, prior, k, m, torch.ones_like(a))
+    return _sequential_weights(a, prior, k, m, torch.ones_like(a), importance_ratio(a, q_sel))
 
 
-def expect_without_replacement(probs: Tensor, idx: Tensor, features: Tensor) -> Tensor:
+def expect_without_replacement(
+    probs: Tensor, idx: Tensor, features: Tensor, proposal: Tensor | None = None
+) -> Tensor:
     """Unbiased ``E_a[f]`` from n draws without replacement, in draw order (ATS).
 
     Value: ``F_k = sum_{j<k} a_j f_j + (1 - sum_{j<k} a_j) f_k`` and ``Phi = (1/n) sum_k F_k``
@@ -305,18 +347,30 @@ def expect_without_replacement(probs: Tensor, idx: Tensor, features: Tensor) -> 
     w_k f_k / a_k``: the score-weighted form of ``expect_weighted``. (The identity holds up to
     the all-ones direction, which the softmax removes.)
 
+    Off-policy draws (``proposal`` q given: the sequence was drawn from q, e.g. with the
+    weights before an optimiser step, and is used for a). Given the earlier draws, draw k
+    comes from q renormalised over the rest, so ``(1 - Q_k)(a_k / q_k) f_k`` is unbiased for
+    the rest's share ``sum_{i not drawn} a_i f_i`` (Q_k: q-mass of the earlier draws), and
+    ``F_k = sum_{j<k} a_j f_j + (1 - Q_k)(a_k / q_k) f_k`` is unbiased for ``E_a[f]`` for every
+    a. The draws do not depend on a, so the plain derivative is the unbiased gradient: draw k
+    receives ``[(n-1-k) + (1 - Q_k)/q_k] f_k / n = w_k f_k / a_k``, again the score-weighted
+    form, with ``w_k`` from ``without_replacement_weights(a_sel, q_sel=...)``. With q = a
+    this is the on-policy estimator exactly.
+
     Args:
         probs: (B, P) attention, rows summing to 1.
         idx: (B, n) distinct positions in draw order (``sample_without_replacement`` or, at
-            inference, ``topk_indices``).
+            inference, ``topk_indices``), drawn from ``proposal`` if given.
         features: (B, n, D) feature of each draw.
+        proposal: (B, P) the distribution the draws came from (treated as a constant), or None.
 
     Returns:
         (B, D).
     """
     _check_draws(probs, idx, features)
     a_sel = probs.gather(1, idx)
-    return expect_weighted(a_sel, without_replacement_weights(a_sel), features)
+    q_sel = None if proposal is None else proposal.gather(1, idx)
+    return expect_weighted(a_sel, without_replacement_weights(a_sel, q_sel=q_sel), features)
 
 
 # --------------------------------------------------------------------------------------------

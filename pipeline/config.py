@@ -37,6 +37,10 @@ class DataConfig:
             overlap with the other micro-batches' compute (see ``pipeline.microbatch``).
         ramp_micro_batches: micro-batch sizes grow 1 : 2 : 3 ... instead of being equal, so
             the first read (the one no compute hides) is the smallest.
+        read_ahead: draw the next step's first micro-batch with this step's weights and read
+            it while this step computes, so that no step starts by waiting for storage; the
+            model importance-weights those draws to the updated weights (unbiased; see
+            ``pipeline.microbatch``). Models without ``propose`` (all but ATS) read as usual.
         shuffle_seed: seed of the per-epoch shuffle (epoch ``e`` uses ``seed * 100003 + e``).
         limit: at most this many scenes per split (0: all); for smoke runs.
     """
@@ -48,6 +52,7 @@ class DataConfig:
     batch_size: int = 8
     micro_batches: int = 2
     ramp_micro_batches: bool = False
+    read_ahead: bool = True
     shuffle_seed: int = 0
     limit: int = 0
 

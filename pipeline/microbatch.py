@@ -12,6 +12,16 @@ a graph whose weights changed in place.
 Sampling randomness comes from one generator per micro-batch (made by the caller, in order),
 so results do not depend on the order in which storage answers.
 
+Reading ahead. The first read of a step is the one no compute hides: every micro-batch's
+locations depend on the weights after the previous step. With ``after_start`` the caller
+draws the *next* step's first micro-batch now (``AttentionModel.propose``, with the current
+weights) and submits its read; next step that micro-batch carries the ``Proposal`` and the
+``prefetched`` future, and its coroutine (``steps(..., proposal=...)``) uses those draws with
+importance weights from the proposal to the updated attention. The estimator is unbiased for
+any proposal that covers the attention (``models.sampling``, tested by exact enumeration), so
+the optimiser step still follows an unbiased gradient, and autograd never sees stale weights:
+the proposal carries no graph.
+
 Nothing here knows about Ray or stores: ``submit`` is any function returning a
 ``concurrent.futures.Future`` of the (B, K, C, h, w) patches.
 """
@@ -27,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.protocol import ModelOutput, ReadRequest, Steps
+from models.protocol import ModelOutput, Proposal, ReadRequest, Steps
 
 Submit = Callable[[Sequence[str], ReadRequest], "Future[Tensor]"]
 
@@ -40,6 +50,8 @@ class MicroBatch:
         index: position in the step (0-based). keys: scene keys (pyramid URIs), length B.
         views: (B, C, h, w) float32 views. sizes: (B, 2) int64 level-0 sizes.
         labels: (B,) int64 class indices. generator: this micro-batch's sampling generator.
+        proposal: its first read, drawn ahead (``AttentionModel.propose``), or None.
+        prefetched: the future of that read's patches (submitted with the proposal).
     """
 
     index: int
@@ -48,6 +60,8 @@ class MicroBatch:
     sizes: Tensor
     labels: Tensor
     generator: torch.Generator | None = None
+    proposal: Proposal | None = None
+    prefetched: Future | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +112,7 @@ def run_microbatches(
     finish: Callable[[MicroBatch, ModelOutput], None],
     prepare: Callable[[Tensor], Tensor] = lambda patches: patches,
     context: Callable[[], AbstractContextManager] = nullcontext,
+    after_start: Callable[[], None] | None = None,
 ) -> ScheduleStats:
     """Run every micro-batch's coroutine to its end, resuming whichever has its patches first.
 
@@ -109,6 +124,10 @@ def run_microbatches(
             in the order the micro-batches complete.
         prepare: applied to arrived patches before they go into the model (device transfer).
         context: entered around every coroutine resumption (e.g. autocast).
+        after_start: called once every micro-batch has started and submitted its first read,
+            before any compute on patches (the place to read the next step's first
+            micro-batch ahead). A micro-batch with ``prefetched`` does not submit its first
+            read: its coroutine must yield ``mb.proposal.request``, whose patches it gets.
     Returns the time spent blocked on storage and the number of reads submitted.
     """
     pending: dict[Future, tuple[MicroBatch, Steps]] = {}
@@ -123,11 +142,22 @@ def run_microbatches(
         except StopIteration as stop:
             finish(mb, stop.value)
             return
+        if patches is None and mb.prefetched is not None:
+            if mb.proposal is None or request is not mb.proposal.request:
+                steps.close()
+                raise RuntimeError(
+                    f"micro-batch {mb.index} was read ahead, but its model did not yield the "
+                    "proposal's request: pass the proposal to the model's steps()"
+                )
+            pending[mb.prefetched] = (mb, steps)
+            return
         pending[submit(mb.keys, request)] = (mb, steps)
         reads += 1
 
     for mb in micro:  # start all first: attention with the current weights, reads in flight
         advance(mb, start(mb), None)
+    if after_start is not None:
+        after_start()
     while pending:
         ready = [f for f in pending if f.done()]
         if not ready:

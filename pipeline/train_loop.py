@@ -15,9 +15,9 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,9 @@ class StepRunner:
         micro_batches: micro-batches per step; ramp: their sizes grow 1 : 2 : 3 ...
             (``split_batch``). clip_norm: gradient-norm clip (0: off).
         generator: sampling generator; each micro-batch gets a child seeded from it, in order.
+        read_ahead: during each step, draw the next step's first micro-batch with the current
+            weights and submit its read (``pipeline.microbatch``); needs the next batch
+            (``train_step(..., next_batch=...)``, as ``train_epoch`` and ``evaluate`` pass it).
         device: where the model lives. autocast: context for model compute (bf16 on GPU).
         sync: gradient/buffer averaging across workers (a no-op in one process).
     """
@@ -126,13 +129,19 @@ class StepRunner:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: Callable[[], AbstractContextManager] = nullcontext
     sync: GradSync | None = None
+    read_ahead: bool = False
 
     def __post_init__(self) -> None:
         self.submit = submitter(self.source)
         if self.sync is None:
             self.sync = GradSync(self.model)
+        self._ahead: tuple[Batch, list[MicroBatch]] | None = None
 
     def _micro(self, batch: Batch, generator: torch.Generator) -> list[MicroBatch]:
+        """The batch's micro-batches: the ones read ahead for it, else split now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is batch:
+            return ahead[1]
         keys, views, sizes, labels = to_tensors(batch)
         parts = max(1, min(self.micro_batches, len(keys)))
         seeds = torch.randint(0, 2**62, (parts,), generator=generator).tolist()
@@ -140,18 +149,53 @@ class StepRunner:
         return split_batch(keys, views.to(self.device), sizes.to(self.device),
                            labels.to(self.device), parts, gens, ramp=self.ramp)
 
-    def _run(self, micro: list[MicroBatch], finish: Callable[[MicroBatch, ModelOutput], None]):
+    def _read_ahead(self, batch: Batch | None, generator: torch.Generator) -> Callable[[], None]:
+        """Split ``batch`` (the next step's) now and submit its first micro-batch's read,
+        drawn by ``model.propose`` with the current weights (a no-op without ``read_ahead``,
+        without a next batch, or for a model that cannot propose)."""
+
+        def launch() -> None:
+            if not self.read_ahead or batch is None:
+                return
+            micro = self._micro(batch, generator)
+            first = micro[0]
+            with self.autocast():
+                proposal = self.model.propose(first.views, first.sizes, first.generator)
+            if proposal is not None:
+                future = self.submit(first.keys, proposal.request)
+                micro[0] = replace(first, proposal=proposal, prefetched=future)
+            self._ahead = (batch, micro)
+
+        return launch
+
+    def _steps(self, mb: MicroBatch):
+        if mb.proposal is None:
+            return self.model.steps(mb.views, mb.sizes, mb.generator)
+        return self.model.steps(mb.views, mb.sizes, mb.generator, proposal=mb.proposal)
+
+    def _run(
+        self,
+        micro: list[MicroBatch],
+        finish: Callable[[MicroBatch, ModelOutput], None],
+        after_start: Callable[[], None] | None = None,
+    ):
         return run_microbatches(
             micro,
-            lambda mb: self.model.steps(mb.views, mb.sizes, mb.generator),
+            self._steps,
             self.submit,
             finish,
             prepare=lambda patches: patches.to(self.device, non_blocking=True),
             context=self.autocast,
+            after_start=after_start,
         )
 
-    def train_step(self, batch: Batch, epoch: int, stats: EpochStats) -> None:
-        """Forward/backward every micro-batch as its patches arrive; then one optimiser step."""
+    def train_step(
+        self, batch: Batch, epoch: int, stats: EpochStats, next_batch: Batch | None = None
+    ) -> None:
+        """Forward/backward every micro-batch as its patches arrive; then one optimiser step.
+
+        With ``read_ahead`` and ``next_batch``, the next step's first read is drawn (with the
+        weights before this step's update) and submitted once this step's reads are."""
         t0 = time.perf_counter()
         r0, b0 = reader_counters(self.source)
         self.model.train()
@@ -166,7 +210,7 @@ class StepRunner:
             stats.correct += int((out.logits.detach().argmax(-1) == mb.labels).sum())
             finished.append((mb, out))
 
-        schedule = self._run(micro, finish)
+        schedule = self._run(micro, finish, self._read_ahead(next_batch, self.generator))
         self.sync.average_gradients()
         if self.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
@@ -193,8 +237,10 @@ class StepRunner:
         generator: torch.Generator,
         stats: EpochStats,
         keep: Callable[[MicroBatch, ModelOutput], None] | None = None,
+        next_batch: Batch | None = None,
     ) -> None:
-        """Predict a batch (model in eval mode); ``keep`` sees each micro-batch's output."""
+        """Predict a batch (model in eval mode); ``keep`` sees each micro-batch's output.
+        ``next_batch``: as in ``train_step`` (the weights do not change between them here)."""
         t0 = time.perf_counter()
         r0, b0 = reader_counters(self.source)
         self.model.eval()
@@ -210,7 +256,7 @@ class StepRunner:
             if keep is not None:
                 keep(mb, out)
 
-        schedule = self._run(micro, finish)
+        schedule = self._run(micro, finish, self._read_ahead(next_batch, generator))
         r1, b1 = reader_counters(self.source)
         stats.samples += sum(len(mb.keys) for mb in micro)
         stats.steps += 1
@@ -231,8 +277,8 @@ def train_epoch(
     ``model.begin_epoch(epoch)`` runs first (alternating schedules such as RA-CNN's)."""
     runner.model.begin_epoch(epoch)
     stats = EpochStats()
-    for i, batch in enumerate(batches):
-        runner.train_step(batch, epoch, stats)
+    for i, (batch, next_batch) in enumerate(with_next(batches)):
+        runner.train_step(batch, epoch, stats, next_batch)
         if after_step is not None:
             after_step(i)
     return stats
@@ -248,9 +294,19 @@ def evaluate(
     """Loss, accuracy and confusion matrix over ``batches``; sampling seeded by ``seed``."""
     stats = EpochStats(confusion=np.zeros((num_classes, num_classes), dtype=np.int64))
     generator = torch.Generator().manual_seed(seed)
-    for batch in batches:
-        runner.eval_step(batch, generator, stats, keep)
+    for batch, next_batch in with_next(batches):
+        runner.eval_step(batch, generator, stats, keep, next_batch)
     return stats
+
+
+def with_next(items: Iterable[Batch]) -> Iterator[tuple[Batch, Batch | None]]:
+    """``(item, the item after it)`` pairs; None after the last (no read ahead across epochs)."""
+    it = iter(items)
+    current = next(it, None)
+    while current is not None:
+        following = next(it, None)
+        yield current, following
+        current = following
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -395,6 +451,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
         source=loop_config["source_factory"](),
         micro_batches=config.data.micro_batches,
         ramp=config.data.ramp_micro_batches,
+        read_ahead=config.data.read_ahead,
         clip_norm=config.optim.clip_norm,
         generator=sampling,
         device=device,

@@ -12,6 +12,7 @@ from models.ats import (
     view_boxes,
 )
 from models.memory import TensorPyramidSource, crop_padded
+from models.protocol import drive
 from models.registry import create_model
 
 TINY = dict(
@@ -279,3 +280,80 @@ def test_rejects_bad_settings():
     model = tiny_model(n_patches=1000)
     with pytest.raises(ValueError, match="fewer positions"):
         run(model, source, keys)
+
+
+# ------------------------------------------------------------------ proposals (read ahead)
+
+
+def _inputs(model, source, keys):
+    return source.view(keys, model.view_size), source.level0_sizes(keys)
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_proposal_with_unchanged_weights_reproduces_the_plain_step(replace):
+    """propose + steps(proposal) consumes the generator as steps does and, with the same
+    weights, gives the same draws, value, weights and gradients."""
+    source, keys = small_source()
+    labels = torch.tensor([0, 1, 2])
+    model = tiny_model(replace=replace, baseline=True).train()
+    views, sizes = _inputs(model, source, keys)
+    plain = drive(model.steps(views, sizes, torch.Generator().manual_seed(3)), source, keys)
+    model.loss(plain, labels).backward()
+    plain_grads = _grads(model)
+    model.zero_grad()
+    proposal = model.propose(views, sizes, torch.Generator().manual_seed(3))
+    assert not proposal.probs.requires_grad
+    ahead = drive(model.steps(views, sizes, None, proposal=proposal), source, keys)
+    model.loss(ahead, labels).backward()
+    assert torch.equal(ahead.boxes, plain.boxes)
+    assert torch.equal(ahead.extras["positions"], plain.extras["positions"])
+    torch.testing.assert_close(ahead.weights, plain.weights)
+    torch.testing.assert_close(ahead.logits, plain.logits)
+    torch.testing.assert_close(_grads(model), plain_grads)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_proposal_from_other_weights_is_importance_weighted(replace):
+    """After the weights move, the proposal's draws are kept and weighted by a / q."""
+    from models import sampling
+
+    source, keys = small_source()
+    model = tiny_model(replace=replace, baseline=True).train()
+    views, sizes = _inputs(model, source, keys)
+    proposal = model.propose(views, sizes, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for p in model.attention.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out = drive(model.steps(views, sizes, None, proposal=proposal), source, keys)
+    idx = proposal.positions
+    assert torch.equal(out.extras["positions"], idx) and torch.equal(out.boxes, proposal.request.boxes)
+    a_sel = out.extras["probs"].detach().gather(1, idx)
+    q_sel = proposal.probs.gather(1, idx)
+    assert not torch.allclose(a_sel, q_sel)
+    if replace:
+        expected = sampling.with_replacement_weights(idx, ratio=a_sel / q_sel)
+    else:
+        expected = sampling.without_replacement_weights(a_sel, q_sel=q_sel)
+    torch.testing.assert_close(out.weights, expected)
+    assert not torch.allclose(out.weights.sum(1), torch.ones(3))  # 1 only in expectation
+    # the baseline leaves the value alone off-policy too
+    model.baseline = False
+    plain = drive(model.steps(views, sizes, None, proposal=proposal), source, keys)
+    torch.testing.assert_close(out.logits, plain.logits)
+
+
+def test_propose_leaves_batch_norm_statistics_alone():
+    source, keys = small_source()
+    model = tiny_model(attention_backbone="small_cnn",
+                       attention_kwargs={"widths": (4,), "norm": "batch"}).train()
+    views, sizes = _inputs(model, source, keys)
+    before = [b.clone() for b in model.attention.buffers()]
+    assert len(before) >= 3
+    model.propose(views, sizes, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.attention.buffers(), strict=True))
+    run(model, source, keys)  # the forward in steps does update them
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.attention.buffers(), strict=True))

@@ -8,6 +8,8 @@ of the exact value (autograd of ``sum_i a_i f_i``), and the standard errors them
 small (< 0.02), so the check is tight. Float64 throughout.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -96,6 +98,86 @@ def test_single_stage_estimator_is_unbiased_in_value_and_gradients(kind, p, n):
     within_se(v, exact_v, f"{kind} value")
     within_se(gl, exact_gl, f"{kind} d/dlogits")
     within_se(gt, exact_gt, f"{kind} d/dfeatures")
+
+
+# ------------------------------------------------------------------------------------------
+# Off-policy draws: drawn from a proposal q (e.g. the weights before an optimiser step),
+# used for the attention a
+# ------------------------------------------------------------------------------------------
+
+
+def sequences(p: int, n: int, replace: bool):
+    """Every ordered sample of n of range(p), with its probability factors' rule."""
+    return itertools.product(range(p), repeat=n) if replace else itertools.permutations(range(p), n)
+
+
+def sequence_probability(q: torch.Tensor, seq, replace: bool) -> float:
+    """Probability of the ordered sample ``seq`` under sequential draws from ``q`` (P,)."""
+    prob, used = 1.0, 0.0
+    for i in seq:
+        prob *= float(q[i]) / (1.0 if replace else 1.0 - used)
+        used += float(q[i])
+    return prob
+
+
+@pytest.mark.parametrize("replace", [True, False])
+@pytest.mark.parametrize("p,n", [(3, 2), (4, 2), (4, 3), (5, 3)])
+def test_off_policy_estimators_are_exact_in_expectation_by_enumeration(replace, p, n):
+    """Summing over every ordered sample drawn from q != a, weighted by its probability under
+    q, gives sum_i a_i f_i and its exact gradients (to float64 rounding)."""
+    logits, table, upstream = problem(p, 2, seed=100 + 10 * p + n)
+    proposal = torch.softmax(torch.randn(p, generator=gen(p + n), dtype=DT), 0)
+    exact_v, exact_gl, exact_gt = exhaustive(logits, table, upstream)
+    estimator = expect_with_replacement if replace else expect_without_replacement
+    mean_v, mean_gl, mean_gt, total = 0.0, 0.0, 0.0, 0.0
+    for seq in sequences(p, n, replace):
+        prob = sequence_probability(proposal, seq, replace)
+        lg = logits[None].clone().requires_grad_()
+        tb = table.clone().requires_grad_()
+        idx = torch.tensor([seq])
+        value = estimator(torch.softmax(lg, 1), idx, tb[idx], proposal=proposal[None])
+        gl, gt = torch.autograd.grad((value @ upstream).sum(), [lg, tb])
+        mean_v, mean_gl, mean_gt = mean_v + prob * value[0], mean_gl + prob * gl[0], mean_gt + prob * gt
+        total += prob
+    assert abs(total - 1.0) < 1e-12
+    assert torch.allclose(mean_v, exact_v, atol=1e-12)
+    assert torch.allclose(mean_gl, exact_gl, atol=1e-12)
+    assert torch.allclose(mean_gt, exact_gt, atol=1e-12)
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_off_policy_estimator_with_proposal_equal_to_attention_is_the_on_policy_one(replace):
+    logits, table, _ = problem(6, 2, seed=3)
+    probs = torch.softmax(logits, 0).expand(50, -1)
+    sampler = sample_with_replacement if replace else sample_without_replacement
+    idx = sampler(probs, 3, gen(4))
+    feats = table[idx]
+    estimator = expect_with_replacement if replace else expect_without_replacement
+    on = estimator(probs, idx, feats)
+    assert torch.equal(estimator(probs, idx, feats, proposal=probs.clone()), on)
+
+
+def test_on_policy_estimator_on_off_policy_draws_is_biased():
+    """The check above can fail: treating draws from q as draws from a is caught."""
+    logits, table, upstream = problem(4, 2, seed=5)
+    proposal = torch.softmax(torch.tensor([2.0, -1.0, 0.0, 1.0], dtype=DT), 0)
+    exact_v, _, _ = exhaustive(logits, table, upstream)
+    mean_v = 0.0
+    for seq in sequences(4, 2, replace=False):
+        idx = torch.tensor([seq])
+        value = expect_without_replacement(torch.softmax(logits[None], 1), idx, table[idx])
+        mean_v = mean_v + sequence_probability(proposal, seq, False) * value[0]
+    assert (mean_v - exact_v).abs().max() > 0.05
+
+
+def test_off_policy_weights_table():
+    """w_k = [(n-1-k) a_k + (1 - Q_k) a_k / q_k] / n on a hand-computed case."""
+    a = torch.tensor([[0.5, 0.3, 0.2]], dtype=DT)
+    q = torch.tensor([[0.4, 0.4, 0.2]], dtype=DT)
+    expected = torch.tensor(
+        [[(2 * 0.5 + 1.25) / 3, (0.3 + 0.6 * 0.75) / 3, (0 + 0.2 * 1.0) / 3]], dtype=DT
+    )
+    assert torch.allclose(without_replacement_weights(a, q_sel=q), expected)
 
 
 def test_without_replacement_weights_table():

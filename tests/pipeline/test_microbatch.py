@@ -185,3 +185,32 @@ def test_model_without_reads_and_synchronous_source():
     stats = run_microbatches(micro, lambda mb: toy.steps(mb.views, mb.sizes, mb.generator),
                              submitter(source), lambda mb, out: None)
     assert stats.reads == 3 and stats.wait_s == 0.0  # already-completed futures never block
+
+
+def test_a_micro_batch_read_ahead_uses_its_future_and_submits_nothing():
+    from dataclasses import replace
+
+    from models.ats import ATS
+
+    torch.manual_seed(0)
+    model = ATS(in_channels=3, num_classes=2, view_size=(16, 16), patch_size=(4, 4), n_patches=2,
+                attention_kwargs={"widths": (4,)}, feature_kwargs={"widths": (4,), "kernels": (3,)})
+    _, source, micro, _ = _setup(parts=2)
+    views = torch.nn.functional.interpolate(micro[0].views, size=(16, 16))
+    first = replace(micro[0], views=views)
+    proposal = model.propose(first.views, first.sizes, torch.Generator().manual_seed(1))
+    prefetched: Future = Future()
+    prefetched.set_result(source.read(first.keys, proposal.request))
+    ahead = replace(first, proposal=proposal, prefetched=prefetched)
+    submitted, outputs = [], []
+
+    def submit(keys, request):
+        submitted.append(keys)
+        return submitter(source)(keys, request)
+
+    run_microbatches([ahead], lambda mb: model.steps(mb.views, mb.sizes, None, proposal=mb.proposal),
+                     submit, lambda mb, out: outputs.append(out))
+    assert submitted == [] and torch.equal(outputs[0].boxes, proposal.request.boxes)
+    with pytest.raises(RuntimeError, match="did not yield the proposal's request"):
+        run_microbatches([ahead], lambda mb: model.steps(mb.views, mb.sizes, mb.generator),
+                         submit, lambda mb, out: None)

@@ -144,3 +144,76 @@ def test_checkpoint_loads_weights_only(tmp_path):
                     rank_rng=[capture_rng()], config={})
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # raises on pickled objects
     assert set(state) == {"model", "optimizer", "scheduler", "rank_rng"}
+
+
+# ------------------------------------------------------------------ reading ahead (ATS)
+
+
+class EventSource(CountingSource):
+    """Records each read's keys and boxes, in the order they are asked for."""
+
+    def __init__(self, pyramids, events):
+        super().__init__(pyramids)
+        self.events = events
+
+    def read(self, keys, request):
+        self.events.append(("read", tuple(keys), request.boxes.clone()))
+        return super().read(keys, request)
+
+
+def _ats_runner(read_ahead, lr, events):
+    from models.registry import create_model
+
+    g = torch.Generator().manual_seed(2)
+    images = {f"s{i:02d}": (torch.rand(1, 96 + 16 * (i % 3), 128, generator=g) * 255).to(torch.uint8)
+              for i in range(12)}
+    source = EventSource(TensorPyramidSource.from_images(images, coarsest=32).pyramids, events)
+    keys = sorted(images)
+    torch.manual_seed(0)
+    model = create_model("ats", in_channels=1, num_classes=3, view_size=(24, 24),
+                         patch_size=(8, 8), n_patches=3, baseline=True,
+                         attention_kwargs={"widths": (4,)},
+                         feature_backbone="small_cnn", feature_kwargs={"widths": (4,), "norm": "batch"})
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer.register_step_post_hook(lambda *_: events.append(("optimizer step",)))
+    runner = StepRunner(model=model, optimizer=optimizer, source=source, micro_batches=2,
+                        generator=torch.Generator().manual_seed(5), read_ahead=read_ahead)
+    views = source.view(keys, (24, 24)).numpy()
+    sizes = source.level0_sizes(keys).numpy()
+    labels = np.arange(12) % 3
+    return runner, _batches(np.array(keys), views, sizes, labels, batch_size=4)
+
+
+def test_read_ahead_with_unchanged_weights_changes_nothing_but_when_reads_happen():
+    """lr = 0: the same reads, losses and accuracy with and without reading ahead; with it,
+    each step's read of the next step's first micro-batch comes before the optimiser step."""
+    runs = {}
+    for read_ahead in (False, True):
+        events = []
+        runner, batches = _ats_runner(read_ahead, lr=0.0, events=events)
+        train = train_epoch(runner, batches, epoch=0)
+        val = evaluate(runner, batches, seed=1, num_classes=3)
+        runs[read_ahead] = (events, train, val)
+    (plain, t0, v0), (ahead, t1, v1) = runs[False], runs[True]
+    reads = lambda ev: sorted((e[1], e[2].tolist()) for e in ev if e[0] == "read")  # noqa: E731
+    assert reads(ahead) == reads(plain) and len(reads(plain)) == 2 * 3 * 2
+    assert (t1.requests, t1.bytes, t1.correct, v1.correct) == (t0.requests, t0.bytes, t0.correct, v0.correct)
+    assert t1.loss_sum == pytest.approx(t0.loss_sum, rel=1e-5)
+    assert v1.loss_sum == pytest.approx(v0.loss_sum, rel=1e-5)
+    assert (v1.confusion == v0.confusion).all()
+    kinds = [e[0] if e[0] != "read" else e[1][0] for e in ahead]
+    # step 1 reads both of its micro-batches, then step 2's first, then steps the optimiser
+    assert kinds[:4] == ["s00", "s02", "s04", "optimizer step"]
+    assert kinds[4:7] == ["s06", "s08", "optimizer step"]  # step 2 reads only its second
+    assert kinds[7] == "s10" and kinds[8] == "optimizer step"  # the last step reads nothing ahead
+
+
+def test_read_ahead_keeps_training_with_moving_weights():
+    events = []
+    runner, batches = _ats_runner(True, lr=0.05, events=events)
+    for epoch in range(2):
+        stats = train_epoch(runner, batches, epoch=epoch)
+        assert stats.samples == 12 and np.isfinite(stats.loss_sum)
+        assert runner._ahead is None  # nothing read ahead across epochs
+    # every read ahead was used by its step: as many reads as without reading ahead
+    assert sum(1 for e in events if e[0] == "read") == 2 * 3 * 2
