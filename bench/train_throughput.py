@@ -2,7 +2,8 @@
 (c) as pyramids behind an S3 endpoint with ~20 ms added per request; same model, data and steps.
 
     python bench/train_throughput.py [--config jobs/configs/fmow_demo.yaml] [--manifest URI]
-        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto] [--set KEY=VALUE] [--json]
+        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto]
+        [--without-read-ahead] [--set KEY=VALUE] [--json]
 
 Every setting runs the per-worker loop of ``pipeline.train_loop`` (one process, no Ray: this
 measures the data path, not Ray's start-up) from the same initial weights and sampling seed:
@@ -17,6 +18,8 @@ differ only in where the attended patches come from:
       against AWS), which waits ``--latency-ms`` before answering each request (metadata,
       shard index or chunk range alike) and costs the client's machine a fraction of a
       millisecond of CPU per request, as a remote object store would;
+  (c') ``s3_no_read_ahead`` (with ``--without-read-ahead``): (c) with ``data.read_ahead``
+      off, so every step starts by waiting for its first read;
   (d) ``s3_moto`` (unless ``--no-moto``): the same through moto's S3 server, the one the tests
       use, behind ``pipeline.http_proxy`` adding the same latency. moto spends ~6 ms of CPU per
       request on the same 2 cores as the training loop, so this row measures moto's CPU as much
@@ -189,12 +192,14 @@ def zarr_source(config):
 
 @dataclass
 class Setting:
-    """One way of serving the patches: its name, source, scene keys and ``AWS_ENDPOINT_URL``."""
+    """One way of serving the patches: its name, source, scene keys and ``AWS_ENDPOINT_URL``;
+    ``read_ahead``: overrides ``data.read_ahead`` for this setting (None: the config's)."""
 
     name: str
     source: object
     keys: np.ndarray
     endpoint: str | None = None
+    read_ahead: bool | None = None
 
     def activate(self) -> None:
         if self.endpoint is not None:
@@ -223,7 +228,8 @@ def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, 
         runners[s.name] = StepRunner(
             model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=config.optim.lr),
             source=s.source, micro_batches=config.data.micro_batches,
-            ramp=config.data.ramp_micro_batches, read_ahead=config.data.read_ahead,
+            ramp=config.data.ramp_micro_batches,
+            read_ahead=config.data.read_ahead if s.read_ahead is None else s.read_ahead,
             clip_norm=config.optim.clip_norm, generator=torch.Generator().manual_seed(seed + 1))
         s.activate()
         train_epoch(runners[s.name], batches(s.keys, 0), 0)  # warm-up: caches, first-touch
@@ -257,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="any other config override, as for jobs/train_fmow.py")
     parser.add_argument("--no-moto", dest="moto", action="store_false",
                         help="skip setting (d), moto's server")
+    parser.add_argument("--without-read-ahead", action="store_true",
+                        help="add a row: setting (c) with data.read_ahead off, side by side")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -302,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             processes.append(server)
             _aws_env(endpoint)
             settings.append(Setting("s3", zarr_source(config), s3_keys, endpoint))
+            if args.without_read_ahead:
+                settings.append(Setting("s3_no_read_ahead", zarr_source(config), s3_keys,
+                                        endpoint, read_ahead=False))
             if args.moto:
                 server, proxy, _, proxy_endpoint = start_moto(args.latency_ms / 1000)
                 processes += [proxy, server]
@@ -318,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     read = results["local"]["train/bytes_per_sample"]
     ratio = sps["s3"] / sps["memory"]
     moto = f"; moto / memory {sps['s3_moto'] / sps['memory']:.2f}" if "s3_moto" in sps else ""
+    if "s3_no_read_ahead" in sps:
+        moto += f"; s3 without read ahead / memory {sps['s3_no_read_ahead'] / sps['memory']:.2f}"
     print(f"\ns3 / memory samples per second: {ratio:.2f} (target >= 0.70); local / memory "
           f"{sps['local'] / sps['memory']:.2f}{moto}; S3 requests served {served} (incl. warm-up)")
     print(f"bytes per sample: read {read:,.0f} vs full-resolution CNN {full.mean():,.0f} compressed "

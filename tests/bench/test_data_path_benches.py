@@ -26,11 +26,11 @@ def test_three_settings_and_the_json_line(tiny_manifest, capsys, monkeypatch):
         monkeypatch.setenv(key, "unset")  # the bench sets its own; restored after the test
     code = load_bench().main(["--manifest", tiny_manifest, "--scenes", "4",
                               "--epochs", "1", "--latency-ms", "5", "--no-moto",
-                              "--set", "data.batch_size=2", "--json"])
+                              "--without-read-ahead", "--set", "data.batch_size=2", "--json"])
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
-    assert set(report["samples_per_s"]) == {"memory", "local", "s3"}
+    assert set(report["samples_per_s"]) == {"memory", "local", "s3", "s3_no_read_ahead"}
     assert all(v > 0 for v in report["samples_per_s"].values())
     assert report["s3_over_memory"] == report["samples_per_s"]["s3"] / report["samples_per_s"]["memory"]
     assert report["data_wait_fraction"]["memory"] == 0.0
