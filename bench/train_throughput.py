@@ -243,7 +243,7 @@ def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, 
     results = {}
     for s in settings:
         m = results[s.name] = totals[s.name].metrics("train")
-        print(f"  {s.name:<9} {m['train/samples_per_s']:8.2f} samples/s   data wait "
+        print(f"  {s.name:<16} {m['train/samples_per_s']:8.2f} samples/s   data wait "
               f"{100 * m['train/data_wait_fraction']:5.1f}%   {m['train/bytes_per_sample']:>10,.0f} B/sample"
               f"   {m['train/requests_per_sample']:6.2f} requests/sample", flush=True)
     return results
