@@ -343,6 +343,11 @@ class ATS(AttentionModel):
         patches = patches.to(views.device, views.dtype)
         feats = self.features(patches.flatten(0, 1)).reshape(b, self.n_patches, -1)
         pooled, weights = self.estimate(probs, idx, feats, drawn_from)
+        extras = {"positions": idx, "probs": probs}
+        if drawn_from is not None:
+            extras["importance_ratio"] = sampling.importance_ratio(
+                probs.gather(1, idx), drawn_from.gather(1, idx)
+            )
         logits = self.classifier(self.feature_scale * pooled)
         aux = {}
         if self.entropy_strength and self.training:
@@ -353,7 +358,7 @@ class ATS(AttentionModel):
             boxes=boxes,
             weights=weights,
             aux=aux,
-            extras={"positions": idx, "probs": probs},
+            extras=extras,
         )
 
 

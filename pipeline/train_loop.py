@@ -50,6 +50,8 @@ class EpochStats:
     """Sums over one epoch of one worker (``merge`` adds other workers' sums).
 
     ``seconds`` is wall time of the steps, ``wait_s`` the part blocked on storage.
+    ``log_ratio_sum`` / ``ratio_draws``: sum of |log(a/q)| over the draws read ahead (a: the
+    attention they were used for, q: the one they were drawn from) and their number.
     ``confusion`` is (num_classes, num_classes) counts, row = true label.
     """
 
@@ -61,26 +63,34 @@ class EpochStats:
     requests: int = 0
     bytes: int = 0
     steps: int = 0
+    log_ratio_sum: float = 0.0
+    ratio_draws: int = 0
     confusion: np.ndarray | None = None
 
     def as_vector(self) -> Tensor:
         return torch.tensor(
             [self.loss_sum, self.correct, self.samples, self.seconds, self.wait_s,
-             self.requests, self.bytes, self.steps],
+             self.requests, self.bytes, self.steps, self.log_ratio_sum, self.ratio_draws],
             dtype=torch.float64,
         )
 
     @classmethod
     def from_vector(cls, v: Tensor, confusion: np.ndarray | None = None) -> EpochStats:
         x = v.tolist()
-        return cls(x[0], int(x[1]), int(x[2]), x[3], x[4], int(x[5]), int(x[6]), int(x[7]), confusion)
+        return cls(x[0], int(x[1]), int(x[2]), x[3], x[4], int(x[5]), int(x[6]), int(x[7]),
+                   x[8], int(x[9]), confusion)
 
     def metrics(self, prefix: str, world_size: int = 1) -> dict[str, float]:
         """Per-epoch metrics: loss and accuracy per sample, bytes and requests per sample,
-        data-wait fraction of step time, samples per second (all workers together)."""
+        data-wait fraction of step time, samples per second (all workers together); with
+        draws read ahead, their mean |log(a/q)| (0: the weights did not move the attention)."""
         n = max(self.samples, 1)
         per_worker_seconds = self.seconds / max(world_size, 1)
+        ahead = {}
+        if self.ratio_draws:
+            ahead[f"{prefix}/read_ahead_abs_log_ratio"] = self.log_ratio_sum / self.ratio_draws
         return {
+            **ahead,
             f"{prefix}/loss": self.loss_sum / n,
             f"{prefix}/accuracy": self.correct / n,
             f"{prefix}/samples": float(self.samples),
@@ -208,6 +218,10 @@ class StepRunner:
             (loss * (len(mb.keys) / total)).backward()
             stats.loss_sum += float(loss.detach()) * len(mb.keys)
             stats.correct += int((out.logits.detach().argmax(-1) == mb.labels).sum())
+            ratio = out.extras.get("importance_ratio")
+            if ratio is not None:
+                stats.log_ratio_sum += float(ratio.double().clamp_min(1e-300).log().abs().sum())
+                stats.ratio_draws += ratio.numel()
             finished.append((mb, out))
 
         schedule = self._run(micro, finish, self._read_ahead(next_batch, self.generator))

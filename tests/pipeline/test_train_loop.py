@@ -198,6 +198,8 @@ def test_read_ahead_with_unchanged_weights_changes_nothing_but_when_reads_happen
     reads = lambda ev: sorted((e[1], e[2].tolist()) for e in ev if e[0] == "read")  # noqa: E731
     assert reads(ahead) == reads(plain) and len(reads(plain)) == 2 * 3 * 2
     assert (t1.requests, t1.bytes, t1.correct, v1.correct) == (t0.requests, t0.bytes, t0.correct, v0.correct)
+    assert t1.ratio_draws == 2 * 2 * 3 and t1.log_ratio_sum == 0.0  # 2 steps x 2 scenes x 3 draws
+    assert "train/read_ahead_abs_log_ratio" not in t0.metrics("train")
     assert t1.loss_sum == pytest.approx(t0.loss_sum, rel=1e-5)
     assert v1.loss_sum == pytest.approx(v0.loss_sum, rel=1e-5)
     assert (v1.confusion == v0.confusion).all()
@@ -214,6 +216,8 @@ def test_read_ahead_keeps_training_with_moving_weights():
     for epoch in range(2):
         stats = train_epoch(runner, batches, epoch=epoch)
         assert stats.samples == 12 and np.isfinite(stats.loss_sum)
+        # the weights moved between drawing and using: a != q, reported per epoch
+        assert stats.ratio_draws == 2 * 2 * 3 and stats.metrics("train")["train/read_ahead_abs_log_ratio"] > 0
         assert runner._ahead is None  # nothing read ahead across epochs
     # every read ahead was used by its step: as many reads as without reading ahead
     assert sum(1 for e in events if e[0] == "read") == 2 * 3 * 2
