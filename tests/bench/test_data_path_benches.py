@@ -48,3 +48,12 @@ def test_reader_cpu_reports_per_sample_costs(tiny_manifest, capsys):
     for where in ("thread", "process"):  # 3 reads in flight: each comes back after the one before
         back = report[f"in_flight_ms_{where}"]
         assert len(back) == 3 and 0 < back[0] <= back[1] <= back[2]
+
+
+def test_demo_learning_prints_per_epoch_accuracies(tiny_manifest, capsys):
+    bench = load_bench(BENCH.parent / "demo_learning.py")
+    assert bench.main(["--manifest", tiny_manifest, "--epochs", "2", "--batch", "2",
+                       "--set", "model.overrides.n_patches=4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [row["epoch"] for row in report["history"]] == [1, 2] and report["read_ahead"]
+    assert all(0.0 <= row["val_accuracy"] <= 1.0 for row in report["history"])
