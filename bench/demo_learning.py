@@ -9,9 +9,9 @@ batch (2 workers x 6 = 12), every scene's pyramid in memory, the epoch order and
 seeded by ``--seed``. Two runs that differ only in ``--no-read-ahead`` (or in a ``--set``)
 see the same data in the same order, which the 2-worker Ray demo does not (its split depends
 on timing), so this is the place to compare settings. Loading every level of the demo's 260
-scenes into memory takes several minutes on 2 cores; a 45-epoch run about 10. Each epoch prints train accuracy,
-validation accuracy and the mean |log(a/q)| of the draws read ahead; with ``--json`` the last
-line is one JSON object with those per epoch.
+scenes into memory takes several minutes on 2 cores; a 45-epoch run about 10. Each epoch
+prints train accuracy, validation accuracy and the mean |log(a/q)| of the draws read ahead;
+with ``--json`` the last line is one JSON object with those per epoch.
 """
 
 from __future__ import annotations
