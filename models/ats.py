@@ -283,11 +283,11 @@ class ATS(AttentionModel):
         (B, N) the weight of each feature in it (the estimator is linear in the features).
         ``proposal`` (B, P): the distribution idx was drawn from when it is not ``probs``."""
         a_sel = probs.gather(1, idx)
-        ratio = None if proposal is None else sampling.importance_ratio(a_sel, proposal.gather(1, idx))
+        q_sel = None if proposal is None else proposal.gather(1, idx)
         if self.replace:
+            ratio = sampling.importance_ratio(a_sel, q_sel)
             weights = sampling.with_replacement_weights(idx, probs.dtype, ratio)
         else:
-            q_sel = None if proposal is None else proposal.gather(1, idx)
             weights = sampling.without_replacement_weights(a_sel, q_sel=q_sel)
         if not self.baseline:
             return sampling.expect_weighted(a_sel, weights, features), weights
