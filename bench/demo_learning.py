@@ -4,7 +4,7 @@
         [--config jobs/configs/fmow_demo.yaml] [--seed 0] [--epochs 45] [--batch 12]
         [--no-read-ahead] [--set KEY=VALUE] [--json]
 
-The per-worker loop of ``pipeline.train_loop`` without Ray: one worker with the demo's global
+The per-worker loop of ``pipeline.train.loop`` without Ray: one worker with the demo's global
 batch (2 workers x 6 = 12), every scene's pyramid in memory, the epoch order and sampling
 seeded by ``--seed``. Two runs that differ only in ``--no-read-ahead`` (or in a ``--set``)
 see the same data in the same order, which the 2-worker Ray demo does not (its split depends
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def batches(rows: dict, views: np.ndarray, order: np.ndarray, size: int) -> list[dict]:
@@ -51,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.train_throughput import memory_source
     from models.registry import create_model
-    from pipeline.config import load_config
-    from pipeline.data import split_rows
-    from pipeline.manifest import read_classes, read_manifest
-    from pipeline.train_loop import StepRunner, cosine_schedule, evaluate, train_epoch
-    from pipeline.trainer import resolve_config
+    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.train.config import load_config
+    from pipeline.train.data import split_rows
+    from pipeline.train.driver import resolve_config
+    from pipeline.train.loop import StepRunner, cosine_schedule, evaluate, train_epoch
 
     classes = list(read_classes(args.manifest))
     config = resolve_config(load_config(args.config, args.set), classes)

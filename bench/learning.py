@@ -31,7 +31,7 @@ from torch import Tensor
 from models.memory import TensorPyramidSource
 from models.protocol import AttentionModel, ReadRequest, box_at_level
 from models.registry import create_model
-from pipeline.megapixel_mnist import DIGIT, MegapixelMNISTSpec, layout, make_split
+from pipeline.synth.megapixel_mnist import DIGIT, MegapixelMNISTSpec, layout, make_split
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ Why it exists: moto's server, which the tests use, spends about 6 ms of CPU per 
 millisecond per request (one asyncio loop, files read with ``os.pread``), so the benchmark sees
 what a remote object store looks like from the client: the added latency and the client's own
 CPU. It accepts any signature (as moto does by default), answers unknown keys with S3's
-``NoSuchKey`` 404, and serves ``pipeline.http_proxy.COUNTS_PATH`` with its request counters.
+``NoSuchKey`` 404, and serves ``bench.http_proxy.COUNTS_PATH`` with its request counters.
 Loopback only; read-only (objects are put there as files). Not for anything but benchmarks.
 """
 
@@ -27,11 +27,9 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.http_proxy import COUNTS_PATH
 
-from pipeline.http_proxy import COUNTS_PATH  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

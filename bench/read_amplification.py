@@ -39,11 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.protocol import ReadRequest  # noqa: E402
-from pipeline import pyramid, storage  # noqa: E402
-from pipeline.reader import ZarrPixelSource  # noqa: E402
+from models.protocol import ReadRequest
+from pipeline.read.reader import ZarrPixelSource
+from pipeline.store import pyramid, storage
 
 CHANNELS = 3
 
@@ -133,7 +131,7 @@ def zarr_baseline(scene_uri: str, side: int, patch: int, n: int, seed: int) -> d
     """The same kind of read through zarr-python (one slice per patch), counted."""
     import zarr
 
-    from pipeline.counting import CountingStore
+    from pipeline.store.counting import CountingStore
 
     store = CountingStore(storage.open_store(scene_uri, read_only=True))
     array = zarr.open_array(store, path="0", mode="r", zarr_format=3)

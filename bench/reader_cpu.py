@@ -13,7 +13,7 @@ JSON object. Same boxes on every run (seeded), so two versions of the reader can
 
 Then, with ``--in-flight K`` (default 3; 0 skips it), the latency a training step sees: groups
 of K batches are submitted at once through ``submit`` (as the micro-batch scheduler does), by
-the reader in this process and in a child process (``pipeline.reader_process``), and the median
+the reader in this process and in a child process (``pipeline.read.process``), and the median
 milliseconds until each of the K comes back are printed (run with ``--batch 2`` for the demo's
 micro-batches of 2 scenes).
 """
@@ -25,14 +25,9 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def random_requests(sizes: np.ndarray, args, rng: np.random.Generator):
@@ -68,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from pipeline.data import split_rows
-    from pipeline.manifest import read_manifest
-    from pipeline.reader import ZarrPixelSource
+    from pipeline.read.reader import ZarrPixelSource
+    from pipeline.store.manifest import read_manifest
+    from pipeline.train.data import split_rows
 
     rows = split_rows(read_manifest(args.manifest), "train", args.scenes)
     keys = [str(k) for k in rows["key"]]
@@ -110,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def in_flight(keys: list[str], requests: list, args, process: bool) -> list[float]:
     """Median ms until each of ``args.in_flight`` reads submitted together comes back."""
-    from pipeline.data import ZarrSourceFactory
+    from pipeline.train.data import ZarrSourceFactory
 
     source = ZarrSourceFactory(max_gap=args.max_gap, process=process)()
     k, times = args.in_flight, []

@@ -5,7 +5,7 @@
         [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto]
         [--without-read-ahead] [--set KEY=VALUE] [--json]
 
-Every setting runs the per-worker loop of ``pipeline.train_loop`` (one process, no Ray: this
+Every setting runs the per-worker loop of ``pipeline.train.loop`` (one process, no Ray: this
 measures the data path, not Ray's start-up) from the same initial weights and sampling seed:
 one warm-up epoch each (the reader's metadata and shard-index caches are warm in a long run
 too), then ``--epochs`` rounds in which every setting trains one epoch, in an order that
@@ -21,7 +21,7 @@ differ only in where the attended patches come from:
   (c') ``s3_no_read_ahead`` (with ``--without-read-ahead``): (c) with ``data.read_ahead``
       off, so every step starts by waiting for its first read;
   (d) ``s3_moto`` (unless ``--no-moto``): the same through moto's S3 server, the one the tests
-      use, behind ``pipeline.http_proxy`` adding the same latency. moto spends ~6 ms of CPU per
+      use, behind ``bench.http_proxy`` adding the same latency. moto spends ~6 ms of CPU per
       request on the same 2 cores as the training loop, so this row measures moto's CPU as much
       as the data path; it is printed for comparison.
 The servers run in their own processes on 127.0.0.1 (their CPU still counts: same cores).
@@ -44,14 +44,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from pipeline.store import storage
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline import storage  # noqa: E402
 
 DATA = ROOT / "data" / "bench"
 
@@ -133,7 +131,7 @@ def start_moto(latency_s: float):
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench-train", method="PUT"),
                            timeout=30).close()
     pport = _free_port()
-    proxy = subprocess.Popen([sys.executable, "-m", "pipeline.http_proxy", endpoint,
+    proxy = subprocess.Popen([sys.executable, "-m", "bench.http_proxy", endpoint,
                               "--latency-ms", str(latency_s * 1000), "--port", str(pport)],
                              cwd=ROOT, stdout=subprocess.DEVNULL)
     proxy_endpoint = f"http://127.0.0.1:{pport}"
@@ -163,7 +161,7 @@ def _aws_env(endpoint: str) -> None:
 def proxy_counts(proxy_endpoint: str) -> dict:
     import urllib.request
 
-    from pipeline.http_proxy import COUNTS_PATH
+    from bench.http_proxy import COUNTS_PATH
 
     with urllib.request.urlopen(proxy_endpoint + COUNTS_PATH, timeout=10) as response:
         return json.loads(response.read())
@@ -185,7 +183,7 @@ def copy_scene(src_uri: str, dst_uri: str) -> None:
 
 def zarr_source(config):
     """The reader exactly as the training workers build it (``config.reader``)."""
-    from pipeline.data import ZarrSourceFactory
+    from pipeline.train.data import ZarrSourceFactory
 
     return ZarrSourceFactory.from_config(config.reader)()
 
@@ -211,7 +209,7 @@ def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, 
     rotating each round (so drifts in the machine's load fall on every setting alike); the
     same initial weights and sampling seed everywhere. Returns per-sample metrics by name."""
     from models.registry import create_model
-    from pipeline.train_loop import EpochStats, StepRunner, train_epoch
+    from pipeline.train.loop import EpochStats, StepRunner, train_epoch
 
     bs = config.data.batch_size
 
@@ -269,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    from pipeline.config import load_config
-    from pipeline.data import split_rows
-    from pipeline.manifest import read_classes, read_manifest
-    from pipeline.reader import ZarrPixelSource
-    from pipeline.trainer import resolve_config
+    from pipeline.read.reader import ZarrPixelSource
+    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.train.config import load_config
+    from pipeline.train.data import split_rows
+    from pipeline.train.driver import resolve_config
 
     manifest_uri = args.manifest or make_manifest(args.scenes)
     manifest = read_manifest(manifest_uri)

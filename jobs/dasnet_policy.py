@@ -41,11 +41,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `ray job submit` runs this file from the uploaded working dir
-    sys.path.insert(0, str(ROOT))
-
-from pipeline.config import ConfigError, TrainConfig, load_job_config  # noqa: E402
+from pipeline.train.config import ConfigError, TrainConfig, load_job_config
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -71,7 +67,7 @@ def _say(message: str) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The checkpoint of a Ray Train run directory with the highest (epoch, step)."""
-    from pipeline.checkpoint import META_FILE, read_meta
+    from pipeline.train.checkpoint import META_FILE, read_meta
 
     found = []
     for directory in run_dir.glob("checkpoint_*"):
@@ -86,7 +82,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def stage_one_source(config: TrainConfig) -> str:
     """``snes.init``, or the run directory ``run.storage_path/run.name`` of stage 1."""
-    from pipeline.trainer import resolve_storage
+    from pipeline.train.driver import resolve_storage
 
     if config.snes.init:
         return config.snes.init
@@ -103,8 +99,8 @@ def load_stage_one(init: str) -> tuple[Any, str]:
     ``init``: an MLflow model URI (downloaded; the packaged safetensors + JSON), a checkpoint
     directory, or a run directory (its latest checkpoint).
     """
-    from pipeline import packaging, tracking
-    from pipeline.checkpoint import META_FILE, load_model
+    from pipeline.track import packaging, tracking
+    from pipeline.train.checkpoint import META_FILE, load_model
 
     if init.startswith(MLFLOW_SCHEMES):
         with tempfile.TemporaryDirectory() as tmp:
@@ -160,12 +156,12 @@ def run_policy_stage(config: TrainConfig, tracker: Any = None) -> dict[str, Any]
     import torch
 
     from models.dasnet import snes_train_policy
-    from pipeline import data
-    from pipeline.config import save_config, to_dict
-    from pipeline.manifest import read_classes, read_manifest
-    from pipeline.packaging import Predictor, evaluate, write_model_files
-    from pipeline.tracking import MlflowTracker
-    from pipeline.trainer import resolve_storage
+    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.track.packaging import Predictor, evaluate, write_model_files
+    from pipeline.track.tracking import MlflowTracker
+    from pipeline.train import data
+    from pipeline.train.config import save_config, to_dict
+    from pipeline.train.driver import resolve_storage
 
     snes = config.snes
     init = stage_one_source(config)

@@ -30,8 +30,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 VENV_BIN = Path(sys.executable).parent
 DATA = ROOT / "data" / "demo"
@@ -130,7 +128,7 @@ def stop_head(head: subprocess.Popen) -> None:
 
 def submit(address: str, manifest: str, epochs: int | None) -> dict:
     """``ray job submit`` the training job; returns its JSON summary (its last output line)."""
-    from pipeline.tracking import default_tracking_uri
+    from pipeline.track.tracking import default_tracking_uri
 
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": default_tracking_uri(), "OMP_NUM_THREADS": "1"}}
     # a new run name each time: re-using one would resume (and end) the previous demo run
@@ -158,8 +156,8 @@ def submit(address: str, manifest: str, epochs: int | None) -> dict:
 
 def level0_stored_bytes() -> float:
     """Mean bytes of the level-0 arrays in the demo store: what a full-resolution CNN reads."""
-    from pipeline import storage
-    from pipeline.manifest import read_manifest
+    from pipeline.store import storage
+    from pipeline.store.manifest import read_manifest
 
     uris = list(read_manifest(str(DATA / "pyramids" / "manifest.parquet")).to_pandas()["uri"])
     total = sum(len(storage.read_bytes(u)) for uri in uris
@@ -168,7 +166,7 @@ def level0_stored_bytes() -> float:
 
 
 def report(summary: dict) -> None:
-    from pipeline.tracking import default_tracking_uri
+    from pipeline.track.tracking import default_tracking_uri
 
     m = summary["metrics"]
     chance = 1 / len(summary["classes"])

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import image_folder, ingest, manifest, storage
+from pipeline.ingest import engine as ingest
+from pipeline.ingest import folder as image_folder
+from pipeline.store import manifest, storage
 
 EXIT_OK, EXIT_FATAL, EXIT_REJECTS = 0, 1, 3
 

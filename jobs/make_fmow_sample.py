@@ -1,4 +1,4 @@
-"""Generate a sample in the fMoW-rgb layout (see ``pipeline/fmow_sample.py`` for what is in it).
+"""Generate a sample in the fMoW-rgb layout (see ``pipeline/synth/fmow_sample.py`` for what is in it).
 
     python jobs/make_fmow_sample.py --out data/fmow-sample [--train 100] [--val 30] \
         [--classes airport,dam,port,stadium] [--size 1000,2000] [--large 4000,8000] \
@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from pipeline.fmow_sample import SampleSpec, generate_sample
+from pipeline.synth.fmow_sample import SampleSpec, generate_sample
 
 
 def _pair(text: str) -> tuple[int, int]:

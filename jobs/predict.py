@@ -6,7 +6,7 @@
 Prints one JSON object per line and scene: ``key``, ``label``, ``class``, ``probabilities``,
 ``attention`` (h x w map over the view), ``boxes`` (level-0 ``[y0, x0, y1, x1]`` of the patches
 read) and ``weights`` (``--compact`` leaves out the last three). The model is loaded through
-MLflow from its code, safetensors weights and JSON spec (``pipeline.packaging``): nothing is
+MLflow from its code, safetensors weights and JSON spec (``pipeline.track.packaging``): nothing is
 unpickled. Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the work tree's
 ``mlflow.db``. S3 pyramids use the usual AWS variables (``AWS_ENDPOINT_URL`` for a local server).
 """
@@ -19,10 +19,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Pillow modes kept with one channel; every other mode is converted to RGB.
 GREY_MODES = {"1", "L", "I", "I;16", "F"}
@@ -64,7 +60,7 @@ def read_image(path: Path) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     """Print predictions; 0 on success, 1 when the model or an input cannot be read."""
     args = parse_args(argv)
-    from pipeline import tracking
+    from pipeline.track import tracking
 
     params = {"seed": args.seed, "batch_size": args.batch_size}
     try:

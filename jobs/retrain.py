@@ -8,7 +8,7 @@ resumes a previous run; ``--run-name`` overrides) registered as a new version of
 with the alias ``candidate``. The candidate and the current ``@champion`` are then evaluated on
 the same validation split (``data.val_split`` of the manifest, same sampling seed) and the
 candidate takes ``@champion`` only when it wins by more than ``--margin``
-(``pipeline.promotion``). The decision is recorded as ``retrain.*`` tags on the new version and
+(``pipeline.track.promotion``). The decision is recorded as ``retrain.*`` tags on the new version and
 on its MLflow run. Exit code 0 whether promoted or not; 1 if training or evaluation failed;
 2 on a bad config. ``infra/cron/retrain.cron`` and ``infra/k8s/retrain-cronjob.yaml`` run it.
 """
@@ -22,11 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `ray job submit` / cron run this file by path
-    sys.path.insert(0, str(ROOT))
+from pipeline.train.config import ConfigError, TrainConfig, load_config
 
-from pipeline.config import ConfigError, TrainConfig, load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def retrain_config(config: TrainConfig, name: str, run_name: str | None) -> TrainConfig:
     """The training config of one retraining: a fresh run name, registered as ``candidate``."""
-    from pipeline.promotion import CANDIDATE_ALIAS
+    from pipeline.track.promotion import CANDIDATE_ALIAS
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run = dataclasses.replace(
@@ -74,9 +72,9 @@ def retrain_config(config: TrainConfig, name: str, run_name: str | None) -> Trai
 
 def validation_evaluator(config: TrainConfig, batch_size: int):
     """``evaluate_fn`` scoring registered models on the config's validation split."""
-    from pipeline import data
-    from pipeline.manifest import read_manifest
-    from pipeline.promotion import registered_evaluator
+    from pipeline.store.manifest import read_manifest
+    from pipeline.track.promotion import registered_evaluator
+    from pipeline.train import data
 
     rows = data.split_rows(
         read_manifest(config.data.manifest), config.data.val_split, config.data.limit
@@ -102,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from pipeline.promotion import retrain
-    from pipeline.trainer import run_training
+    from pipeline.track.promotion import retrain
+    from pipeline.train.driver import run_training
 
     try:
         decision = retrain(

@@ -16,11 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `ray job submit` runs this file from the uploaded working dir
-    sys.path.insert(0, str(ROOT))
+from pipeline.train.config import ConfigError, load_job_config
 
-from pipeline.config import ConfigError, load_job_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from pipeline.trainer import run_training
+    from pipeline.train.driver import run_training
 
     try:
         outcome = run_training(config, ray_temp_dir=args.ray_temp_dir)

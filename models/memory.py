@@ -1,6 +1,6 @@
 """In-memory ``PixelSource`` over tensor pyramids: for tests and data sets that fit in RAM.
 
-The pyramid is built exactly like the Zarr pyramids of ``pipeline.pyramid`` (the same integer
+The pyramid is built exactly like the Zarr pyramids of ``pipeline.store.pyramid`` (the same integer
 2x2 area average with edge replication), so the same boxes give identical tensors from both.
 """
 

@@ -1,7 +1,7 @@
 """A real S3 HTTP server (moto) on 127.0.0.1 for the tests, as a session fixture.
 
 ``s3_server`` (session scope) starts moto's threaded server on a free loopback port, exports
-the standard ``AWS_*`` variables so that ``pipeline.storage`` (obstore) and any other S3 client
+the standard ``AWS_*`` variables so that ``pipeline.store.storage`` (obstore) and any other S3 client
 find it, and stops it at the end. ``s3_server.new_bucket()`` creates a fresh bucket and returns
 its ``s3://`` URI, so tests never share state. Registered for every test package by
 ``tests/conftest.py``.

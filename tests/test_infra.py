@@ -102,7 +102,7 @@ def _job_argv(command: list[str]) -> tuple[str, list[str]]:
 
 def _check_config(path: Path, overrides: list[str]) -> None:
     """The file and every ``--set`` of a manifest are a valid training config."""
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
 
     load_config(ROOT / path, overrides)
 
@@ -157,7 +157,7 @@ def test_cron_line_schedule_and_command():
 
 
 def test_infra_configs_are_valid_training_configs():
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
 
     configs = sorted((INFRA / "configs").glob("*.yaml"))
     assert [p.name for p in configs] == ["fmow_ats_k8s.yaml", "fmow_ats_local.yaml"]
@@ -221,7 +221,7 @@ def test_local_stack_starts_logs_to_s3_and_stops(tmp_path, tmp_path_factory):
         exports = dict(re.findall(r"^export (\w+)=(\S+)$", started.stdout, re.M))
         assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{env['MLFLOW_PORT']}"
         code = (
-            "from pipeline.tracking import MlflowTracker\n"
+            "from pipeline.track.tracking import MlflowTracker\n"
             "t = MlflowTracker('stack', __import__('os').environ['MLFLOW_TRACKING_URI'])\n"
             "print('RUN', t.start('stack/run', params={'a': 1}))\n"
             "t.log_text('hello', 'notes/hello.txt')\n"

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.http_proxy import COUNTS_PATH
 from models.protocol import ReadRequest
-from pipeline.http_proxy import COUNTS_PATH
-from pipeline.reader import ZarrPixelSource
-from tests.pipeline.test_reader import random_boxes, write_scenes
+from pipeline.read.reader import ZarrPixelSource
+from tests.pipeline.read.test_reader import random_boxes, write_scenes
 
 SERVER = Path(__file__).resolve().parents[2] / "bench" / "object_server.py"
 

@@ -17,11 +17,11 @@ import torch
 
 from jobs import dasnet_policy
 from models.registry import create_model
-from pipeline import tracking
-from pipeline.checkpoint import save_checkpoint
-from pipeline.manifest import write_manifest
-from pipeline.packaging import Predictor
-from pipeline.pyramid import open_pyramid, write_pyramid
+from pipeline.store.manifest import write_manifest
+from pipeline.store.pyramid import open_pyramid, write_pyramid
+from pipeline.track import tracking
+from pipeline.track.packaging import Predictor
+from pipeline.train.checkpoint import save_checkpoint
 from tests.pipeline.tracking_fixtures import fresh_mlflow_uri
 
 CLASSES = ["dark", "bright"]
@@ -78,7 +78,7 @@ def stage_one_model(sign: float = 1.0):
 
 
 def write_stage_one(run_dir, model, name: str, epoch: int) -> None:
-    """A checkpoint as the training job writes it (``pipeline.checkpoint``, Ray's dir names)."""
+    """A checkpoint as the training job writes it (``pipeline.train.checkpoint``, Ray's dir names)."""
     save_checkpoint(run_dir / name, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                     scheduler=None, epoch=epoch, step=4 * epoch, rank_rng=[], config={}, metrics={})
 
@@ -151,14 +151,14 @@ def test_stage_two_starts_from_the_latest_stage_one_checkpoint_and_improves_the_
 
 
 def _val_uris(manifest):
-    from pipeline.manifest import read_manifest
+    from pipeline.store.manifest import read_manifest
 
     table = read_manifest(manifest).to_pandas()
     return list(table[table["split"] == "val"]["uri"])
 
 
 def _val_labels(manifest):
-    from pipeline.manifest import read_manifest
+    from pipeline.store.manifest import read_manifest
 
     table = read_manifest(manifest).to_pandas()
     return [int(v) for v in table[table["split"] == "val"]["label"]]

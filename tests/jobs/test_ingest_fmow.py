@@ -17,8 +17,8 @@ import zarr
 from PIL import Image
 
 from jobs.ingest_fmow import main
-from pipeline import pyramid, storage
-from pipeline.manifest import read_classes, read_manifest, read_rejects
+from pipeline.store import pyramid, storage
+from pipeline.store.manifest import read_classes, read_manifest, read_rejects
 from tests.pipeline.fmow_fixtures import SMALL_CLASSES, make_sample, small_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ import zarr
 from PIL import Image
 
 from jobs.ingest_folder import main
-from pipeline import storage
-from pipeline.image_folder import folder_class_list, parse_labels_csv, scene_id_for
-from pipeline.manifest import read_classes, read_manifest, read_rejects
+from pipeline.ingest.folder import folder_class_list, parse_labels_csv, scene_id_for
+from pipeline.store import storage
+from pipeline.store.manifest import read_classes, read_manifest, read_rejects
 
 
 def _image(seed: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from jobs import predict
-from pipeline import tracking
-from pipeline.packaging import Predictor
+from pipeline.track import tracking
+from pipeline.track.packaging import Predictor
 from tests.pipeline.tracking_fixtures import brightness_model, brightness_scenes, fresh_mlflow_uri
 
 CLASSES = ["dark", "bright"]
@@ -57,7 +57,7 @@ def test_predict_image_files(registered, tmp_path, capsys):
 
 
 def test_predict_pyramid_uris_through_the_zarr_reader(registered, tmp_path, capsys):
-    from pipeline.pyramid import write_pyramid
+    from pipeline.store.pyramid import write_pyramid
 
     source, keys, labels = brightness_scenes()
     # both pyramids stop at 16 px (brightness_scenes too), so the views match level for level

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import promotion, tracking
-from pipeline.config import TrainConfig
+from pipeline.track import promotion, tracking
+from pipeline.train.config import TrainConfig
 from tests.pipeline.tracking_fixtures import (
     brightness_model,
     brightness_scenes,
@@ -193,8 +193,8 @@ def local_manifest(tmp_path_factory):
 
 
 def _val_labels(manifest: str, limit: int) -> list[int]:
-    from pipeline import data
-    from pipeline.manifest import read_manifest
+    from pipeline.store.manifest import read_manifest
+    from pipeline.train import data
 
     return [int(v) for v in data.split_rows(read_manifest(manifest), "val", limit)["label"]]
 
@@ -226,7 +226,7 @@ def test_job_main_wires_training_validation_split_and_promotion(
         tracker.end()
         return SimpleNamespace(run_id=run_id, model_uri=model_uri, registered_version=version)
 
-    monkeypatch.setattr("pipeline.trainer.run_training", fake_run_training)
+    monkeypatch.setattr("pipeline.train.driver.run_training", fake_run_training)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     argv = ["--set", f"data.manifest={local_manifest}", "--set", "data.limit=4"]
     argv += ["--set", "run.mlflow_experiment=job", "--register", "job-model", "--json"]

@@ -21,7 +21,7 @@ def test_wrong_type_in_file_exits_2(tmp_path, capsys):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
 
     for path in sorted(Path(train_fmow.ROOT / "jobs" / "configs").glob("*.yaml")):
         config = load_config(path)

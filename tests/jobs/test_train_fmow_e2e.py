@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench.http_proxy import CountingProxy
 from jobs import ingest_fmow, make_fmow_sample, train_fmow
-from pipeline import tracking
-from pipeline.checkpoint import load_model, read_meta
-from pipeline.config import load_config
-from pipeline.http_proxy import CountingProxy
-from pipeline.manifest import read_classes, read_manifest
+from pipeline.store.manifest import read_classes, read_manifest
+from pipeline.track import tracking
+from pipeline.train.checkpoint import load_model, read_meta
+from pipeline.train.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.ray]
 
@@ -55,7 +55,7 @@ def ray_local(tmp_path_factory):
     """One private local Ray instance for the module, shut down at the end."""
     import ray
 
-    from pipeline.trainer import start_ray
+    from pipeline.train.driver import start_ray
 
     started = start_ray(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=4)
     yield
@@ -81,7 +81,7 @@ def _args(manifest, storage, name, *extra):
 
 
 def _checkpoint_probs(checkpoint_dir, uris):
-    from pipeline.reader import ZarrPixelSource
+    from pipeline.read.reader import ZarrPixelSource
 
     model = load_model(checkpoint_dir)
     source = ZarrPixelSource()
@@ -132,7 +132,7 @@ def test_killed_worker_run_finishes_with_one_mlflow_run_and_registered_model(
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(s3_manifest, ray_local, mlflow_uri, tmp_path):
-    from pipeline.trainer import run_training
+    from pipeline.train.driver import run_training
 
     storage = tmp_path / "runs"
     argv = _args(s3_manifest, storage, "resume", "run.crash_at_step=3", "run.max_failures=0")
@@ -157,9 +157,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(s3_manifest, ray_local, mlf
 def test_s3_request_count_of_an_epoch_matches_the_reader_counters(s3_manifest, s3_server, monkeypatch):
     """No Ray: one training epoch through a counting proxy in front of the S3 server."""
     from models.registry import create_model
-    from pipeline.data import split_rows
-    from pipeline.reader import ZarrPixelSource
-    from pipeline.train_loop import StepRunner, train_epoch
+    from pipeline.read.reader import ZarrPixelSource
+    from pipeline.train.data import split_rows
+    from pipeline.train.loop import StepRunner, train_epoch
 
     config = load_config(None, [MODEL])
     model = create_model("ats", num_classes=len(read_classes(s3_manifest)), **config.model.overrides)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from models.racnn import strongest_response_targets
 from models.registry import create_model
-from pipeline.train_loop import StepRunner, train_epoch
-from tests.models.test_models2_training import _batches
+from pipeline.train.loop import StepRunner, train_epoch
+from tests.models.test_family_training import _batches
 from tests.models.tiny_nets import random_scenes
 
 SMALL = {"backbone_options": {"widths": [8, 16], "norm": "group"}, "scales": 3}
@@ -119,7 +119,7 @@ def test_job_loop_pretrains_then_runs_the_alternating_schedule():
 def test_shipped_racnn_config_follows_the_paper_schedule():
     from pathlib import Path
 
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
 
     root = Path(__file__).resolve().parents[2]
     config = load_config(root / "jobs" / "configs" / "fmow_racnn.yaml")

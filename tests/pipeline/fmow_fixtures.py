@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.fmow_sample import SampleSpec, generate_sample
+from pipeline.synth.fmow_sample import SampleSpec, generate_sample
 
 SMALL_CLASSES = ("airport", "dam", "port")
 

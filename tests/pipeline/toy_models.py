@@ -114,7 +114,7 @@ class ToySourceFactory:
 
 def write_toy_manifest(uri: str, n: int, size: int = 64, seed: int = 0, n_val: int = 4) -> str:
     """A manifest of ``toy_images`` (the last ``n_val`` scenes are the val split)."""
-    from pipeline.manifest import write_manifest
+    from pipeline.store.manifest import write_manifest
 
     _, labels = toy_images(n, size, seed)
     classes = ["plain", "square"]

@@ -103,7 +103,7 @@ def fresh_mlflow_uri(tmp_path_factory, name: str = "mlflow") -> str:
     (in pytest's base temp dir) and copied: an empty database file is the same wherever it
     is used.
     """
-    from pipeline import tracking
+    from pipeline.track import tracking
 
     template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
     if not template.exists():

@@ -1,0 +1,420 @@
+"""The ingest engine: raw images -> one pyramid per scene (dask, one task per scene) -> manifest.
+
+A source (fMoW layout, plain folder) turns its input into ``SceneTask`` values and supplies a
+*loader* that reads one task's pixels and metadata; ``run_ingest`` does the rest for every
+source the same way:
+
+- one dask task per scene, at most ``workers`` at once, so at most ``workers`` decoded scenes
+  are in memory (a 9,000 x 9,000 RGB scene is 243 MB, plus its next level while writing);
+- resumable and idempotent: a scene whose pyramid is complete (``pyramid_complete``) is skipped
+  and its manifest row rebuilt from the pyramid's metadata; an incomplete one is rewritten from
+  scratch by ``write_pyramid``. The manifest and rejects are written once, at the end, sorted,
+  so a run killed half way and run again leaves exactly what an uninterrupted run leaves;
+- bad input never stops the run: every failure of one scene (``BadInput`` from the loader, or
+  any other error, e.g. a failed write) becomes a row of the rejects table with the input's
+  path, a short ``kind`` and the reason;
+- progress: a line on stderr every ``progress_s`` seconds with counts, rate and ETA.
+
+Class labels: the caller passes the class list; a scene whose category is not in it is
+rejected as ``unknown_category``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from pipeline.store import storage
+
+# Pillow's decompression-bomb guard (89 Mpx warns, 179 Mpx raises) stays on: fMoW's largest
+# scenes (about 9,000 x 9,000 = 81 Mpx) pass; larger inputs are rejected with the reason.
+
+
+class BadInput(ValueError):
+    """An input that cannot be ingested.
+
+    ``kind`` is a short category for counting (``missing_json``, ``malformed_json``,
+    ``missing_image``, ``unreadable_image``, ``empty_image``, ``unknown_category``,
+    ``size_mismatch``, ``bad_box``, ...); ``str(exc)`` is the full reason.
+    """
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class SceneTask:
+    """One scene to ingest (picklable: it travels to dask workers).
+
+    Attributes:
+        scene_id: unique id; the pyramid is written to ``<dst>/<scene_id>``.
+        split: data split name.
+        source: URI of the raw image (the manifest's ``source`` column).
+        category: the expected class name (from the folder or the labels CSV).
+        meta: URI of the metadata file (fMoW JSON), or None.
+        reject: ``(kind, reason)`` when listing the input already found it unusable
+            (e.g. an image without its JSON); the task then only records the reject.
+    """
+
+    scene_id: str
+    split: str
+    source: str
+    category: str
+    meta: str | None = None
+    reject: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedScene:
+    """A loader's result: level-0 pixels and the metadata that goes into the pyramid attrs.
+
+    Attributes:
+        image: (C, H, W) uint8.
+        box: labelled box ``(y0, x0, y1, x1)`` in level-0 px, half-open, or None.
+        gsd: ground sample distance in metres, or None.
+        timestamp: acquisition time as the source gives it, or None.
+        extra: further JSON-serialisable metadata kept in the pyramid's scene attrs.
+    """
+
+    image: np.ndarray
+    box: tuple[int, int, int, int] | None = None
+    gsd: float | None = None
+    timestamp: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+Loader = Callable[[SceneTask], LoadedScene]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one scene task ended with: ``status`` is written, skipped or rejected; ``row`` is
+    the manifest row (written, skipped) or the rejects row (rejected)."""
+
+    status: str
+    row: dict[str, Any]
+    pixels: int = 0  # level-0 pixels written (for the rate)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestReport:
+    """The result of ``run_ingest``: manifest rows, rejects rows and counts."""
+
+    rows: tuple[dict[str, Any], ...]
+    rejects: tuple[dict[str, Any], ...]
+    counts: Mapping[str, int]  # written, skipped, rejected
+    reject_kinds: Mapping[str, int]
+    seconds: float
+
+    @property
+    def all_in(self) -> bool:
+        return not self.rejects
+
+
+# --------------------------------------------------------------------------- reading inputs
+
+
+def read_source(uri: str, what: str = "image") -> bytes:
+    """Bytes of a raw input; a missing file is ``BadInput(missing_<what>)``."""
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise BadInput(f"missing_{what}", f"missing {what} {uri}") from None
+
+
+def decode_image(data: bytes, uri: str) -> np.ndarray:
+    """Decode JPEG/PNG/TIFF/... bytes with Pillow into (C, H, W) uint8 RGB.
+
+    Greyscale, palette, alpha and 16-bit images are converted to 8-bit RGB (16-bit by
+    keeping the high byte), so every pyramid has 3 channels. Raises ``BadInput`` for empty,
+    truncated, corrupt or oversized files.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadInput("empty_image", f"empty image file {uri} (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.width < 1 or img.height < 1:
+                raise BadInput("empty_image", f"image {uri} has no pixels ({img.size})")
+            return _to_rgb_chw(img)
+    except Image.DecompressionBombError as exc:
+        raise BadInput("too_large", f"image {uri} too large for Pillow's guard: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadInput("unreadable_image", f"cannot decode image {uri}: unknown format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # no object reprs (memory addresses) in the reason: rejects must be reproducible
+        reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(exc))
+        raise BadInput("unreadable_image", f"cannot decode image {uri}: {reason}") from None
+
+
+def _to_rgb_chw(img: Any) -> np.ndarray:
+    """(3, H, W) uint8 from a loaded Pillow image, one channel at a time (peak memory: the
+    decoded image, the result and one channel; no full-size transposed copy)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape)))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    out = np.empty((3, img.height, img.width), dtype=np.uint8)
+    for c in range(3):
+        out[c] = np.asarray(img.getchannel(c))
+    return out
+
+
+# --------------------------------------------------------------------------- one scene
+
+
+def scene_attrs(task: SceneTask, loaded: LoadedScene) -> dict[str, Any]:
+    """The ``scene`` attributes stored in the pyramid (and read back when skipping)."""
+    return {
+        "scene_id": task.scene_id,
+        "split": task.split,
+        "category": task.category,
+        "source": task.source,
+        "box": list(loaded.box) if loaded.box is not None else None,
+        "gsd": loaded.gsd,
+        "timestamp": loaded.timestamp,
+        **dict(loaded.extra),
+    }
+
+
+def manifest_row(
+    attrs: Mapping[str, Any],
+    uri: str,
+    level_shapes: Sequence[Sequence[int]],
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """A manifest row from a pyramid's scene attrs and its ``(C, H, W)`` level shapes."""
+    c, h, w = level_shapes[0]
+    return {
+        "scene_id": attrs["scene_id"],
+        "split": attrs["split"],
+        "category": attrs["category"],
+        "label": list(classes).index(attrs["category"]),
+        "uri": uri,
+        "height": h,
+        "width": w,
+        "channels": c,
+        "num_levels": len(level_shapes),
+        "level_shapes": json.dumps([[s[1], s[2]] for s in level_shapes]),
+        "box": attrs.get("box"),
+        "gsd": attrs.get("gsd"),
+        "timestamp": attrs.get("timestamp"),
+        "source": attrs["source"],
+    }
+
+
+def reject_row(task: SceneTask, kind: str, reason: str, path: str | None = None) -> dict[str, Any]:
+    """A rejects-table row (``pipeline.store.manifest.REJECTS_SCHEMA``); ``path`` defaults to the
+    task's image URI."""
+    return {
+        "scene_id": task.scene_id,
+        "split": task.split,
+        "path": path or task.source,
+        "kind": kind,
+        "reason": reason,
+    }
+
+
+def ingest_scene(
+    task: SceneTask,
+    loader: Loader,
+    classes: Sequence[str],
+    dst: str,
+    coarsest: int,
+) -> Outcome:
+    """Ingest one scene; never raises for a problem of this scene (it becomes a reject).
+
+    Skips the scene when its pyramid under ``dst`` is complete.
+    """
+    from pipeline.store import pyramid
+
+    if task.reject is not None:
+        return Outcome("rejected", reject_row(task, *task.reject))
+    if task.category not in classes:
+        reason = f"unknown category {task.category!r} (classes: {', '.join(classes)})"
+        return Outcome("rejected", reject_row(task, "unknown_category", reason))
+    try:
+        if pyramid.pyramid_complete(dst, task.scene_id):
+            info = pyramid.open_pyramid(storage.join_uri(dst, task.scene_id))
+            return Outcome(
+                "skipped", manifest_row(info.attrs, info.uri, info.level_shapes, classes)
+            )
+        loaded = loader(task)
+        attrs = scene_attrs(task, loaded)
+        uri = pyramid.write_pyramid(dst, task.scene_id, loaded.image, attrs, coarsest=coarsest)
+        shapes = [
+            (loaded.image.shape[0], h, w)
+            for h, w in pyramid.pyramid_shapes(
+                loaded.image.shape[1], loaded.image.shape[2], coarsest
+            )
+        ]
+        pixels = loaded.image.shape[1] * loaded.image.shape[2]
+        return Outcome("written", manifest_row(attrs, uri, shapes, classes), pixels)
+    except BadInput as exc:
+        return Outcome("rejected", reject_row(task, exc.kind, str(exc), _bad_path(task, exc)))
+    except Exception as exc:  # noqa: BLE001 - one scene's failure must not stop the run
+        reason = f"{type(exc).__name__} while ingesting {task.source}: {exc}"
+        return Outcome("rejected", reject_row(task, "error", reason))
+
+
+def _bad_path(task: SceneTask, exc: BadInput) -> str:
+    """The input a reject is about: the metadata file for JSON problems, else the image."""
+    if task.meta is not None and exc.kind.endswith("json"):
+        return task.meta
+    return task.source
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Progress:
+    """Counts outcomes as dask finishes tasks and prints a line every ``every_s`` seconds."""
+
+    def __init__(self, total: int, every_s: float, out: TextIO | None):
+        self.total, self.every_s, self.out = total, every_s, out
+        self.counts: Counter[str] = Counter()
+        self.pixels = 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, outcome: Outcome) -> None:
+        self.counts[outcome.status] += 1
+        self.pixels += outcome.pixels
+        now = time.monotonic()
+        if self.out is not None and (now - self.last >= self.every_s or self.done == self.total):
+            self.last = now
+            print(self.line(now), file=self.out, flush=True)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        c = self.counts
+        return (
+            f"[ingest] {self.done}/{self.total} scenes | {c['written']} written, "
+            f"{c['skipped']} skipped, {c['rejected']} rejected | {rate:.2f} scenes/s, "
+            f"{self.pixels / elapsed / 1e6:.1f} Mpx/s | elapsed {elapsed:.0f} s, eta {eta:.0f} s"
+        )
+
+
+def run_ingest(
+    tasks: Sequence[SceneTask],
+    loader: Loader,
+    classes: Sequence[str],
+    dst: str,
+    *,
+    coarsest: int = 256,
+    workers: int = 2,
+    scheduler: str = "threads",
+    progress_s: float = 5.0,
+    out: TextIO | None = sys.stderr,
+) -> IngestReport:
+    """Ingest ``tasks`` into pyramids under ``dst`` with dask (one task per scene).
+
+    Args:
+        tasks: the scenes; scene ids must be unique (duplicates are rejected).
+        loader: reads one task's pixels and metadata (a module-level function, so that the
+            ``processes`` scheduler can pickle it); raises ``BadInput`` for bad input.
+        classes: the class list; index = label.
+        dst: pyramid root URI.
+        coarsest: long side in px of the coarsest pyramid level, at most.
+        workers: scenes processed at once (bounds memory: one decoded scene per worker).
+        scheduler: dask local scheduler, ``threads`` (default: decoding, downsampling and
+            compression release the GIL), ``processes`` or ``sync``.
+        progress_s: seconds between progress lines on ``out`` (None: quiet).
+
+    Returns the rows and rejects (not yet written; see ``pipeline.store.manifest.write_manifest``).
+    """
+    import dask
+    from dask.callbacks import Callback
+
+    start = time.monotonic()
+    unique, duplicates = _dedupe(tasks)
+    progress = _Progress(len(tasks), progress_s, out)
+    for dup in duplicates:
+        progress.add(dup)
+    delayed = [
+        dask.delayed(ingest_scene, pure=False)(
+            t, loader, tuple(classes), dst, coarsest, dask_key_name=f"scene-{i}"
+        )
+        for i, t in enumerate(unique)
+    ]
+
+    def posttask(key, result, dsk, state, worker_id):  # dask calls it in the driver
+        if isinstance(result, Outcome):
+            progress.add(result)
+
+    with Callback(posttask=posttask):
+        outcomes = list(dask.compute(*delayed, scheduler=scheduler, num_workers=workers))
+    outcomes += duplicates
+    rows = tuple(o.row for o in outcomes if o.status != "rejected")
+    rejects = tuple(o.row for o in outcomes if o.status == "rejected")
+    return IngestReport(
+        rows=rows,
+        rejects=rejects,
+        counts={s: progress.counts[s] for s in ("written", "skipped", "rejected")},
+        reject_kinds=dict(sorted(Counter(r["kind"] for r in rejects).items())),
+        seconds=time.monotonic() - start,
+    )
+
+
+def _dedupe(tasks: Sequence[SceneTask]) -> tuple[list[SceneTask], list[Outcome]]:
+    """Keep the first task of each scene id; later ones become ``duplicate`` rejects."""
+    seen: set[str] = set()
+    unique, duplicates = [], []
+    for task in tasks:
+        if task.scene_id in seen:
+            reason = f"duplicate scene id {task.scene_id!r} (first one kept)"
+            duplicates.append(Outcome("rejected", reject_row(task, "duplicate", reason)))
+        else:
+            seen.add(task.scene_id)
+            unique.append(task)
+    return unique, duplicates
+
+
+def summary(report: IngestReport, manifest_uri: str | None = None) -> str:
+    """A few lines for people: counts, reject kinds, time, where the manifest is."""
+    c = report.counts
+    lines = [
+        f"[ingest] done in {report.seconds:.1f} s: {sum(c.values())} scenes, "
+        f"{c['written']} written, {c['skipped']} skipped (already complete), "
+        f"{c['rejected']} rejected"
+    ]
+    if report.reject_kinds:
+        kinds = ", ".join(f"{k} {n}" for k, n in report.reject_kinds.items())
+        lines.append(f"[ingest] rejects by kind: {kinds}")
+    if manifest_uri:
+        lines.append(f"[ingest] manifest: {manifest_uri}")
+    return "\n".join(lines)
+
+
+def add_engine_options(parser: Any, unit: str = "scenes") -> None:
+    """Command-line options of the ingest engine shared by every ingest job (argparse)."""
+    parser.add_argument("--manifest", help="manifest URI (default: <dst>/manifest.parquet)")
+    parser.add_argument("--workers", type=int, default=2, help=f"{unit} processed at once")
+    parser.add_argument("--coarsest", type=int, default=256, help="max long side of the last level")
+    parser.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="threads")
+    parser.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+
+
+def check_engine_options(parser: Any, args: Any) -> None:
+    """Reject engine options out of range through ``parser.error`` (exit 2)."""
+    if args.workers < 1 or args.coarsest < 1:
+        parser.error("--workers and --coarsest must be >= 1")
+

@@ -1,0 +1,630 @@
+"""Experiment tracking and the model registry: the ONLY module of the project that imports mlflow.
+
+Tracking is a sink (DESIGN.md, convention 7): training code computes numbers and hands them to a
+``Tracker``; only rank 0 of a Ray Train run, or the driver, holds a real one (``MlflowTracker``),
+every other rank and every unit test that does not care holds a ``NullTracker``. ``mlflow`` is
+imported inside functions so that ``import pipeline.track.tracking`` stays cheap.
+
+Where runs go:
+- ``MLFLOW_TRACKING_URI`` when set (e.g. ``http://127.0.0.1:5000`` for the local stack of
+  ``infra/local``, a PostgreSQL-backed server at scale);
+- otherwise ``sqlite:///<work tree>/mlflow.db`` (``default_tracking_uri``).
+For a ``sqlite:///DIR/NAME.db`` URI the artifacts of every experiment that this module creates go
+to ``DIR/mlruns/<experiment name>`` (MLflow itself would use ``./mlruns`` relative to whatever the
+current directory happens to be). With a server, the server decides (``--artifacts-destination``).
+
+One MLflow run per training run: ``MlflowTracker.start(run_key, ...)`` finds the run whose tag
+``pipeline.run_key`` equals ``run_key`` (searched by its hash) and reopens it, or creates it.
+Use a key that names the training run uniquely and survives a resume and a worker restart, e.g.
+``f"{storage_path}/{name}"``
+of Ray Train's ``RunConfig``. The driver may also create the run and pass ``run_id`` to the
+workers, where ``MlflowTracker.attach(run_id)`` logs into it.
+
+Typical use::
+
+    tracker = MlflowTracker(experiment="fmow")            # or NullTracker() on ranks > 0
+    run_id = tracker.start(run_key, params=config_dict)   # find-or-create, status RUNNING
+    tracker.log_artifact_file("run/config.yaml")
+    for epoch in range(epochs):
+        tracker.log_metrics({"train/loss": 0.7, "val/accuracy": 0.6}, step=epoch)
+        tracker.log_image(png_bytes, f"val_scenes/epoch_{epoch:03d}/{scene}.png")
+        tracker.log_confusion(matrix, class_names, step=epoch)
+    model_uri = tracker.log_model(model, classes=class_names)
+    version = tracker.register(model_uri, "fmow-ats", alias="champion")
+    tracker.end("FINISHED")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+WORK_TREE = Path(__file__).resolve().parents[2]
+RUN_KEY_TAG = "pipeline.run_key"
+RUN_KEY_HASH_TAG = "pipeline.run_key_sha256"
+# MLflow 3 limits (mlflow/utils/validation.py): 6000 chars per param value, 100 params per batch.
+MAX_PARAM_VALUE = 6000
+PARAMS_PER_BATCH = 100
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+# Inference params of the logged model (``Predictor.predict_any``) and their defaults.
+PREDICT_PARAMS = {"seed": 0, "batch_size": 8}
+
+
+def run_key_hash(run_key: str) -> str:
+    """Hex SHA-256 of a run key: the tag that ``MlflowTracker`` searches runs by."""
+    return hashlib.sha256(run_key.encode("utf-8")).hexdigest()
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<work tree>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{WORK_TREE / 'mlflow.db'}"
+
+
+def sqlite_artifact_root(tracking_uri: str, experiment: str) -> str | None:
+    """``DIR/mlruns/<experiment>`` for ``sqlite:///DIR/NAME.db``; None for other backends."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    db_path = Path(tracking_uri[len(prefix) :].split("?", 1)[0])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment) or "experiment"
+    return (db_path.parent / "mlruns" / safe).resolve().as_uri()
+
+
+def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a (nested) config into dotted keys with string values, as MLflow params.
+
+    Accepts dataclass instances and mappings (nested freely); lists, tuples and other leaves are
+    written as JSON when possible, else ``str``. ``{"a": {"b": 1}, "c": [1, 2]}`` ->
+    ``{"a.b": "1", "c": "[1, 2]"}``. Values longer than MLflow's limit are cut with ``...``.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        flat: dict[str, str] = {}
+        for key, value in config.items():
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        if not config and prefix:
+            flat[prefix[:-1]] = "{}"
+        return flat
+    value = _param_text(config)
+    if len(value) > MAX_PARAM_VALUE:
+        value = value[: MAX_PARAM_VALUE - 3] + "..."
+    return {prefix[:-1]: value}
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class Tracker:
+    """Interface of a tracking sink; this base class is also the null tracker (does nothing).
+
+    Every method is safe to call on every rank; only ``MlflowTracker`` records anything.
+    """
+
+    run_id: str | None = None
+
+    def start(
+        self,
+        run_key: str,
+        params: Any = None,
+        tags: Mapping[str, str] | None = None,
+        run_name: str | None = None,
+    ) -> str | None:
+        """Find-or-create the run tagged ``run_key``, mark it RUNNING, log ``params``.
+
+        Args:
+            run_key: unique, stable name of the training run (e.g. ``storage_path/name``).
+            params: config as a (nested) mapping or dataclass, logged flattened to dotted keys.
+            tags: extra run tags.
+            run_name: display name of a newly created run (default: last part of ``run_key``).
+        Returns the MLflow run id (None for the null tracker).
+        """
+        return None
+
+    def attach(self, run_id: str) -> None:
+        """Log into an existing run (created by the driver) without changing its status."""
+
+    def log_params(self, params: Any) -> None:
+        """Log a (nested) config as flattened params; see ``MlflowTracker.log_params``."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values converted with ``str``)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log scalar metrics at ``step`` (the epoch, for per-epoch metrics)."""
+
+    def log_artifact_file(self, path: str | os.PathLike, subdir: str | None = None) -> None:
+        """Copy the local file ``path`` into the run's artifacts, under ``subdir`` if given."""
+
+    def log_bytes(self, data: bytes, name: str) -> None:
+        """Store ``data`` as the artifact ``name`` (a relative path like ``a/b/file.bin``)."""
+
+    def log_image(self, png_bytes: bytes, name: str) -> None:
+        """Store PNG bytes as the artifact ``name`` (e.g. ``val_scenes/epoch_003/x.png``)."""
+        self.log_bytes(png_bytes, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        """Store ``text`` (UTF-8) as the artifact ``name``."""
+        self.log_bytes(text.encode("utf-8"), name)
+
+    def log_json(self, obj: Any, name: str) -> None:
+        """Store ``obj`` as indented JSON in the artifact ``name``."""
+        self.log_text(json.dumps(obj, indent=2, sort_keys=True), name)
+
+    def log_confusion(
+        self, matrix: Any, class_names: Sequence[str] | None, step: int, prefix: str = "confusion"
+    ) -> None:
+        """Log a confusion matrix as ``{prefix}/epoch_{step:03d}.png``, ``.csv`` and ``.json``.
+
+        Args:
+            matrix: (C, C) counts, rows = true class, columns = predicted class.
+            class_names: C names (None: the class indices).
+            step: the epoch.
+        """
+
+    def log_model(
+        self,
+        model: Any,
+        classes: Sequence[str] | None = None,
+        name: str = "model",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Log ``model`` in the project's format (``pipeline.track.packaging``); returns its model URI.
+
+        Args:
+            model: an ``AttentionModel`` built by ``models.create_model`` (has ``.spec``);
+                a DDP wrapper is unwrapped.
+            classes: class names in label order (stored with the model, used in predictions).
+            name: name of the logged model.
+            metadata: extra JSON-serialisable facts stored in ``spec.json`` (e.g. val accuracy).
+        Returns ``models:/<model id>`` (None for the null tracker).
+        """
+        return None
+
+    def register(self, model_uri: str, name: str, alias: str | None = None) -> str | None:
+        """Register ``model_uri`` as a new version of ``name``; point ``alias`` at it if given.
+
+        Returns the version number as a string (None for the null tracker).
+        """
+        return None
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+
+
+NullTracker = Tracker
+
+
+class MlflowTracker(Tracker):
+    """A ``Tracker`` writing to MLflow through ``MlflowClient`` with explicit run ids.
+
+    No fluent (global active-run) state is used, so the object is safe in threads and cheap to
+    send to Ray workers: it pickles as its tracking URI, experiment name and run id only.
+    """
+
+    def __init__(
+        self,
+        experiment: str = "attention-pipeline",
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+    ):
+        self.experiment = experiment
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.run_id = run_id
+        self._client_cache = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri,
+            "run_id": self.run_id,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._client_cache = None
+
+    @property
+    def client(self):
+        """The ``mlflow.MlflowClient`` for this tracking URI (created on first use)."""
+        if self._client_cache is None:
+            self._client_cache = mlflow_client(self.tracking_uri)
+        return self._client_cache
+
+    def experiment_id(self) -> str:
+        """Id of ``self.experiment``, created when missing (artifacts beside a sqlite DB)."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(
+                self.experiment,
+                artifact_location=sqlite_artifact_root(self.tracking_uri, self.experiment),
+            )
+        except Exception:  # created concurrently by another process: use theirs
+            experiment = self.client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def runs_with_key(self, run_key: str) -> list[str]:
+        """Ids of the active runs tagged with ``run_key``, oldest first.
+
+        Searched by the key's SHA-256 (tag ``pipeline.run_key_sha256``): MLflow's filter
+        strings have no escapes, so a key holding quotes could not be matched exactly.
+        """
+        runs = self.client.search_runs(
+            [self.experiment_id()],
+            filter_string=f"tags.`{RUN_KEY_HASH_TAG}` = '{run_key_hash(run_key)}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        return [r.info.run_id for r in runs]
+
+    def find_run(self, run_key: str) -> str | None:
+        """Run id of the (oldest) run tagged ``pipeline.run_key == run_key``, or None."""
+        runs = self.runs_with_key(run_key)
+        return runs[0] if runs else None
+
+    def start(self, run_key, params=None, tags=None, run_name=None):
+        self.run_id = self.find_run(run_key)
+        if self.run_id is None:
+            all_tags = {
+                RUN_KEY_TAG: run_key,
+                RUN_KEY_HASH_TAG: run_key_hash(run_key),
+                **(tags or {}),
+            }
+            run = self.client.create_run(
+                self.experiment_id(),
+                tags={k: str(v) for k, v in all_tags.items()},
+                run_name=run_name or Path(run_key.rstrip("/")).name or None,
+            )
+            self.run_id = run.info.run_id
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+            if tags:
+                self.set_tags(tags)
+        if params is not None:
+            self.log_params(params)
+        return self.run_id
+
+    def attach(self, run_id):
+        self.client.get_run(run_id)  # fails loudly on a wrong id
+        self.run_id = run_id
+
+    def _require_run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("MlflowTracker: call start(run_key) or attach(run_id) first")
+        return self.run_id
+
+    def log_params(self, params):
+        """Log flattened params. Keys already in the run keep their value (MLflow params are
+        immutable): a resumed run whose config changed records each new value as the tag
+        ``param_changed.<key>`` instead of failing."""
+        from mlflow.entities import Param
+
+        run_id = self._require_run()
+        flat = flatten_params(params)
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]
+        changed = {
+            f"param_changed.{k}": v for k, v in flat.items() if k in existing and existing[k] != v
+        }
+        for i in range(0, len(new), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[i : i + PARAMS_PER_BATCH])
+        if changed:
+            self.set_tags(changed)
+
+    def set_tags(self, tags):
+        from mlflow.entities import RunTag
+
+        run_id = self._require_run()
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics, step):
+        from mlflow.entities import Metric
+
+        run_id = self._require_run()
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isnan(value):
+                continue  # MLflow stores NaN, but charts and comparisons choke on it
+            items.append(Metric(key, value, now, int(step)))
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def log_artifact_file(self, path, subdir=None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"MlflowTracker.log_artifact_file: no file at {path}")
+        self.client.log_artifact(self._require_run(), str(path), artifact_path=subdir)
+
+    def log_bytes(self, data, name):
+        run_id = self._require_run()
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"artifact name must be a relative path without '..', got {name!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / rel.name
+            local.write_bytes(data)
+            parent = rel.parent.as_posix()
+            self.client.log_artifact(
+                run_id, str(local), artifact_path=None if parent == "." else parent
+            )
+
+    def log_confusion(self, matrix, class_names, step, prefix="confusion"):
+        from pipeline.track import pictures as visualize
+
+        base = f"{prefix}/epoch_{int(step):03d}"
+        self.log_image(visualize.confusion_png(matrix, class_names), f"{base}.png")
+        self.log_text(visualize.confusion_csv(matrix, class_names), f"{base}.csv")
+        self.log_json(visualize.confusion_dict(matrix, class_names), f"{base}.json")
+
+    def log_model(self, model, classes=None, name="model", metadata=None):
+        from pipeline.track import packaging
+
+        run_id = self._require_run()
+        with tempfile.TemporaryDirectory() as tmp:
+            files = packaging.write_model_files(model, tmp, classes=classes, metadata=metadata)
+            model_uri = log_pyfunc_model(
+                self.tracking_uri, run_id, name, files, packaging.pip_requirements()
+            )
+        self.set_tags({"pipeline.model_uri": model_uri})
+        return model_uri
+
+    def register(self, model_uri, name, alias=None):
+        return register_model(self.tracking_uri, model_uri, name, alias, run_id=self.run_id)
+
+    def end(self, status="FINISHED"):
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(enabled: bool, experiment: str = "attention-pipeline", **kwargs: Any) -> Tracker:
+    """``MlflowTracker(experiment, **kwargs)`` when ``enabled`` (rank 0, driver), else a null one."""
+    return MlflowTracker(experiment, **kwargs) if enabled else NullTracker()
+
+
+# --- plain functions over MLflow (used by the tracker, packaging, retraining and predict) -------
+
+
+def mlflow_client(tracking_uri: str | None = None):
+    """An ``mlflow.MlflowClient`` for ``tracking_uri`` (default ``default_tracking_uri()``).
+
+    The process-wide tracking and registry URIs are set too, because MLflow's model logging and
+    loading (``Model.log``, ``pyfunc.load_model``) read them rather than a client's.
+    """
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def log_pyfunc_model(
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    files: Mapping[str, str],
+    pip_requirements: Sequence[str],
+) -> str:
+    """Log a models-from-code pyfunc model whose artifacts are ``files`` (name -> local path).
+
+    The model's code is ``pipeline/track/pyfunc_entry.py`` (a file path, so MLflow stores the code
+    file, not a cloudpickle of an object); loading runs that file, which builds the predictor
+    from the artifacts (safetensors weights + JSON spec). Returns ``models:/<model id>``.
+    """
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    client = mlflow_client(tracking_uri)
+    # Only the inference params are declared (MLflow drops undeclared ones); no input schema,
+    # because inputs are URIs, images or DataFrames that the predictor checks itself.
+    signature = ModelSignature(
+        inputs=None,
+        params=ParamSchema([ParamSpec(k, "long", v) for k, v in PREDICT_PARAMS.items()]),
+    )
+    # Model.log files the logged model under the *active* experiment, not the run's.
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    with warnings.catch_warnings():
+        # An input example would be run through the model at logging time; ours need pixels.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = mlflow.models.Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts=dict(files),
+            pip_requirements=list(pip_requirements),
+            signature=signature,
+        )
+    return info.model_uri
+
+
+def register_model(
+    tracking_uri: str | None,
+    model_uri: str,
+    name: str,
+    alias: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> str:
+    """Register ``model_uri`` as a new version of ``name`` (created if missing).
+
+    Points ``alias`` (e.g. ``champion``) at the new version when given; aliases replace stages in
+    MLflow 3. Returns the version number as a string.
+    """
+    import mlflow
+
+    mlflow_client(tracking_uri)
+    version = mlflow.register_model(
+        model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
+    client = mlflow_client(tracking_uri)
+    if run_id is not None:
+        client.set_model_version_tag(name, version.version, "pipeline.run_id", run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def set_alias(tracking_uri: str | None, name: str, alias: str, version: str) -> None:
+    """Point ``models:/name@alias`` at ``version``."""
+    mlflow_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def alias_version(tracking_uri: str | None, name: str, alias: str) -> str | None:
+    """The version that ``name@alias`` points at, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow_client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_version_tags(
+    tracking_uri: str | None, name: str, version: str, tags: Mapping[str, Any]
+) -> None:
+    """Set tags on model version ``name/version`` (values converted with ``str``)."""
+    client = mlflow_client(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def version_tags(tracking_uri: str | None, name: str, version: str) -> dict[str, str]:
+    """Tags of model version ``name/version``."""
+    return dict(mlflow_client(tracking_uri).get_model_version(name, str(version)).tags)
+
+
+def download_model(model_uri: str, dst: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+    """Download the files of ``model_uri`` (``models:/NAME@alias``, ``models:/NAME/3``,
+    ``models:/<model id>``, ``runs:/...``) into ``dst``; returns the local model directory."""
+    import mlflow
+
+    mlflow_client(tracking_uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
+    """``mlflow.pyfunc.load_model(model_uri)`` with pickle deserialisation switched off.
+
+    Our models load by running their code file and reading safetensors + JSON; a model that
+    would need cloudpickle (not one of ours) is refused instead of executed.
+    """
+    import mlflow
+
+    mlflow_client(tracking_uri)
+    previous = os.environ.get(NO_PICKLE_ENV)
+    os.environ[NO_PICKLE_ENV] = "false"
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        if previous is None:
+            os.environ.pop(NO_PICKLE_ENV, None)
+        else:
+            os.environ[NO_PICKLE_ENV] = previous
+
+
+@functools.cache
+def _pyfunc_model_class() -> type:
+    import mlflow.pyfunc
+
+    class AttentionPyfuncModel(mlflow.pyfunc.PythonModel):
+        """MLflow adapter around ``pipeline.track.packaging.Predictor`` (built in ``load_context``)."""
+
+        # MLflow would wrap predict to validate/convert inputs against type hints; the
+        # predictor checks its own inputs (numpy images, dicts of URIs, DataFrames).
+        _skip_type_hint_validation = True
+
+        def __init__(self) -> None:
+            self.predictor = None
+
+        def load_context(self, context) -> None:
+            from pipeline.track.packaging import Predictor
+
+            self.predictor = Predictor.from_files(context.artifacts)
+
+        def predict(self, context, model_input, params=None):
+            if self.predictor is None:
+                self.load_context(context)
+            return self.predictor.predict_any(model_input, params)
+
+    return AttentionPyfuncModel
+
+
+def set_pyfunc_model() -> None:
+    """Called by ``pipeline/track/pyfunc_entry.py`` when MLflow runs it: declare the pyfunc model."""
+    import mlflow.models
+
+    mlflow.models.set_model(_pyfunc_model_class()())
+
+
+def run_info(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Status, params, latest metrics, tags and artifact URI of a run, as plain dicts."""
+    run = mlflow_client(tracking_uri).get_run(run_id)
+    return {
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "artifact_uri": run.info.artifact_uri,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+    }
+
+
+def list_artifacts(
+    run_id: str, path: str | None = None, tracking_uri: str | None = None
+) -> list[str]:
+    """Paths of every artifact file of a run under ``path`` (recursive)."""
+    client = mlflow_client(tracking_uri)
+    out: list[str] = []
+    for entry in client.list_artifacts(run_id, path):
+        if entry.is_dir:
+            out.extend(list_artifacts(run_id, entry.path, tracking_uri))
+        else:
+            out.append(entry.path)
+    return out
+
+
+def metric_history(
+    run_id: str, key: str, tracking_uri: str | None = None
+) -> list[tuple[int, float]]:
+    """(step, value) points of metric ``key`` of a run, ordered by step."""
+    history = mlflow_client(tracking_uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def runs_with_key(run_key: str, experiment: str, tracking_uri: str | None = None) -> list[str]:
+    """Ids of every run of ``experiment`` tagged with ``run_key`` (tests: "no duplicate run")."""
+    tracker = MlflowTracker(experiment, tracking_uri)
+    if tracker.client.get_experiment_by_name(experiment) is None:
+        return []
+    return tracker.runs_with_key(run_key)

@@ -1,0 +1,236 @@
+"""Driver side of a training run: Ray start, datasets, ``TorchTrainer``, MLflow, registry.
+
+``run_training(config)`` is what ``jobs/train_fmow.py`` calls. It
+1. reads the manifest and the class list, and resolves the model's arguments that follow from
+   the data (``num_classes``; ``view_size`` when ``data.view_size`` is set);
+2. starts (or finds) the MLflow run for ``storage_path/name`` (one run per training run, also
+   across a resume) and logs the resolved config as parameters and as ``config.yaml``;
+3. builds the train and validation view datasets (``pipeline.train.data``);
+4. runs ``pipeline.train.loop.worker_main`` on ``scaling.num_workers`` Ray Train workers with
+   ``RunConfig(name, storage_path)`` (re-running the same name resumes from its last
+   checkpoint) and ``FailureConfig(max_failures)`` (a dead worker restarts the group from the
+   last checkpoint);
+5. logs the final model (from the last checkpoint) and registers it with an alias when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.protocol import PixelSource
+from pipeline.train.config import TrainConfig, save_config, to_dict
+
+WORK_TREE = Path(__file__).resolve().parents[2]
+
+
+def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray, or start a private local instance on 127.0.0.1; True if started here.
+
+    ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver) names a
+    cluster to join. Otherwise ``address="local"`` starts a new instance even if another one runs
+    on this machine (other people's Ray instances are never joined by accident). Storage
+    settings (``AWS_*``) reach the workers through the per-run config, not through this call.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind loopback only
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus}
+    if temp_dir is not None:
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
+    ray.init(**kwargs)
+    return True
+
+
+def _say(message: str) -> None:
+    print(f"[train] {message}", flush=True)
+
+
+def resolve_storage(path: str) -> str:
+    """Absolute local path (relative paths are taken from the current directory) or a URI."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def resolve_config(config: TrainConfig, classes: list[str]) -> TrainConfig:
+    """Fill model arguments that follow from the data: ``num_classes`` and ``view_size``."""
+    overrides = dict(config.model.overrides)
+    overrides.setdefault("num_classes", len(classes))
+    if config.data.view_size:
+        overrides.setdefault("view_size", list(config.data.view_size))
+    storage = resolve_storage(config.run.storage_path)
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, overrides=overrides),
+        run=dataclasses.replace(config.run, storage_path=storage),
+    )
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run produced (for the job's summary and the tests)."""
+
+    metrics: dict[str, float]
+    checkpoint_dir: str
+    run_id: str | None
+    model_uri: str | None = None
+    registered_version: str | None = None
+    classes: list[str] = field(default_factory=list)
+    full_scene_bytes_per_sample: float = 0.0
+
+
+def _steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
+    """Ray's equal split gives every worker ``n // workers`` rows."""
+    return max(1, math.ceil((n_train // workers) / batch_size))
+
+
+def full_scene_bytes(manifest: Any, split: str) -> float:
+    """Mean uint8 bytes of a whole level-0 scene in ``split`` (what a full-resolution CNN reads)."""
+    table = manifest.to_pandas()
+    rows = table[table["split"] == split]
+    return float((rows["height"] * rows["width"] * rows["channels"]).mean())
+
+
+def run_training(
+    config: TrainConfig,
+    *,
+    source_factory: Callable[[], PixelSource] | None = None,
+    tracker: Any = None,
+    ray_temp_dir: str | Path | None = None,
+) -> TrainOutcome:
+    """Train ``config`` on Ray (see the module docstring); returns the outcome.
+
+    Args:
+        source_factory: picklable zero-argument callable giving the workers' ``PixelSource``
+            (default: ``ZarrSourceFactory`` from ``config.reader``).
+        tracker: a ``pipeline.track.tracking`` tracker (default: ``MlflowTracker`` of
+            ``config.run.mlflow_experiment`` at ``MLFLOW_TRACKING_URI`` or the work tree's SQLite).
+        ray_temp_dir: Ray's temp dir when a local instance is started here.
+    """
+    from models.registry import create_model
+    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.track.tracking import MlflowTracker
+    from pipeline.train import data
+
+    manifest = read_manifest(config.data.manifest)
+    classes = list(read_classes(config.data.manifest))
+    config = resolve_config(config, classes)
+    source_factory = source_factory or data.ZarrSourceFactory.from_config(config.reader)
+    view_size = create_model(config.model.name, **config.model.overrides).view_size
+    train_rows = data.split_rows(manifest, config.data.train_split, config.data.limit)
+    val_rows = data.split_rows(manifest, config.data.val_split, config.data.limit)
+    workers = config.scaling.num_workers
+    if len(train_rows["key"]) < workers * config.data.batch_size:
+        print(f"note: {len(train_rows['key'])} train scenes for {workers} workers x batch "
+              f"{config.data.batch_size}: each worker runs a single partial batch per epoch")
+
+    run_dir = Path(config.run.storage_path) / config.run.name if "://" not in config.run.storage_path else None
+    tracker = tracker or MlflowTracker(experiment=config.run.mlflow_experiment)
+    run_key = f"{config.run.storage_path.rstrip('/')}/{config.run.name}"
+    tracker.start(run_key, params=to_dict(config), run_name=config.run.name)
+    config_path = save_config(config, (run_dir or Path(ray_temp_dir or ".")) / "config.yaml")
+    tracker.log_artifact_file(config_path)
+
+    try:
+        result = _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows,
+                      run_dir, ray_temp_dir)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return _finish(config, result, tracker, classes, manifest)
+
+
+
+def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows, run_dir,
+         ray_temp_dir):
+    """Start Ray if needed, build the datasets, run the ``TorchTrainer``; its ``Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train import data
+    from pipeline.train.loop import worker_main
+
+    workers = config.scaling.num_workers
+    start_ray(config.run.ray_address, temp_dir=ray_temp_dir,
+              num_cpus=max(os.cpu_count() or 1, math.ceil(workers * config.scaling.cpus_per_worker) + 1))
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per dataset is enough
+    env = data.reader_env()
+    _say(f"reading the views of {len(train_rows['key'])} train and {len(val_rows['key'])} val scenes")
+    view_factory = getattr(source_factory, "in_process", lambda: source_factory)()
+    datasets = {
+        "train": data.view_dataset(train_rows, view_factory, view_size, env),
+        "val": data.view_dataset(val_rows, view_factory, view_size, env),
+    }
+    loop_config = {
+        "config": to_dict(config),
+        "classes": classes,
+        "steps_per_epoch": _steps_per_epoch(len(train_rows["key"]), workers, config.data.batch_size),
+        "source_factory": source_factory,
+        "tracker": tracker,
+        "env": env,
+        "crash_marker": str((run_dir or Path(".")) / "crash.marker"),
+    }
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=config.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    _say(f"training {config.model.name} on {workers} workers for {config.optim.epochs} epochs "
+         f"(run {config.run.name!r}, checkpoints in {config.run.storage_path})")
+    return trainer.fit()
+
+
+def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], manifest: Any) -> TrainOutcome:
+    """Log the final model, register it if asked, close the MLflow run."""
+    from pipeline.train.checkpoint import load_model, read_meta
+
+    _say("training finished; logging the final model")
+    if result.checkpoint is None:
+        tracker.end("FAILED")
+        raise RuntimeError(f"run {config.run.name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        meta = read_meta(directory)
+        model = load_model(directory)
+        checkpoint_dir = result.checkpoint.path
+    metrics = {k: float(v) for k, v in (result.metrics or meta.get("metrics") or {}).items()}
+    model_uri = tracker.log_model(
+        model, classes=classes, metadata={"val_accuracy": metrics.get("val/accuracy"),
+                                          "epochs": meta.get("epoch"), "run": config.run.name},
+    )
+    version = None
+    if config.run.register_name and model_uri:
+        version = tracker.register(model_uri, config.run.register_name, alias=config.run.register_alias)
+    tracker.end("FINISHED")
+    return TrainOutcome(
+        metrics=metrics,
+        checkpoint_dir=str(checkpoint_dir),
+        run_id=tracker.run_id,
+        model_uri=model_uri,
+        registered_version=version,
+        classes=classes,
+        full_scene_bytes_per_sample=full_scene_bytes(manifest, config.data.train_split),
+    )

@@ -1,0 +1,168 @@
+"""The ingest engine: decoding, rejects, resume (skip complete, redo incomplete), progress."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from pipeline.ingest import fmow
+from pipeline.ingest.engine import (
+    BadInput,
+    LoadedScene,
+    SceneTask,
+    decode_image,
+    ingest_scene,
+    run_ingest,
+    summary,
+)
+from pipeline.store import pyramid, storage
+from tests.pipeline.fmow_fixtures import SMALL_CLASSES, make_sample, small_spec
+
+
+def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_decode_gives_chw_rgb_for_every_mode():
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_image(_encode(rgb, "PNG"), "x.png"), rgb.transpose(2, 0, 1))
+    grey = rgb[..., 0]
+    out = decode_image(_encode(grey, "PNG"), "g.png")
+    assert out.shape == (3, 20, 30) and (out == grey[None]).all()
+    rgba = np.concatenate([rgb, np.full((20, 30, 1), 128, np.uint8)], axis=2)
+    np.testing.assert_array_equal(decode_image(_encode(rgba, "PNG"), "a.png"), rgb.transpose(2, 0, 1))
+    wide = (grey.astype(np.uint16) << 8) | 0x7F
+    out16 = decode_image(_encode(wide, "TIFF"), "w.tif")
+    assert (out16 == grey[None]).all()  # 16-bit keeps the high byte
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"", "empty_image"),
+        (b"not an image at all", "unreadable_image"),
+        ("truncated", "unreadable_image"),
+    ],
+)
+def test_decode_rejects_bad_bytes(data, kind):
+    if data == "truncated":
+        img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        full = _encode(img, "JPEG")
+        data = full[: len(full) // 2]
+    with pytest.raises(BadInput) as info:
+        decode_image(data, "s3://b/x.jpg")
+    assert info.value.kind == kind and "s3://b/x.jpg" in str(info.value)
+
+
+def _fake_loader(task: SceneTask) -> LoadedScene:
+    if task.source.endswith("bad"):
+        raise BadInput("unreadable_image", f"cannot decode image {task.source}")
+    if task.source.endswith("boom"):
+        raise RuntimeError("disk on fire")
+    seed = int(task.scene_id.rsplit("_", 1)[1])
+    image = np.random.default_rng(seed).integers(0, 256, (3, 40, 70), dtype=np.uint8)
+    return LoadedScene(image, box=(1, 2, 30, 40), gsd=0.3, timestamp="t", extra={"k": seed})
+
+
+def test_run_ingest_writes_skips_and_rejects_without_stopping():
+    dst = "memory://ingest-engine/pyr"
+    tasks = [
+        SceneTask("train/s_1", "train", "raw/s_1", "dam"),
+        SceneTask("train/s_2", "train", "raw/s_2bad", "dam"),
+        SceneTask("train/s_3", "train", "raw/s_3boom", "dam"),
+        SceneTask("val/s_4", "val", "raw/s_4", "zoo"),
+        SceneTask("val/s_5", "val", "raw/s_5", "port", reject=("missing_json", "no JSON")),
+        SceneTask("train/s_1", "train", "raw/s_1again", "dam"),
+        SceneTask("val/s_6", "val", "raw/s_6", "airport"),
+    ]
+    out = io.StringIO()
+    report = run_ingest(tasks, _fake_loader, SMALL_CLASSES, dst, coarsest=40, workers=2,
+                        progress_s=0.0, out=out)
+    assert report.counts == {"written": 2, "skipped": 0, "rejected": 5}
+    assert report.reject_kinds == {"duplicate": 1, "error": 1, "missing_json": 1,
+                                   "unknown_category": 1, "unreadable_image": 1}
+    assert not report.all_in
+    errors = {r["scene_id"]: r for r in report.rejects}
+    assert "disk on fire" in errors["train/s_3"]["reason"]
+    assert errors["train/s_2"]["path"] == "raw/s_2bad"
+    rows = {r["scene_id"]: r for r in report.rows}
+    assert rows["train/s_1"]["level_shapes"] == json.dumps([[40, 70], [20, 35]])
+    assert rows["val/s_6"]["label"] == SMALL_CLASSES.index("airport")
+    assert rows["train/s_1"]["box"] == [1, 2, 30, 40]
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("[ingest] 7/7 scenes | 2 written, 0 skipped, 5 rejected")
+    assert "7 scenes, 2 written" in summary(report)
+    # a second run skips both complete scenes and returns the same rows
+    again = run_ingest(tasks, _fake_loader, SMALL_CLASSES, dst, coarsest=40, out=None)
+    assert again.counts == {"written": 0, "skipped": 2, "rejected": 5}
+    assert sorted(again.rows, key=str) == sorted(report.rows, key=str)
+    level1 = zarr.open_group(storage.open_store(rows["train/s_1"]["uri"], read_only=True),
+                             mode="r", zarr_format=3)["1"]
+    assert level1.shape == (3, 20, 35)
+
+
+def test_incomplete_scene_is_rewritten_and_complete_one_is_not():
+    dst = "memory://ingest-resume/pyr"
+    task = SceneTask("train/s_7", "train", "raw/s_7", "dam")
+    first = ingest_scene(task, _fake_loader, SMALL_CLASSES, dst, 32)
+    assert first.status == "written"
+    assert ingest_scene(task, _fake_loader, SMALL_CLASSES, dst, 32).status == "skipped"
+    # simulate a crash before the completion marker: flip it back and damage level 0
+    uri = storage.join_uri(dst, "train/s_7")
+    meta = json.loads(storage.read_bytes(storage.join_uri(uri, "zarr.json")))
+    meta["attributes"]["pipeline"]["complete"] = False
+    storage.write_bytes(storage.join_uri(uri, "zarr.json"), json.dumps(meta).encode())
+    group = zarr.open_group(storage.open_store(uri, read_only=False), mode="r+", zarr_format=3)
+    group["0"][:] = 0
+    assert not pyramid.pyramid_complete(dst, "train/s_7")
+    redo = ingest_scene(task, _fake_loader, SMALL_CLASSES, dst, 32)
+    assert redo.status == "written" and redo.row == first.row
+    group = zarr.open_group(storage.open_store(uri, read_only=True), mode="r", zarr_format=3)
+    np.testing.assert_array_equal(group["0"][:], _fake_loader(task).image)
+    assert pyramid.open_pyramid(uri).attrs["k"] == 7
+
+
+def test_fmow_sample_with_every_kind_of_bad_input(tmp_path):
+    src, dst = str(tmp_path / "fmow"), str(tmp_path / "pyr")
+    scenes = make_sample(src, small_spec(train=3, val=2, bad=7))
+    walk = fmow.walk_fmow(src)
+    classes = fmow.class_list({f.category for f in walk.files})
+    assert classes == SMALL_CLASSES
+    tasks = fmow.fmow_tasks(src, walk)
+    report = run_ingest(tasks, fmow.load_fmow_scene, classes, dst, out=None)
+    assert report.counts == {"written": 5, "skipped": 0, "rejected": 7}
+    assert report.reject_kinds == {"empty_image": 1, "malformed_json": 1, "missing_image": 1,
+                                   "missing_json": 1, "unknown_category": 1,
+                                   "unreadable_image": 2}
+    by_id = {f"{s.split}/{s.stem}": s for s in scenes}
+    for reject in report.rejects:
+        assert by_id[reject["scene_id"]].bad is not None
+        assert reject["path"].startswith(src) and storage.parse_uri(reject["path"]).scheme == "file"
+    for row in report.rows:
+        plan = by_id[row["scene_id"]]
+        assert (row["height"], row["width"]) == (plan.height, plan.width)
+        assert tuple(row["box"]) == plan.box and row["category"] == plan.category
+        info = pyramid.open_pyramid(row["uri"])
+        assert info.complete and info.attrs["source"] == row["source"]
+        assert info.attrs["box_xywh"] == [plan.box[1], plan.box[0],
+                                          plan.box[3] - plan.box[1], plan.box[2] - plan.box[0]]
+
+
+def test_json_size_that_disagrees_with_the_image_is_rejected(tmp_path):
+    src = str(tmp_path / "fmow")
+    make_sample(src, small_spec(train=1, val=0))
+    walk = fmow.walk_fmow(src)
+    meta_uri = storage.join_uri(src, walk.files[0].meta)
+    doc = json.loads(storage.read_bytes(meta_uri))
+    doc["img_width"] += 1
+    storage.write_bytes(meta_uri, json.dumps(doc).encode())
+    report = run_ingest(fmow.fmow_tasks(src, walk), fmow.load_fmow_scene, SMALL_CLASSES,
+                        str(tmp_path / "pyr"), out=None)
+    assert report.reject_kinds == {"size_mismatch": 1}

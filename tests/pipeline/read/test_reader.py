@@ -1,0 +1,387 @@
+"""The attended-chunk reader: identical to the in-memory source, and reads only what it plans."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from models.memory import TensorPyramidSource
+from models.protocol import PixelSource, ReadRequest
+from pipeline.read import reader
+from pipeline.read.plan import plan_ranges, plan_reads
+from pipeline.read.reader import ByteLRU, ReadError, ZarrPixelSource, locate
+from pipeline.store import storage
+from pipeline.store.pyramid import write_pyramid
+from pipeline.store.storage import join_uri
+from tests.pipeline.store.test_pyramid import textured
+
+CHUNK, SHARD, COARSEST = 16, 64, 64
+
+
+def write_scenes(root: str, shapes) -> dict[str, torch.Tensor]:
+    images = {}
+    for i, (h, w) in enumerate(shapes):
+        img = textured(3, h, w, seed=10 + i)
+        uri = write_pyramid(root, f"scene-{i}", img, {"label": i}, coarsest=COARSEST,
+                            chunk=CHUNK, shard=SHARD)
+        images[uri] = torch.from_numpy(img)
+    return images
+
+
+def random_boxes(b: int, k: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y0 = torch.randint(-30, h, (b, k, 1), generator=g)
+    x0 = torch.randint(-30, w, (b, k, 1), generator=g)
+    hh = torch.randint(1, 90, (b, k, 1), generator=g)
+    ww = torch.randint(1, 90, (b, k, 1), generator=g)
+    return torch.cat([y0, x0, y0 + hh, x0 + ww], -1)
+
+
+@pytest.fixture
+def scenes(store_root):
+    return write_scenes(store_root, [(301, 517), (200, 150)])
+
+
+def test_is_a_pixel_source():
+    assert isinstance(ZarrPixelSource(), PixelSource)
+
+
+def test_same_tensors_as_the_in_memory_source(scenes):
+    memory = TensorPyramidSource.from_images(scenes, coarsest=COARSEST)
+    source = ZarrPixelSource()
+    keys = list(scenes)
+    boxes = random_boxes(2, 12, 301, 517, seed=1)
+    for level, size in [(0, (40, 40)), (0, (7, 13)), (1, (24, 24)), (2, (8, 8))]:
+        request = ReadRequest(boxes, level, size)
+        np.testing.assert_array_equal(source.read(keys, request), memory.read(keys, request))
+    same_size = ReadRequest(torch.tensor([[[5, 6, 69, 70]], [[-3, -4, 61, 60]]]), 0, (64, 64))
+    assert torch.equal(source.read(keys, same_size), memory.read(keys, same_size))
+    empty = ReadRequest(torch.zeros((2, 0, 4), dtype=torch.int64), 0, (8, 8))
+    assert source.read(keys, empty).shape == memory.read(keys, empty).shape == (2, 0, 3, 8, 8)
+    for size in [(32, 32), (64, 100), (400, 400), (19, 77)]:
+        assert torch.equal(source.view(keys, size), memory.view(keys, size)), size
+    assert torch.equal(source.level0_sizes(keys), memory.level0_sizes(keys))
+    source.close()
+
+
+def test_pixels_land_where_the_box_says(tmp_path):
+    # values encode (y, x): a misplaced or transposed patch fails loudly
+    h, w = 300, 200
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([yy % 251, xx % 241, (yy // 251) * 16 + xx // 241]).astype(np.uint8) + 1
+    uri = write_pyramid(str(tmp_path), "coords", img, {}, chunk=CHUNK, shard=SHARD)
+    source = ZarrPixelSource()
+    boxes = torch.tensor([[[17, 33, 81, 97], [250, 180, 314, 244], [-5, -7, 59, 57]]])
+    out = source.read([uri], ReadRequest(boxes, 0, (64, 64)))[0]
+    for patch, (y0, x0, y1, x1) in zip(out, boxes[0].tolist(), strict=True):
+        expected = np.zeros((3, 64, 64), np.float32)
+        ys, xs = slice(max(y0, 0), min(y1, h)), slice(max(x0, 0), min(x1, w))
+        expected[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = (
+            img[:, ys, xs] / 255.0)
+        np.testing.assert_array_equal(patch.numpy(), expected)
+
+
+def shard_index(scene_uri: str, level: int, sy: int, sx: int) -> np.ndarray | None:
+    """The shard index parsed straight from the object's bytes (independent of the reader)."""
+    uri = join_uri(scene_uri, str(level), "c", "0", str(sy), str(sx))
+    if not storage.exists(uri):
+        return None
+    n = SHARD // CHUNK
+    raw = storage.read_bytes(uri)[-(16 * n * n + 4) : -4]
+    return np.frombuffer(raw, dtype="<u8").reshape(1, n, n, 2)
+
+
+def expected_requests(scene_uri: str, boxes, level: int, shape):
+    """(index keys, chunk (key, start, end) set, number of chunks) the plan names."""
+    plan = plan_reads(boxes, level, shape, (3, CHUNK, CHUNK), (3, SHARD, SHARD))
+    _, prefix = locate(scene_uri)
+    index_keys, chunk_ranges = set(), set()
+    for shard, chunks in plan.by_shard().items():
+        key = f"{prefix}/{level}/c/0/{shard.sy}/{shard.sx}"
+        index_keys.add(key)
+        index = shard_index(scene_uri, level, shard.sy, shard.sx)
+        for r in plan_ranges(shard, chunks, index, plan.chunks_per_shard).ranges:
+            chunk_ranges.add((key, r.start, r.end))
+    return index_keys, chunk_ranges, len(plan.chunks)
+
+
+def test_reads_exactly_the_planned_chunks_and_never_repeats_metadata(scenes):
+    uri = next(iter(scenes))
+    _, prefix = locate(uri)
+    source = ZarrPixelSource(record_requests=True)
+    shape = tuple(scenes[uri].shape)
+    boxes = random_boxes(1, 6, 301, 517, seed=2)
+    source.read([uri], ReadRequest(boxes, 0, (32, 32)))
+    log = source.requests()
+    index_keys, chunk_ranges, n_chunks = expected_requests(uri, boxes[0], 0, shape)
+    assert sorted(r.key for r in log if r.kind == "metadata") == [
+        f"{prefix}/0/zarr.json", f"{prefix}/zarr.json"]
+    index_log = [r for r in log if r.kind == "index"]
+    assert sorted(r.key for r in index_log) == sorted(index_keys)  # each shard index once
+    assert {r.start for r in index_log} == {-(16 * (SHARD // CHUNK) ** 2 + 4)}
+    chunk_log = [(r.key, r.start, r.end) for r in log if r.kind == "chunk"]
+    assert len(chunk_log) == len(set(chunk_log))
+    assert set(chunk_log) == chunk_ranges
+    counters = source.counters()
+    assert counters.chunks == n_chunks and counters.pixels == n_chunks * 3 * CHUNK * CHUNK
+    assert counters.requests == len(log) and counters.bytes == sum(r.nbytes for r in log)
+    assert counters.chunk_bytes == sum(e - s for _, s, e in chunk_ranges)
+
+    # new boxes on the same scene: no metadata again, only the indexes of shards not seen yet
+    seen = index_keys
+    source.reset_counters()
+    more = random_boxes(1, 6, 301, 517, seed=3)
+    source.read([uri], ReadRequest(more, 0, (32, 32)))
+    log = source.requests()
+    new_index_keys, new_ranges, _ = expected_requests(uri, more[0], 0, shape)
+    assert [r for r in log if r.kind == "metadata"] == []
+    assert sorted(r.key for r in log if r.kind == "index") == sorted(new_index_keys - seen)
+    assert {(r.key, r.start, r.end) for r in log if r.kind == "chunk"} == new_ranges
+
+    # the first boxes again: chunk data only
+    source.reset_counters()
+    source.read([uri], ReadRequest(boxes, 0, (32, 32)))
+    again = source.counters()
+    assert (again.metadata_requests, again.index_requests) == (0, 0)
+    assert again.chunk_requests == len(chunk_ranges)
+
+
+def test_grid_aligned_patches_fetch_exactly_the_requested_pixels(tmp_path):
+    uri = write_pyramid(str(tmp_path), "s", textured(3, 256, 256), {}, chunk=CHUNK, shard=SHARD)
+    source = ZarrPixelSource()
+    boxes = torch.tensor([[[0, 0, 64, 64], [64, 128, 128, 192], [192, 16, 256, 80]]])
+    source.read([uri], ReadRequest(boxes, 0, (64, 64)))
+    assert source.counters().pixels == 3 * 3 * 64 * 64
+
+
+def test_a_batch_with_the_same_scene_twice_reads_its_metadata_once(scenes):
+    uri = next(iter(scenes))
+    source = ZarrPixelSource()
+    boxes = random_boxes(2, 3, 301, 517, seed=4)
+    out = source.read([uri, uri], ReadRequest(boxes, 0, (16, 16)))
+    assert out.shape == (2, 3, 3, 16, 16)
+    assert source.counters().metadata_requests == 2  # group + level 0, not 4
+
+
+def test_generic_codec_path_matches_the_zstd_fast_path(scenes, monkeypatch):
+    keys = list(scenes)
+    request = ReadRequest(random_boxes(2, 5, 301, 517, seed=5), 0, (20, 20))
+    fast = ZarrPixelSource().read(keys, request)
+    real = reader.level_meta
+    monkeypatch.setattr(reader, "level_meta",
+                        lambda *a: dataclasses.replace(real(*a), zstd_only=False))
+    generic = ZarrPixelSource()
+    assert torch.equal(generic.read(keys, request), fast)
+
+
+def test_submit_returns_a_future_and_the_source_pickles_without_its_loop(scenes):
+    keys = list(scenes)
+    request = ReadRequest(random_boxes(2, 4, 301, 517, seed=6), 1, (12, 12))
+    source = ZarrPixelSource(concurrency=4, cache_bytes=1 << 20)
+    future = source.submit(keys, request)
+    direct = source.read(keys, request)
+    assert torch.equal(future.result(timeout=60), direct)
+    data = pickle.dumps(source)
+    assert len(data) < 500
+    clone = pickle.loads(data)
+    assert clone._loop is None and clone.concurrency == 4
+    assert torch.equal(clone.read(keys, request), direct)
+    assert clone.counters().metadata_requests == 4  # fresh caches in the copy
+    source.close()
+    assert torch.equal(source.read(keys, request), direct)  # a closed source restarts
+
+
+def test_cache_bound_in_bytes():
+    lru = ByteLRU(100)
+    lru.put("a", 1, 40)
+    lru.put("b", 2, 40)
+    lru.get("a")  # a is now the most recent
+    lru.put("c", 3, 40)
+    assert "a" in lru and "b" not in lru and "c" in lru and lru.nbytes == 80
+    lru.put("huge", 4, 101)
+    assert "huge" not in lru and lru.nbytes == 80
+
+
+def test_a_tiny_cache_refetches_metadata(scenes):
+    uri = next(iter(scenes))
+    source = ZarrPixelSource(cache_bytes=0)
+    request = ReadRequest(torch.tensor([[[0, 0, 8, 8]]]), 0, (8, 8))
+    source.read([uri], request)
+    first = source.counters().metadata_requests
+    source.read([uri], request)
+    assert source.counters().metadata_requests == 2 * first
+
+
+class SlowStore(reader.CountingStore):
+    """Delays every get and records the most requests in flight at once."""
+
+    in_flight = 0
+    most = 0
+
+    async def get(self, key, prototype, byte_range=None):
+        SlowStore.in_flight += 1
+        SlowStore.most = max(SlowStore.most, SlowStore.in_flight)
+        try:
+            await asyncio.sleep(0.005)
+            return await self._store.get(key, prototype, byte_range)
+        finally:
+            SlowStore.in_flight -= 1
+
+
+def test_concurrency_is_bounded(scenes, monkeypatch):
+    real_open = reader.open_store
+    monkeypatch.setattr(reader, "open_store", lambda root, read_only: SlowStore(
+        real_open(root, read_only=read_only)))
+    SlowStore.most = 0
+    source = ZarrPixelSource(concurrency=3)
+    source.read(list(scenes), ReadRequest(random_boxes(2, 20, 301, 517, seed=7), 0, (8, 8)))
+    assert SlowStore.most == 3
+
+
+def test_errors_name_the_scene_level_and_object(tmp_path):
+    root = str(tmp_path)
+    img = np.maximum(textured(3, 130, 130), 1)  # no empty chunk: chunk (0, 0) is at offset 0
+    uri = write_pyramid(root, "s", img, {}, chunk=CHUNK, shard=SHARD)
+    source = ZarrPixelSource()
+    box = ReadRequest(torch.tensor([[[0, 0, 10, 10]]]), 0, (10, 10))
+    with pytest.raises(FileNotFoundError, match="no pyramid group at .*nope"):
+        source.read([join_uri(root, "nope")], box)
+    with pytest.raises(ValueError, match="has 1 levels, asked for 5"):
+        source.read([uri], ReadRequest(box.boxes, 5, (10, 10)))
+    shard = join_uri(uri, "0", "c", "0", "0", "0")
+    data = bytearray(storage.read_bytes(shard))
+    data[0:4] = bytes(4)  # break the zstd magic number of the first chunk
+    storage.write_bytes(shard, bytes(data))
+    with pytest.raises(ReadError, match=r"scene .*/s level 0 object .*0/c/0/0/0 bytes \[0, "):
+        ZarrPixelSource().read([uri], box)
+    storage.write_bytes(shard, bytes(data[:-3]))  # truncated: the index checksum fails
+    with pytest.raises(ReadError, match="shard index of .*0/c/0/0/0"):
+        ZarrPixelSource().read([uri], box)
+
+
+def test_incomplete_scene_is_refused(tmp_path):
+    root = str(tmp_path)
+    uri = write_pyramid(root, "s", textured(3, 100, 100), {}, chunk=CHUNK, shard=SHARD)
+    meta = join_uri(uri, "zarr.json")
+    storage.write_bytes(meta, storage.read_bytes(meta).replace(b'"complete": true',
+                                                               b'"complete": false'))
+    with pytest.raises(ValueError, match="incomplete"):
+        ZarrPixelSource().level0_sizes([uri])
+
+
+def test_absent_chunks_read_as_zero(tmp_path):
+    img = textured(3, 128, 128)
+    img[:, :64, :] = 0  # a whole shard row is zero: no objects, so no index either
+    uri = write_pyramid(str(tmp_path), "z", img, {}, chunk=CHUNK, shard=SHARD)
+    source = ZarrPixelSource(record_requests=True)
+    out = source.read([uri], ReadRequest(torch.tensor([[[0, 0, 70, 70]]]), 0, (70, 70)))
+    np.testing.assert_array_equal(out[0, 0].numpy(), img[:, :70, :70] / np.float32(255))
+    assert source.counters().chunks == 25
+    log = source.requests()
+    assert len([r for r in log if r.kind == "index"]) == 4  # a missing object is learnt once
+    assert {r.key.rsplit("/", 2)[-2] for r in log if r.kind == "chunk"} == {"1"}  # shard row 1
+
+
+def test_local_ranges_are_read_directly_and_counted_like_any_store(tmp_path, monkeypatch):
+    shapes = [(301, 517), (200, 150)]
+    on_disk = write_scenes(str(tmp_path / "disk"), shapes)
+    in_memory = write_scenes(f"memory://{tmp_path.name}/mem", shapes)
+    boxes = random_boxes(2, 12, 301, 517, seed=4)
+    from zarr.storage import LocalStore
+
+    real_get = LocalStore.get
+
+    async def no_ranges(self, key, prototype, byte_range=None):
+        assert byte_range is None or not hasattr(byte_range, "end"), "a chunk range went through LocalStore"
+        return await real_get(self, key, prototype, byte_range)
+
+    monkeypatch.setattr(LocalStore, "get", no_ranges)
+    logs = []
+    for scenes in (on_disk, in_memory):
+        source = ZarrPixelSource(record_requests=True)
+        out = source.read(list(scenes), ReadRequest(boxes, 1, (16, 16)))
+        logs.append(([(r.kind, r.key, r.start, r.end, r.nbytes) for r in source.requests()],
+                     source.counters(), out))
+    (disk_log, disk_counts, disk_out), (mem_log, mem_counts, mem_out) = logs
+    assert torch.equal(disk_out, mem_out)
+    assert disk_counts == mem_counts and disk_counts.chunk_requests > 0
+    strip = lambda log: sorted((k, key[key.index("scene-"):], s, e, n) for k, key, s, e, n in log)  # noqa: E731
+    assert strip(disk_log) == strip(mem_log)
+
+
+def test_a_shard_gone_after_its_index_was_read_names_the_object(tmp_path):
+    img = np.maximum(textured(3, 130, 130), 1)  # no empty chunk: chunk (0, 0) is at offset 0
+    uri = write_pyramid(str(tmp_path), "s", img, {}, chunk=CHUNK, shard=SHARD)
+    source = ZarrPixelSource()
+    box = ReadRequest(torch.tensor([[[0, 0, 10, 10]]]), 0, (10, 10))
+    source.read([uri], box)  # the shard index is cached now
+    shard = join_uri(uri, "0", "c", "0", "0", "0")
+    data = storage.read_bytes(shard)
+    storage.write_bytes(shard, data[:10])
+    with pytest.raises(ReadError, match=r"object .*0/c/0/0/0 bytes \[0, \d+\): expected \d+ bytes, got 10"):
+        source.read([uri], box)
+    os.remove(shard)
+    with pytest.raises(ReadError, match=r"object .*0/c/0/0/0 bytes .*read failed: FileNotFoundError"):
+        source.read([uri], box)
+
+
+def test_prefetching_indexes_asks_for_every_shard_of_the_level_once(scenes):
+    uri = next(iter(scenes))
+    shape = tuple(scenes[uri].shape)
+    plain, eager = ZarrPixelSource(), ZarrPixelSource(prefetch_indexes=True)
+    first, second = (ReadRequest(random_boxes(1, 4, 301, 517, seed=s), 0, (8, 8)) for s in (5, 6))
+    shards = math.ceil(shape[1] / SHARD) * math.ceil(shape[2] / SHARD)
+    for request, index_requests in ((first, shards), (second, 0)):
+        plain.reset_counters()
+        eager.reset_counters()
+        assert torch.equal(eager.read([uri], request), plain.read([uri], request))
+        assert eager.counters().index_requests == index_requests
+        assert eager.counters().chunk_requests == plain.counters().chunk_requests
+    assert plain.counters().index_requests > 0  # without prefetch, new shards cost an index read
+    eager.reset_counters()
+    eager.read([uri], ReadRequest(first.boxes, 1, (8, 8)))  # another level: its own indexes
+    level1 = math.ceil(math.ceil(shape[1] / 2) / SHARD) * math.ceil(math.ceil(shape[2] / 2) / SHARD)
+    assert eager.counters().index_requests == level1
+
+
+def test_concurrent_reads_come_back_in_the_order_they_were_asked(scenes):
+    source = ZarrPixelSource()
+    keys = list(scenes)
+    done = []
+    requests = [ReadRequest(random_boxes(2, 30 - 8 * i, 301, 517, seed=i), 0, (8, 8)) for i in range(4)]
+    futures = [source.submit(keys, r) for r in requests]
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda _, i=i: done.append(i))
+    for f in futures:
+        f.result(timeout=60)
+    assert done == [0, 1, 2, 3]
+    source.close()
+
+
+def test_turns_let_a_request_decode_only_after_every_earlier_one_and_skip_failed_ones():
+    async def run() -> list[int]:
+        turns, order = reader.Turns(), []
+
+        async def request(delay: float, fail: bool) -> None:
+            ticket = turns.take()
+            try:
+                await asyncio.sleep(delay)  # the fetch
+                if fail:
+                    raise OSError("fetch failed")
+                await turns.wait_below(ticket)
+                order.append(ticket)
+            finally:
+                turns.mark(ticket)
+
+        await asyncio.gather(request(0.05, False), request(0.0, False), request(0.03, True),
+                             request(0.01, False), return_exceptions=True)
+        return order
+
+    assert asyncio.run(run()) == [0, 1, 3]

@@ -1,0 +1,163 @@
+"""The pyramid format: levels equal the in-memory pyramid, plain zarr reads it, complete last."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from models.memory import build_pyramid
+from models.memory import downsample2x as torch_downsample2x
+from pipeline.store import pyramid, storage
+from pipeline.store.pyramid import open_pyramid, pyramid_complete, write_pyramid
+from pipeline.store.storage import join_uri
+
+
+def textured(c: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Noise plus smooth structure, with an all-zero block so empty chunks occur."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 100 + 60 * np.sin(yy / 7.0) * np.cos(xx / 11.0)
+    img = np.stack([base + rng.normal(0, 20, (h, w)) for _ in range(c)])
+    img = img.clip(0, 255).astype(np.uint8)
+    img[:, : h // 3, : w // 4] = 0
+    return img
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (3, 7, 9), (1, 1, 5), (3, 33, 2), (2, 1, 1)])
+def test_downsample2x_equals_the_torch_reference(shape):
+    img = textured(*shape, seed=sum(shape))
+    ours = pyramid.downsample2x(img)
+    np.testing.assert_array_equal(ours, torch_downsample2x(torch.from_numpy(img)).numpy())
+
+
+def test_downsample2x_across_bands(monkeypatch):
+    monkeypatch.setattr(pyramid, "_BAND_ROWS", 4)
+    img = textured(3, 23, 17, seed=5)
+    np.testing.assert_array_equal(
+        pyramid.downsample2x(img), torch_downsample2x(torch.from_numpy(img)).numpy()
+    )
+
+
+def test_pyramid_shapes_table():
+    assert pyramid.pyramid_shapes(1000, 300, 256) == [(1000, 300), (500, 150), (250, 75)]
+    assert pyramid.pyramid_shapes(256, 100, 256) == [(256, 100)]
+    assert pyramid.pyramid_shapes(257, 1, 256) == [(257, 1), (129, 1)]
+
+
+def test_write_then_plain_zarr_reads_every_level(store_root):
+    img = textured(3, 301, 517, seed=1)
+    attrs = {"label": "airport", "source": "s3://raw/x.jpg", "boxes": [[10, 20, 30, 40]],
+             "gsd": 0.5, "timestamp": "2017-01-02T03:04:05Z"}
+    uri = write_pyramid(store_root, "scene-1", img, attrs, coarsest=64, chunk=16, shard=64)
+    assert uri == join_uri(store_root, "scene-1")
+    expected = build_pyramid(torch.from_numpy(img), coarsest=64)
+    group = zarr.open_group(storage.open_store(uri, read_only=True), mode="r", zarr_format=3)
+    assert sorted(group.array_keys()) == [str(i) for i in range(len(expected))]
+    for i, level in enumerate(expected):
+        array = group[str(i)]
+        assert array.dtype == np.uint8
+        assert array.metadata.dimension_names == ("c", "y", "x")
+        assert array.chunks == (3, 16, 16) and array.shards == (3, 64, 64)
+        np.testing.assert_array_equal(array[:], level.numpy())
+    assert group.attrs["scene"] == attrs
+    assert pyramid_complete(store_root, "scene-1")
+    info = open_pyramid(uri)
+    assert info.level_shapes == tuple(tuple(lv.shape) for lv in expected)
+    assert (info.chunk_shape, info.shard_shape, info.complete) == ((3, 16, 16), (3, 64, 64), True)
+    assert info.attrs == attrs
+
+
+def test_ome_zarr_0_5_multiscales_metadata(tmp_path):
+    uri = write_pyramid(str(tmp_path), "s", textured(3, 100, 70), {}, coarsest=20, chunk=8,
+                        shard=32)
+    ome = zarr.open_group(uri, mode="r", zarr_format=3).attrs["ome"]
+    assert ome["version"] == "0.5"
+    (ms,) = ome["multiscales"]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    assert [a["type"] for a in ms["axes"]] == ["channel", "space", "space"]
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2", "3"]
+    scales = [d["coordinateTransformations"][0] for d in ms["datasets"]]
+    assert scales == [{"type": "scale", "scale": [1.0, f, f]} for f in (1.0, 2.0, 4.0, 8.0)]
+    shifts = [d["coordinateTransformations"][1]["translation"] for d in ms["datasets"]]
+    assert shifts == [[0.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 1.5, 1.5], [0.0, 3.5, 3.5]]
+
+
+def test_shards_are_byte_identical_to_zarrs_own_write():
+    img = textured(3, 75, 131, seed=3)  # partial edge chunks, partial shards, empty chunks
+    img[:, :32, 32:64] = 0  # one all-zero shard: zarr writes no object for it
+    ours = write_pyramid("memory://bytes-ours", "s", img, {}, coarsest=1000, chunk=8, shard=32)
+    ref_store = storage.open_store("memory://bytes-ref/s", read_only=False)
+    group = zarr.open_group(ref_store, mode="w", zarr_format=3)
+    from zarr.codecs import ZstdCodec
+
+    group.create_array("0", data=img, chunks=(3, 8, 8), shards=(3, 32, 32), fill_value=0,
+                       compressors=ZstdCodec(level=pyramid.ZSTD_LEVEL),
+                       dimension_names=("c", "y", "x"))
+    ref = {u.split("/s/", 1)[1]: storage.read_bytes(u)
+           for u in storage.list_prefix("memory://bytes-ref/s/0/c")}
+    got = {u.split("/s/", 1)[1]: storage.read_bytes(u) for u in storage.list_prefix(ours + "/0/c")}
+    assert sorted(got) == sorted(ref) and len(ref) == 3 * 5 - 1  # the all-zero shard is absent
+    assert got == ref
+
+
+def test_crash_leaves_incomplete_and_rewrite_is_clean_and_identical(tmp_path, monkeypatch):
+    img = textured(3, 200, 150, seed=4)
+    root = str(tmp_path / "root")
+    write_pyramid(root, "s", textured(3, 300, 300, seed=9), {"old": True}, coarsest=50,
+                  chunk=16, shard=32)
+    assert pyramid_complete(root, "s")
+    real = pyramid._write_shards
+
+    def crash_on_level_1(store, path, *args):
+        if path == "1":
+            raise OSError("disk full")
+        real(store, path, *args)
+
+    monkeypatch.setattr(pyramid, "_write_shards", crash_on_level_1)
+    with pytest.raises(OSError, match="disk full"):
+        write_pyramid(root, "s", img, {"new": True}, coarsest=50, chunk=16, shard=32)
+    assert not pyramid_complete(root, "s")
+    assert not open_pyramid(join_uri(root, "s")).complete
+    monkeypatch.setattr(pyramid, "_write_shards", real)
+    write_pyramid(root, "s", img, {"new": True}, coarsest=50, chunk=16, shard=32)
+    clean = str(tmp_path / "clean")
+    write_pyramid(clean, "s", img, {"new": True}, coarsest=50, chunk=16, shard=32)
+    assert pyramid_complete(root, "s")
+
+    def objects(r):
+        base = join_uri(r, "s")
+        return {u[len(base):]: storage.read_bytes(u) for u in storage.list_prefix(base)}
+
+    assert objects(root) == objects(clean)  # no stale shard of the bigger old scene
+
+
+def test_missing_scene_is_not_complete(tmp_path):
+    assert not pyramid_complete(str(tmp_path), "nothing")
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        open_pyramid(join_uri(str(tmp_path), "nothing"))
+
+
+@pytest.mark.parametrize("bad", [np.zeros((3, 0, 5), np.uint8), np.zeros((3, 4, 4), np.float32),
+                                 np.zeros((4, 4), np.uint8)])
+def test_bad_images_are_rejected_with_the_scene_named(tmp_path, bad):
+    with pytest.raises(ValueError, match="scene 'bad-one'"):
+        write_pyramid(str(tmp_path), "bad-one", bad, {})
+    assert not pyramid_complete(str(tmp_path), "bad-one")
+
+
+def test_write_memory_stays_near_one_copy_of_the_image(tmp_path, monkeypatch):
+    # a 9,000 px scene spans 18 bands of 512 rows; scale the band to this smaller image
+    monkeypatch.setattr(pyramid, "_BAND_ROWS", 96)
+    img = textured(3, 1536, 2048, seed=2)  # 9.4 MB
+    tracemalloc.start()
+    try:
+        write_pyramid(str(tmp_path), "big", img, {}, chunk=16, shard=256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # level 1 (0.25x) + one band of uint16 temporaries + one band of encoded shards
+    assert peak < 1.0 * img.nbytes, f"peak {peak / 1e6:.1f} MB for a {img.nbytes / 1e6:.1f} MB image"

@@ -1,0 +1,195 @@
+"""MLflow tracking: one run per training run (resume, worker restart), params, metrics, artifacts.
+
+Everything runs against a SQLite tracking URI in a temporary directory: no server.
+"""
+
+import dataclasses
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.track import tracking
+from pipeline.track.tracking import MlflowTracker, NullTracker, flatten_params
+from tests.pipeline.tracking_fixtures import fresh_mlflow_uri
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    return fresh_mlflow_uri(tmp_path_factory)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    lr: float = 0.001
+    sizes: tuple = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    name: str = "ats"
+    optim: _Inner = _Inner()
+    overrides: dict = dataclasses.field(default_factory=lambda: {"k": 3, "deep": {"x": None}})
+
+
+def test_flatten_params_dotted_json_values():
+    assert flatten_params(_Config()) == {
+        "name": "ats",
+        "optim.lr": "0.001",
+        "optim.sizes": "[1, 2]",
+        "overrides.k": "3",
+        "overrides.deep.x": "null",
+    }
+    assert flatten_params({"a": {}, "p": Path("/x")}) == {"a": "{}", "p": "/x"}
+    long = flatten_params({"v": "x" * 7000})["v"]
+    assert len(long) == tracking.MAX_PARAM_VALUE and long.endswith("...")
+
+
+def test_default_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.default_tracking_uri() == f"sqlite:///{ROOT / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.default_tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.sqlite_artifact_root("http://127.0.0.1:5000", "e") is None
+    assert (
+        tracking.sqlite_artifact_root("sqlite:////a/b/m.db", "my exp")
+        == "file:///a/b/mlruns/my_exp"
+    )
+
+
+def test_null_tracker_records_nothing():
+    null = NullTracker()
+    assert null.start("k", params={"a": 1}) is None
+    null.log_metrics({"a": 1.0}, step=0)
+    null.log_image(b"png", "x/y.png")
+    null.log_confusion(np.eye(2), None, step=0)
+    assert null.log_model(object()) is None
+    assert null.register("models:/x", "n", "champion") is None
+    null.end("FAILED")
+    assert null.run_id is None
+    assert tracking.make_tracker(False).__class__ is NullTracker
+    assert isinstance(
+        tracking.make_tracker(True, "e", tracking_uri="sqlite:///x.db"), MlflowTracker
+    )
+
+
+def test_one_run_per_key_across_resume(uri):
+    first = MlflowTracker("resume", uri)
+    run_id = first.start("/runs/store/job-a", params=_Config(), run_name="job-a")
+    first.log_metrics({"train/loss": 1.0, "val/accuracy": 0.25}, step=0)
+    first.end("FAILED")  # the driver died
+
+    resumed = MlflowTracker("resume", uri)
+    assert resumed.start("/runs/store/job-a", params=_Config()) == run_id
+    assert tracking.run_info(run_id, uri)["status"] == "RUNNING"
+    resumed.log_metrics({"train/loss": 0.5, "val/accuracy": 0.75}, step=1)
+    resumed.end()
+
+    other = MlflowTracker("resume", uri)
+    assert other.start("/runs/store/job-b") != run_id
+    assert tracking.runs_with_key("/runs/store/job-a", "resume", uri) == [run_id]
+
+    info = tracking.run_info(run_id, uri)
+    assert info["status"] == "FINISHED"
+    assert info["params"]["optim.lr"] == "0.001"
+    assert info["params"]["overrides.deep.x"] == "null"
+    assert info["tags"][tracking.RUN_KEY_TAG] == "/runs/store/job-a"
+    assert info["tags"]["mlflow.runName"] == "job-a"
+    assert tracking.metric_history(run_id, "train/loss", uri) == [(0, 1.0), (1, 0.5)]
+    assert tracking.metric_history(run_id, "val/accuracy", uri) == [(0, 0.25), (1, 0.75)]
+
+
+def test_changed_param_on_resume_is_a_tag_not_an_error(uri):
+    tracker = MlflowTracker("changed", uri)
+    run_id = tracker.start("k-changed", params={"optim": {"epochs": 2}, "seed": 1})
+    tracker.start("k-changed", params={"optim": {"epochs": 5}, "seed": 1})
+    info = tracking.run_info(run_id, uri)
+    assert info["params"] == {"optim.epochs": "2", "seed": "1"}
+    assert info["tags"]["param_changed.optim.epochs"] == "5"
+    assert "param_changed.seed" not in info["tags"]
+
+
+def test_nan_metrics_are_skipped(uri):
+    tracker = MlflowTracker("nan", uri)
+    run_id = tracker.start("k-nan")
+    tracker.log_metrics({"a": float("nan"), "b": 2}, step=3)
+    assert tracking.metric_history(run_id, "b", uri) == [(3, 2.0)]
+    assert tracking.metric_history(run_id, "a", uri) == []
+
+
+def test_artifacts_config_pictures_confusion(uri, tmp_path):
+    tracker = MlflowTracker("artifacts", uri)
+    run_id = tracker.start("k-art")
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  name: ats\n")
+    tracker.log_artifact_file(config)
+    tracker.log_image(b"\x89PNG fake", "val_scenes/epoch_000/scene_1.png")
+    tracker.log_json({"a": 1}, "extra/info.json")
+    tracker.log_confusion(np.array([[2, 1], [0, 3]]), ["dark", "bright"], step=4)
+    assert sorted(tracking.list_artifacts(run_id, tracking_uri=uri)) == [
+        "config.yaml",
+        "confusion/epoch_004.csv",
+        "confusion/epoch_004.json",
+        "confusion/epoch_004.png",
+        "extra/info.json",
+        "val_scenes/epoch_000/scene_1.png",
+    ]
+    root = Path(tracking.run_info(run_id, uri)["artifact_uri"].removeprefix("file://"))
+    assert root.is_relative_to(Path(uri.removeprefix("sqlite:///")).parent / "mlruns" / "artifacts")
+    assert json.loads((root / "confusion/epoch_004.json").read_text())["matrix"] == [[2, 1], [0, 3]]
+    assert (root / "val_scenes/epoch_000/scene_1.png").read_bytes() == b"\x89PNG fake"
+    with pytest.raises(ValueError, match="relative"):
+        tracker.log_bytes(b"x", "../escape.txt")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        tracker.log_artifact_file(tmp_path / "missing.yaml")
+
+
+def test_tracker_pickles_as_ids_and_attaches(uri):
+    driver = MlflowTracker("pickle", uri)
+    run_id = driver.start("k-pickle")
+    _ = driver.client  # a live client must not travel
+    worker = pickle.loads(pickle.dumps(driver))
+    assert worker.run_id == run_id and worker._client_cache is None
+    worker.log_metrics({"x": 1.0}, step=0)
+    assert tracking.metric_history(run_id, "x", uri) == [(0, 1.0)]
+    fresh = MlflowTracker("pickle", uri)
+    fresh.attach(run_id)
+    assert fresh.run_id == run_id
+    with pytest.raises(RuntimeError, match="start"):
+        MlflowTracker("pickle", uri).log_metrics({"x": 1.0}, step=0)
+    with pytest.raises(ValueError, match="status"):
+        driver.end("DONE")
+
+
+def test_restarted_worker_process_reopens_the_same_run(uri):
+    """A new process (a Ray worker restarted after a crash) finds the run by its key."""
+    parent = MlflowTracker("restart", uri)
+    run_id = parent.start("store/job-r", params={"a": 1})
+    code = (
+        "import sys; from pipeline.track.tracking import MlflowTracker;"
+        f"t = MlflowTracker('restart', {uri!r});"
+        "print(t.start('store/job-r', params={'a': 1}));"
+        "t.log_metrics({'epoch_done': 1}, step=1)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == run_id
+    assert tracking.runs_with_key("store/job-r", "restart", uri) == [run_id]
+    assert tracking.metric_history(run_id, "epoch_done", uri) == [(1, 1.0)]
+
+
+def test_run_keys_with_quotes_and_backslashes_are_matched_exactly(uri):
+    tracker = MlflowTracker("quotes", uri)
+    odd = "s3://bucket/it's a \\ run"
+    run_id = tracker.start(odd)
+    other = MlflowTracker("quotes", uri).start("s3://bucket/it")
+    assert MlflowTracker("quotes", uri).start(odd) == run_id != other
+    assert tracking.runs_with_key(odd, "quotes", uri) == [run_id]
