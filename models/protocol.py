@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,38 @@ class PixelSource(Protocol):
 
     def level0_sizes(self, keys: Sequence[str]) -> Tensor:
         """(B, 2) int64 level-0 (height, width) of each scene."""
+        ...
+
+
+# Optional capabilities of a source. A training loop checks them with ``isinstance`` (the
+# protocols are runtime-checkable), so what a source may offer is written down here, once,
+# instead of being discovered with ``hasattr`` where it is used.
+
+
+@runtime_checkable
+class SubmittingSource(Protocol):
+    """A source that can start a read in the background (reads overlap compute)."""
+
+    def submit(self, keys: Sequence[str], request: ReadRequest) -> Future:
+        """Start ``read(keys, request)``; the future gives its (B, K, C, h, w) tensor."""
+        ...
+
+
+@runtime_checkable
+class CountingSource(Protocol):
+    """A source that counts what it reads (requests, bytes, chunks; see ``ReadCounters``)."""
+
+    def counters(self) -> Any:
+        """Counters since the last reset; they add with ``+`` and have ``requests``/``nbytes``."""
+        ...
+
+
+@runtime_checkable
+class ClosableSource(Protocol):
+    """A source that holds a thread, a process or connections to release at the end."""
+
+    def close(self) -> None:
+        """Release what the source holds (a later read may start it again)."""
         ...
 
 
