@@ -29,6 +29,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.train.config import TrainConfig, load_job_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 VENV_BIN = Path(sys.executable).parent
@@ -126,8 +128,12 @@ def stop_head(head: subprocess.Popen) -> None:
     say("Ray head stopped")
 
 
-def submit(address: str, manifest: str, epochs: int | None) -> dict:
-    """``ray job submit`` the training job; returns its JSON summary (its last output line)."""
+def submit(address: str, manifest: str, epochs: int | None) -> TrainConfig:
+    """``ray job submit`` the training job (its output streams through); returns its config.
+
+    The job's result is then read where it is recorded, in MLflow (``find_run``), not parsed
+    out of the job's output.
+    """
     from pipeline.track.tracking import default_tracking_uri
 
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": default_tracking_uri(), "OMP_NUM_THREADS": "1"}}
@@ -136,22 +142,31 @@ def submit(address: str, manifest: str, epochs: int | None) -> dict:
     sets = [f"data.manifest={manifest}", f"run.storage_path={ROOT / 'runs'}", f"run.name={name}"]
     if epochs:
         sets.append(f"optim.epochs={epochs}")
+    config = load_job_config(CONFIG, sets, REGISTER)
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "jobs/train_fmow.py", "--config", str(CONFIG.relative_to(ROOT)),
-           *[x for s in sets for x in ("--set", s)], "--register", REGISTER, "--json"]
+           *[x for s in sets for x in ("--set", s)], "--register", REGISTER]
     say("submitting: " + " ".join(cmd[:8]) + " ... -- python jobs/train_fmow.py --config "
         + str(CONFIG.relative_to(ROOT)) + f" --register {REGISTER}")
-    proc = subprocess.Popen(cmd, env=ray_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    summary = None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        if line.startswith("{") and '"run_id"' in line:
-            summary = json.loads(line)
-    if proc.wait() != 0 or summary is None:
-        raise RuntimeError(f"the training job failed (ray job submit exited {proc.returncode})")
-    return summary
+    status = subprocess.run(cmd, env=ray_env(), cwd=ROOT).returncode
+    if status != 0:
+        raise RuntimeError(f"the training job failed (ray job submit exited {status})")
+    return config
+
+
+def find_run(config: TrainConfig) -> dict:
+    """The finished run as MLflow recorded it: found by its run key tag, with the registered
+    version behind ``REGISTER@champion``."""
+    from pipeline.track import tracking
+
+    runs = tracking.runs_with_key(config.run.run_key, config.run.mlflow_experiment)
+    if len(runs) != 1:
+        raise RuntimeError(f"expected one MLflow run tagged {config.run.run_key!r} in experiment "
+                           f"{config.run.mlflow_experiment!r}, found {len(runs)}")
+    run = tracking.run_info(runs[0])
+    run["registered_version"] = tracking.alias_version(None, REGISTER, config.run.register_alias)
+    return run
 
 
 def level0_stored_bytes() -> float:
@@ -165,26 +180,30 @@ def level0_stored_bytes() -> float:
     return total / max(len(uris), 1)
 
 
-def report(summary: dict) -> None:
+def report(config: TrainConfig, run: dict) -> None:
+    from pipeline.store.manifest import read_classes, read_manifest
     from pipeline.track.tracking import default_tracking_uri
+    from pipeline.train.driver import full_scene_bytes
 
-    m = summary["metrics"]
-    chance = 1 / len(summary["classes"])
-    read, full = m["train/bytes_per_sample"], summary["full_scene_bytes_per_sample"]
+    m = run["metrics"]
+    classes = read_classes(config.data.manifest)
+    chance = 1 / len(classes)
+    read = m["train/bytes_per_sample"]
+    full = full_scene_bytes(read_manifest(config.data.manifest), config.data.train_split)
     stored = level0_stored_bytes()
     print()
     say(f"validation accuracy: {m['val/accuracy']:.3f} (chance {chance:.3f}, "
-        f"{len(summary['classes'])} classes: {', '.join(summary['classes'])})")
+        f"{len(classes)} classes: {', '.join(classes)})")
     say(f"bytes read per training sample: {read:,.0f} (patches; the view is read once) vs a "
         f"whole scene at full resolution: {stored:,.0f} stored (zstd) = {stored / max(read, 1):.0f}x"
         f" more, {full:,.0f} raw uint8 = {full / max(read, 1):.0f}x more")
     say(f"throughput {m['train/samples_per_s']:.1f} samples/s, data wait "
         f"{100 * m['train/data_wait_fraction']:.0f}% of step time")
-    say(f"MLflow: run {summary['run_id']} at {default_tracking_uri()} "
+    say(f"MLflow: run {run['run_id']} at {default_tracking_uri()} "
         f"(mlflow ui --backend-store-uri {default_tracking_uri()})")
-    say(f"model: {summary['model_uri']}, registered as models:/{REGISTER}@champion "
-        f"(version {summary['registered_version']})")
-    say(f"checkpoint: {summary['checkpoint']}")
+    say(f"model: {run['tags'].get('pipeline.model_uri')}, registered as "
+        f"models:/{REGISTER}@{config.run.register_alias} (version {run['registered_version']})")
+    say(f"checkpoints: {config.run.run_key}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"data ready in {time.monotonic() - start:.0f} s")
     head, address = start_head(ROOT / "ray_tmp" / "demo")
     try:
-        summary = submit(address, manifest, args.epochs)
+        config = submit(address, manifest, args.epochs)
     finally:
         stop_head(head)
-    report(summary)
+    report(config, find_run(config))
     say(f"done in {time.monotonic() - start:.0f} s")
     return 0
 

@@ -2,7 +2,8 @@
 
 import os
 
-# Ray must bind loopback only (see REFERENCE.md); set before any test imports ray.
+# Ray must bind loopback only (with this unset Ray 2.60 listens on every interface); set before
+# any test imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # One intra-op thread per process: the suite runs on 2 shared cores (CI) and starts Ray workers
 # of its own; oversubscribed torch threads measured up to ~100x slower here than one thread.

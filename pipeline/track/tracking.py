@@ -1,9 +1,9 @@
 """Experiment tracking and the model registry: the ONLY module of the project that imports mlflow.
 
-Tracking is a sink (DESIGN.md, convention 7): training code computes numbers and hands them to a
-``Tracker``; only rank 0 of a Ray Train run, or the driver, holds a real one (``MlflowTracker``),
-every other rank and every unit test that does not care holds a ``NullTracker``. ``mlflow`` is
-imported inside functions so that ``import pipeline.track.tracking`` stays cheap.
+Tracking is a sink: training code computes numbers and hands them to a ``Tracker``; only rank 0
+of a Ray Train run, or the driver, holds a real one (``MlflowTracker``), every other rank and
+every unit test that does not care holds a ``NullTracker``. ``mlflow`` is imported inside
+functions so that ``import pipeline.track.tracking`` stays cheap.
 
 Where runs go:
 - ``MLFLOW_TRACKING_URI`` when set (e.g. ``http://127.0.0.1:5000`` for the local stack of

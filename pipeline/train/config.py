@@ -168,6 +168,12 @@ class RunConfig:
     crash_at_step: int = -1
     ray_address: str = ""
 
+    @property
+    def run_key(self) -> str:
+        """What identifies the run across resumes: its checkpoint folder (storage path / name).
+        The MLflow run carries it as a tag, so a resumed or re-submitted job finds its run."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
