@@ -158,8 +158,9 @@ class Proposal:
     """A model's first read, drawn ahead of time so that it can be read while the weights change.
 
     ``AttentionModel.propose`` makes it with the current weights; ``steps(..., proposal=p)``
-    then yields ``p.request`` as its first read and corrects for the weights having moved in
-    between (importance weights), so the estimator stays unbiased.
+    then yields this very ``p.request`` object as its first read (the reader of ``pipeline``
+    recognises its prefetched patches by it) and weights the draws from ``probs`` to its own
+    attention; why that stays unbiased: ``models.sampling.importance_ratio``.
 
     Attributes:
         request: the ``ReadRequest`` of the drawn locations.
@@ -209,7 +210,8 @@ class AttentionModel(torch.nn.Module):
     ) -> Proposal | None:
         """Draw the first read's locations now, with the current weights (no gradient).
 
-        Models that can use draws made with other weights (``steps(..., proposal=...)``)
+        Args and shapes as ``steps``. Models that can use draws made with other weights
+        (``steps(..., proposal=...)``, unbiased by ``models.sampling.importance_ratio``)
         return a ``Proposal`` and consume ``generator`` exactly as ``steps`` would; the rest
         return None (the default) and the caller reads the usual way.
         """

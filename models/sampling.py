@@ -229,8 +229,31 @@ def _check_draws(probs: Tensor, idx: Tensor, features: Tensor) -> None:
 def importance_ratio(a_sel: Tensor, q_sel: Tensor | None) -> Tensor | None:
     """(B, n) ``a / q`` at the draws, detached (0 where q = 0); None when ``q_sel`` is None.
 
-    ``q`` is the proposal the draws came from, ``a`` the attention they are used for (see
-    "Off-policy draws" in ``expect_with_replacement``)."""
+    Args:
+        a_sel: (B, n) probability of each draw under the attention ``a`` it is used for.
+        q_sel: (B, n) its probability under the proposal ``q`` it was drawn from, or None.
+
+    Off-policy draws: why they stay unbiased (written once, here; every estimator's
+    ``proposal=`` argument and the training loop's read ahead rely on it). The draws come from
+    a proposal q (for instance the attention of the weights before an optimiser step,
+    ``models.protocol.Proposal``) and are used for the attention a (after the step), with q
+    fixed before a is known and q > 0 wherever a > 0:
+
+    - with replacement (``expect_with_replacement``), n independent draws from q weigh
+      ``w = (1/n) a / q``: ``E_q[(a_i / q_i) f_i] = sum_i a_i f_i`` (importance sampling);
+    - without replacement (``expect_without_replacement``), the sequence drawn from q in draw
+      order weighs ``w_k = [(n-1-k) a_k + (1 - Q_k) a_k / q_k] / n``, ``Q_k = sum_{j<k} q_j``
+      the q-mass of the earlier draws: given them, draw k comes from q renormalised over the
+      rest, so ``(1 - Q_k)(a_k / q_k) f_k`` is unbiased for the rest's share
+      ``sum_{i not drawn} a_i f_i`` and ``F_k = sum_{j<k} a_j f_j + (1 - Q_k)(a_k / q_k) f_k``
+      for ``sum_i a_i f_i``; ``Phi = (1/n) sum_k F_k = sum_k w_k f_k``.
+
+    Both are unbiased for ``sum_i a_i f_i`` for every a, so also their derivatives: the draws
+    do not depend on a, so the plain derivative of ``Phi`` is an unbiased gradient, ``w_q`` to
+    f_q and ``w_q (g . f_q) / a_q`` to a_q, the score-weighted form of ``expect_weighted``. For
+    q = a they are the usual on-policy estimators exactly (ratio 1, ``Q_k = S_k``). A proposal
+    holds no autograd graph, so a gradient never reaches the weights it was drawn with.
+    ``tests/models/test_estimators.py`` checks value and gradient by exact enumeration."""
     if q_sel is None:
         return None
     a, q = a_sel.detach(), q_sel.detach()
@@ -255,18 +278,15 @@ def expect_with_replacement(
     ``E[(1/n) sum_q f_q d log a_{i_q}] = sum_i f_i da_i``; the cross terms
     ``f_q d log a_{i_r}`` (q != r) have zero mean since draws are independent, so they are left out.
 
-    Off-policy draws (``proposal`` q given: the draws came from q, not from ``probs`` a, e.g.
-    from the weights before an optimiser step): ``Phi = (1/n) sum_q (a_q / q_q) f_q``,
-    unbiased for ``E_a[f]`` for every a (importance sampling, q > 0 wherever a > 0). The draws
-    do not depend on a, so the plain derivative is the unbiased gradient: ``(a_q / q_q) / n``
-    to f_q and ``(g . f_q) / (n q_q) = w_q (g . f_q) / a_q`` to a_q, the same score-weighted
-    form. With q = a this is the on-policy estimator exactly.
+    Off-policy draws (``proposal`` given): ``Phi = (1/n) sum_q (a_q / q_q) f_q``; why it is
+    unbiased: ``importance_ratio``.
 
     Args:
         probs: (B, P) attention, rows summing to 1.
         idx: (B, n) positions drawn with ``sample_with_replacement`` (from ``proposal`` if given).
         features: (B, n, D) feature of each draw.
-        proposal: (B, P) the distribution the draws came from (treated as a constant), or None.
+        proposal: (B, P) the distribution q the draws came from when it is not ``probs``
+            (treated as a constant; see ``importance_ratio``), or None.
 
     Returns:
         (B, D).
@@ -312,7 +332,7 @@ def without_replacement_weights(
     ``w_k = [(n - 1 - k) a_k + (1 - S_k)] / n`` with ``S_k = sum_{j<k} a_j`` (exclusive
     cumulative sum, k from 0). With ``q_sel``, the draws' probabilities under the proposal
     they came from: ``w_k = [(n - 1 - k) a_k + (1 - Q_k) a_k / q_k] / n``, ``Q_k = sum_{j<k} q_j``
-    (see ``expect_without_replacement``). ``exclusive=False`` uses the inclusive sum of the
+    (why: ``importance_ratio``). ``exclusive=False`` uses the inclusive sum of the
     public ports' backward pass; it exists only so that a test can show the gradient check
     catches it.
     """
@@ -347,22 +367,16 @@ def expect_without_replacement(
     w_k f_k / a_k``: the score-weighted form of ``expect_weighted``. (The identity holds up to
     the all-ones direction, which the softmax removes.)
 
-    Off-policy draws (``proposal`` q given: the sequence was drawn from q, e.g. with the
-    weights before an optimiser step, and is used for a). Given the earlier draws, draw k
-    comes from q renormalised over the rest, so ``(1 - Q_k)(a_k / q_k) f_k`` is unbiased for
-    the rest's share ``sum_{i not drawn} a_i f_i`` (Q_k: q-mass of the earlier draws), and
-    ``F_k = sum_{j<k} a_j f_j + (1 - Q_k)(a_k / q_k) f_k`` is unbiased for ``E_a[f]`` for every
-    a. The draws do not depend on a, so the plain derivative is the unbiased gradient: draw k
-    receives ``[(n-1-k) + (1 - Q_k)/q_k] f_k / n = w_k f_k / a_k``, again the score-weighted
-    form, with ``w_k`` from ``without_replacement_weights(a_sel, q_sel=...)``. With q = a
-    this is the on-policy estimator exactly.
+    Off-policy draws (``proposal`` given): weights from ``without_replacement_weights(a_sel,
+    q_sel=...)``; why they are unbiased: ``importance_ratio``.
 
     Args:
         probs: (B, P) attention, rows summing to 1.
         idx: (B, n) distinct positions in draw order (``sample_without_replacement`` or, at
             inference, ``topk_indices``), drawn from ``proposal`` if given.
         features: (B, n, D) feature of each draw.
-        proposal: (B, P) the distribution the draws came from (treated as a constant), or None.
+        proposal: (B, P) the distribution q the sequence was drawn from when it is not
+            ``probs`` (treated as a constant; see ``importance_ratio``), or None.
 
     Returns:
         (B, D).

@@ -3,7 +3,8 @@
 ``StepRunner`` owns what lives for the whole run inside one worker: the model, optimiser,
 scheduler, the pixel source (the reader with its caches) and the sampling generator.
 ``train_epoch`` and ``evaluate`` take any iterable of batches, so they run the same under Ray
-Train (``worker_main``), in the throughput benchmark, and in unit tests without Ray.
+Train (``pipeline.train.worker``), in the throughput benchmark, and in unit tests without Ray.
+Nothing here imports Ray.
 
 A batch is a dict: ``key`` (B,) scene keys, ``view`` (B, C, h, w) float32, ``size`` (B, 2)
 int64 level-0 (height, width), ``label`` (B,) int64 (numpy arrays or tensors).
@@ -12,22 +13,26 @@ int64 level-0 (height, width), ``label`` (B,) int64 (numpy arrays or tensors).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from models.protocol import AttentionModel, ModelOutput, PixelSource
+from models.protocol import AttentionModel, CountingSource, ModelOutput, PixelSource
 from pipeline.train.grad_sync import GradSync
-from pipeline.train.microbatch import MicroBatch, run_microbatches, split_batch, submitter
+from pipeline.train.microbatch import (
+    MicroBatch,
+    ScheduleStats,
+    run_microbatches,
+    split_batch,
+    submitter,
+)
+from pipeline.train.read_ahead import ReadAhead, draw_ahead, start_steps
 
 Batch = Mapping[str, Any]
 
@@ -37,19 +42,21 @@ def reader_counters(source: object) -> tuple[int, int]:
 
     Accepts ``counters()`` returning a mapping or an object with ``requests`` and ``bytes``.
     """
-    counters = getattr(source, "counters", None)
-    if not callable(counters):
+    if not isinstance(source, CountingSource):
         return 0, 0
-    c = counters()
+    c = source.counters()
     get = c.get if isinstance(c, Mapping) else lambda k, d=0: getattr(c, k, d)
     return int(get("requests", 0)), int(get("bytes", 0))
 
 
 @dataclass
 class EpochStats:
-    """Sums over one epoch of one worker (``merge`` adds other workers' sums).
+    """Sums over one epoch of one worker (``as_vector`` lets workers add theirs in one
+    all-reduce).
 
+    ``loss_sum``: per-sample loss summed over samples; ``correct``, ``samples``: counts.
     ``seconds`` is wall time of the steps, ``wait_s`` the part blocked on storage.
+    ``requests``, ``bytes``: what the reader fetched (``reader_counters``); ``steps``: batches.
     ``log_ratio_sum`` / ``ratio_draws``: sum of |log(a/q)| over the draws read ahead (a: the
     attention they were used for, q: the one they were drawn from) and their number.
     ``confusion`` is (num_classes, num_classes) counts, row = true label.
@@ -68,6 +75,7 @@ class EpochStats:
     confusion: np.ndarray | None = None
 
     def as_vector(self) -> Tensor:
+        """(10,) float64 of every sum but ``confusion``, in field order (for all-reduce)."""
         return torch.tensor(
             [self.loss_sum, self.correct, self.samples, self.seconds, self.wait_s,
              self.requests, self.bytes, self.steps, self.log_ratio_sum, self.ratio_draws],
@@ -76,6 +84,7 @@ class EpochStats:
 
     @classmethod
     def from_vector(cls, v: Tensor, confusion: np.ndarray | None = None) -> EpochStats:
+        """Inverse of ``as_vector`` (counts back to int), with ``confusion`` attached."""
         x = v.tolist()
         return cls(x[0], int(x[1]), int(x[2]), x[3], x[4], int(x[5]), int(x[6]), int(x[7]),
                    x[8], int(x[9]), confusion)
@@ -117,12 +126,13 @@ class StepRunner:
     Attributes:
         model: the bare ``AttentionModel`` (not DDP-wrapped; ``sync`` averages gradients).
         optimizer, scheduler: stepped once per batch (scheduler may be None).
-        source: the ``PixelSource``; its ``submit`` (if any) makes reads asynchronous.
+        source: the ``PixelSource``; a ``SubmittingSource`` reads asynchronously, a
+            ``CountingSource`` fills the requests and bytes of ``EpochStats``.
         micro_batches: micro-batches per step; ramp: their sizes grow 1 : 2 : 3 ...
             (``split_batch``). clip_norm: gradient-norm clip (0: off).
         generator: sampling generator; each micro-batch gets a child seeded from it, in order.
         read_ahead: during each step, draw the next step's first micro-batch with the current
-            weights and submit its read (``pipeline.train.microbatch``); needs the next batch
+            weights and submit its read (``pipeline.train.read_ahead``); needs the next batch
             (``train_step(..., next_batch=...)``, as ``train_epoch`` and ``evaluate`` pass it).
         device: where the model lives. autocast: context for model compute (bf16 on GPU).
         sync: gradient/buffer averaging across workers (a no-op in one process).
@@ -145,13 +155,17 @@ class StepRunner:
         self.submit = submitter(self.source)
         if self.sync is None:
             self.sync = GradSync(self.model)
-        self._ahead: tuple[Batch, list[MicroBatch]] | None = None
+        self._ahead: ReadAhead | None = None  # the next step's, between two steps
 
     def _micro(self, batch: Batch, generator: torch.Generator) -> list[MicroBatch]:
         """The batch's micro-batches: the ones read ahead for it, else split now."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] is batch:
-            return ahead[1]
+        ahead, self._ahead = self._ahead, None  # used or dropped: never kept for a later step
+        drawn = None if ahead is None else ahead.micro_batches_for(batch)
+        return drawn if drawn is not None else self._split(batch, generator)
+
+    def _split(self, batch: Batch, generator: torch.Generator) -> list[MicroBatch]:
+        """The batch as ``micro_batches`` micro-batches on ``device``, each with a sampling
+        generator seeded from ``generator`` (one 62-bit seed per micro-batch, in order)."""
         keys, views, sizes, labels = to_tensors(batch)
         parts = max(1, min(self.micro_batches, len(keys)))
         seeds = torch.randint(0, 2**62, (parts,), generator=generator).tolist()
@@ -160,38 +174,31 @@ class StepRunner:
                            labels.to(self.device), parts, gens, ramp=self.ramp)
 
     def _read_ahead(self, batch: Batch | None, generator: torch.Generator) -> Callable[[], None]:
-        """Split ``batch`` (the next step's) now and submit its first micro-batch's read,
-        drawn by ``model.propose`` with the current weights (a no-op without ``read_ahead``,
-        without a next batch, or for a model that cannot propose)."""
+        """What ``run_microbatches`` calls once this step's reads are submitted: split
+        ``batch`` (the next step's) now and submit its first micro-batch's read, drawn by
+        ``model.propose`` with the current weights (``read_ahead.draw_ahead``). A no-op
+        without ``read_ahead`` or a next batch; a model that cannot propose keeps only the
+        split (the same generator draws as splitting next step)."""
 
         def launch() -> None:
             if not self.read_ahead or batch is None:
                 return
-            micro = self._micro(batch, generator)
-            first = micro[0]
-            with self.autocast():
-                proposal = self.model.propose(first.views, first.sizes, first.generator)
-            if proposal is not None:
-                future = self.submit(first.keys, proposal.request)
-                micro[0] = replace(first, proposal=proposal, prefetched=future)
-            self._ahead = (batch, micro)
+            micro = self._split(batch, generator)
+            self._ahead = ReadAhead(batch, draw_ahead(self.model, micro, self.submit, self.autocast))
 
         return launch
-
-    def _steps(self, mb: MicroBatch):
-        if mb.proposal is None:
-            return self.model.steps(mb.views, mb.sizes, mb.generator)
-        return self.model.steps(mb.views, mb.sizes, mb.generator, proposal=mb.proposal)
 
     def _run(
         self,
         micro: list[MicroBatch],
         finish: Callable[[MicroBatch, ModelOutput], None],
         after_start: Callable[[], None] | None = None,
-    ):
+    ) -> ScheduleStats:
+        """Run ``micro`` through ``run_microbatches``: patches moved to ``device`` as they
+        arrive, model compute under ``autocast``."""
         return run_microbatches(
             micro,
-            self._steps,
+            lambda mb: start_steps(self.model, mb),
             self.submit,
             finish,
             prepare=lambda patches: patches.to(self.device, non_blocking=True),
@@ -225,6 +232,12 @@ class StepRunner:
             finished.append((mb, out))
 
         schedule = self._run(micro, finish, self._read_ahead(next_batch, self.generator))
+        self._update(finished)
+        self._account(stats, total, schedule, (r0, b0), t0)
+
+    def _update(self, finished: list[tuple[MicroBatch, ModelOutput]]) -> None:
+        """The optimiser step after every micro-batch's backward: averaged (and clipped)
+        gradients, lr schedule, then the models' ``end_step`` hooks and buffer averaging."""
         self.sync.average_gradients()
         if self.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
@@ -236,12 +249,23 @@ class StepRunner:
             for mb, out in finished:
                 self.model.end_step(out, mb.labels)
         self.sync.average_buffers()
+
+    def _account(
+        self,
+        stats: EpochStats,
+        samples: int,
+        schedule: ScheduleStats,
+        counted: tuple[int, int],
+        t0: float,
+    ) -> None:
+        """Add one step to ``stats``: ``samples`` scenes, the storage wait, the requests and
+        bytes read since ``counted`` (``reader_counters`` at the start), seconds since ``t0``."""
         r1, b1 = reader_counters(self.source)
-        stats.samples += total
+        stats.samples += samples
         stats.steps += 1
         stats.wait_s += schedule.wait_s
-        stats.requests += r1 - r0
-        stats.bytes += b1 - b0
+        stats.requests += r1 - counted[0]
+        stats.bytes += b1 - counted[1]
         stats.seconds += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -271,13 +295,7 @@ class StepRunner:
                 keep(mb, out)
 
         schedule = self._run(micro, finish, self._read_ahead(next_batch, generator))
-        r1, b1 = reader_counters(self.source)
-        stats.samples += sum(len(mb.keys) for mb in micro)
-        stats.steps += 1
-        stats.wait_s += schedule.wait_s
-        stats.requests += r1 - r0
-        stats.bytes += b1 - b0
-        stats.seconds += time.perf_counter() - t0
+        self._account(stats, sum(len(mb.keys) for mb in micro), schedule, (r0, b0), t0)
 
 
 def train_epoch(
@@ -329,225 +347,3 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Ray Train worker
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Shown:
-    """A few validation scenes kept by rank 0 for the attention pictures."""
-
-    limit: int
-    items: list[dict[str, Any]] = field(default_factory=list)
-
-    def __call__(self, mb: MicroBatch, out: ModelOutput) -> None:
-        for i in range(len(mb.keys)):
-            if len(self.items) >= self.limit:
-                return
-            self.items.append(
-                {
-                    "key": mb.keys[i],
-                    "view": mb.views[i].float().cpu(),
-                    "size": mb.sizes[i].tolist(),
-                    "label": int(mb.labels[i]),
-                    "probs": out.logits[i].float().softmax(-1).cpu(),
-                    "attention": None if out.attention is None else out.attention[i].float().cpu(),
-                    "boxes": None if out.boxes is None else out.boxes[i].cpu(),
-                    "weights": None if out.weights is None else out.weights[i].float().cpu(),
-                }
-            )
-
-
-def _all_reduce_stats(stats: EpochStats) -> EpochStats:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return stats
-    vector = stats.as_vector()
-    dist.all_reduce(vector)
-    confusion = None
-    if stats.confusion is not None:
-        c = torch.from_numpy(stats.confusion)
-        dist.all_reduce(c)
-        confusion = c.numpy()
-    return EpochStats.from_vector(vector, confusion)
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _maybe_crash(crash_at_step: int, step: int, rank: int, marker: Path) -> None:
-    """Test hook: rank 1 kills its own process once at global step ``crash_at_step``."""
-    if crash_at_step < 0 or step != crash_at_step or rank != 1 or marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"rank {rank} killed itself at step {step}\n")
-    os._exit(17)
-
-
-def _log_pictures(tracker: Any, shown: _Shown, classes: list[str], epoch: int) -> None:
-    from pipeline.track import pictures as visualize
-
-    for item in shown.items:
-        pred = int(item["probs"].argmax())
-        title = (
-            f"true: {classes[item['label']]}  pred: {classes[pred]} ({float(item['probs'][pred]):.2f})"
-        )
-        png = visualize.attention_overlay_png(
-            item["view"], item["attention"], item["boxes"], item["size"], item["weights"], title
-        )
-        name = item["key"].rstrip("/").rsplit("/", 1)[-1] or "scene"
-        tracker.log_image(png, f"val_scenes/epoch_{epoch:03d}/{name}.png")
-
-
-def worker_main(loop_config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``.
-
-    ``loop_config``: ``config`` (``to_dict`` of the ``TrainConfig``), ``steps_per_epoch``,
-    ``classes`` (names in label order), ``source_factory`` (picklable zero-argument callable
-    returning the ``PixelSource``), ``tracker`` (the driver's ``MlflowTracker`` holding the run
-    id; pickles as URI + ids; None: no tracking), ``env``
-    (environment variables for the reader, e.g. ``AWS_*``), ``crash_marker`` (path).
-    """
-    import ray.train
-    import ray.train.torch
-
-    from models.registry import create_model
-    from pipeline.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-    from pipeline.train.config import from_dict
-
-    os.environ.update(loop_config.get("env") or {})
-    config = from_dict(loop_config["config"])
-    classes = list(loop_config["classes"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-
-    torch.manual_seed(config.run.seed)
-    model = create_model(config.model.name, **config.model.overrides)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=None)  # device only; see GradSync
-    device = ray.train.torch.get_device()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
-    )
-    steps_per_epoch = int(loop_config["steps_per_epoch"])
-    scheduler = (
-        cosine_schedule(optimizer, steps_per_epoch * config.optim.epochs)
-        if config.optim.scheduler == "cosine"
-        else None
-    )
-    sampling = torch.Generator().manual_seed(config.run.seed * 1_000_003 + rank)
-    start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored = load_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_epoch, step = restored.epoch, restored.step
-        if len(restored.rank_rng) == world:
-            restore_rng(restored.rank_rng[rank], sampling)
-    sync = GradSync(model)
-    sync.broadcast_state()
-
-    use_amp = config.scaling.use_gpu and config.scaling.mixed_precision and device.type == "cuda"
-    runner = StepRunner(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        source=loop_config["source_factory"](),
-        micro_batches=config.data.micro_batches,
-        ramp=config.data.ramp_micro_batches,
-        read_ahead=config.data.read_ahead,
-        clip_norm=config.optim.clip_norm,
-        generator=sampling,
-        device=device,
-        autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext,
-        sync=sync,
-    )
-    tracker = _worker_tracker(loop_config, rank)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    marker = Path(loop_config.get("crash_marker") or "crash.marker")
-
-    for epoch in range(start_epoch, config.optim.epochs):
-        shuffle_seed = config.data.shuffle_seed * 100_003 + epoch
-        batches = train_shard.iter_batches(
-            batch_size=config.data.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=max(config.data.batch_size * 64, 256),
-            local_shuffle_seed=shuffle_seed + 7919 * rank,
-        )
-
-        def after_step(_: int) -> None:
-            nonlocal step
-            step += 1
-            _maybe_crash(config.run.crash_at_step, step, rank, marker)
-
-        train = _all_reduce_stats(train_epoch(runner, batches, epoch, after_step))
-        shown = _Shown(limit=4 if rank == 0 else 0)
-        val = _all_reduce_stats(
-            evaluate(
-                runner,
-                val_shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"),
-                seed=config.run.seed * 7919 + epoch * 31 + rank,
-                num_classes=len(classes),
-                keep=shown,
-            )
-        )
-        metrics = {
-            **train.metrics("train", world),
-            **val.metrics("val", world),
-            "epoch": float(epoch),
-            "step": float(step),
-            "lr": float(optimizer.param_groups[0]["lr"]),
-        }
-        last = epoch + 1 == config.optim.epochs
-        save = last or (epoch + 1) % config.run.checkpoint_every == 0
-        rank_rng = _all_gather(capture_rng(sampling)) if save else []
-        if rank == 0:
-            print(
-                f"[train] epoch {epoch + 1}/{config.optim.epochs}: train loss "
-                f"{metrics['train/loss']:.3f} acc {metrics['train/accuracy']:.3f} | val acc "
-                f"{metrics['val/accuracy']:.3f} | {metrics['train/bytes_per_sample']:,.0f} B and "
-                f"{metrics['train/requests_per_sample']:.1f} requests per sample | data wait "
-                f"{100 * metrics['train/data_wait_fraction']:.0f}% | "
-                f"{metrics['train/samples_per_s']:.1f} samples/s",
-                flush=True,
-            )
-            tracker.log_metrics(metrics, step=epoch)
-            tracker.log_confusion(val.confusion, classes, step=epoch)
-            _log_pictures(tracker, shown, classes, epoch)
-        if rank == 0 and save:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(
-                    tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                    step=step, rank_rng=rank_rng, config=loop_config["config"], metrics=metrics,
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-        if save:
-            # A report is registered by the controller asynchronously; a worker that dies right
-            # after reporting could lose it. Wait until it is committed, so that a failure costs
-            # at most the work since this checkpoint.
-            ray.train.get_all_reported_checkpoints(
-                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
-            )
-    if hasattr(runner.source, "close"):
-        runner.source.close()  # the reader's I/O thread or child process
-
-
-def _worker_tracker(loop_config: Mapping[str, Any], rank: int) -> Any:
-    """The driver's tracker (attached to its MLflow run) on rank 0, a null one elsewhere."""
-    from pipeline.track.tracking import Tracker
-
-    tracker = loop_config.get("tracker")
-    return tracker if rank == 0 and tracker is not None else Tracker()

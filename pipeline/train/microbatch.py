@@ -12,15 +12,11 @@ a graph whose weights changed in place.
 Sampling randomness comes from one generator per micro-batch (made by the caller, in order),
 so results do not depend on the order in which storage answers.
 
-Reading ahead. The first read of a step is the one no compute hides: every micro-batch's
-locations depend on the weights after the previous step. With ``after_start`` the caller
-draws the *next* step's first micro-batch now (``AttentionModel.propose``, with the current
-weights) and submits its read; next step that micro-batch carries the ``Proposal`` and the
-``prefetched`` future, and its coroutine (``steps(..., proposal=...)``) uses those draws with
-importance weights from the proposal to the updated attention. The estimator is unbiased for
-any proposal that covers the attention (``models.sampling``, tested by exact enumeration), so
-the optimiser step still follows an unbiased gradient, and autograd never sees stale weights:
-the proposal carries no graph.
+Reading ahead. With ``after_start`` the caller can draw the next step's first micro-batch
+while this step's reads are in flight; that micro-batch then arrives here with a ``Proposal``
+and the ``prefetched`` future of its read, which stands in for its first submission. The
+handshake is in ``pipeline.train.read_ahead``; why it stays unbiased, in
+``models.sampling.importance_ratio``.
 
 Nothing here knows about Ray or stores: ``submit`` is any function returning a
 ``concurrent.futures.Future`` of the (B, K, C, h, w) patches.
@@ -32,12 +28,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from models.protocol import ModelOutput, Proposal, ReadRequest, Steps
+from models.protocol import ModelOutput, Proposal, ReadRequest, Steps, SubmittingSource
+from pipeline.train.read_ahead import prefetched_read
 
 Submit = Callable[[Sequence[str], ReadRequest], "Future[Tensor]"]
 
@@ -51,7 +48,8 @@ class MicroBatch:
         views: (B, C, h, w) float32 views. sizes: (B, 2) int64 level-0 sizes.
         labels: (B,) int64 class indices. generator: this micro-batch's sampling generator.
         proposal: its first read, drawn ahead (``AttentionModel.propose``), or None.
-        prefetched: the future of that read's patches (submitted with the proposal).
+        prefetched: the future of that read's (B, K, C, h, w) patches, submitted with the
+            proposal (``pipeline.train.read_ahead``), or None.
     """
 
     index: int
@@ -127,56 +125,87 @@ def run_microbatches(
         after_start: called once every micro-batch has started and submitted its first read,
             before any compute on patches (the place to read the next step's first
             micro-batch ahead). A micro-batch with ``prefetched`` does not submit its first
-            read: its coroutine must yield ``mb.proposal.request``, whose patches it gets.
+            read: its coroutine must yield ``mb.proposal.request``, whose patches it gets
+            (``pipeline.train.read_ahead.prefetched_read``).
     Returns the time spent blocked on storage and the number of reads submitted.
     """
-    pending: dict[Future, tuple[MicroBatch, Steps]] = {}
-    reads = 0
-    wait_s = 0.0
-
-    def advance(mb: MicroBatch, steps: Steps, patches: Tensor | None) -> None:
-        nonlocal reads
-        try:
-            with context():
-                request = next(steps) if patches is None else steps.send(prepare(patches))
-        except StopIteration as stop:
-            finish(mb, stop.value)
-            return
-        if patches is None and mb.prefetched is not None:
-            if mb.proposal is None or request is not mb.proposal.request:
-                steps.close()
-                raise RuntimeError(
-                    f"micro-batch {mb.index} was read ahead, but its model did not yield the "
-                    "proposal's request: pass the proposal to the model's steps()"
-                )
-            pending[mb.prefetched] = (mb, steps)
-            return
-        pending[submit(mb.keys, request)] = (mb, steps)
-        reads += 1
-
+    schedule = _Schedule(submit, finish, prepare, context)
     for mb in micro:  # start all first: attention with the current weights, reads in flight
-        advance(mb, start(mb), None)
+        schedule.advance(mb, start(mb), None)
     if after_start is not None:
         after_start()
-    while pending:
-        ready = [f for f in pending if f.done()]
+    while schedule.pending:
+        for future in schedule.ready():
+            schedule.resume(future)
+    return ScheduleStats(wait_s=schedule.wait_s, reads=schedule.reads)
+
+
+@dataclass
+class _Schedule:
+    """The reads in flight of one ``run_microbatches`` call and what they cost.
+
+    ``pending`` maps each read's future to the micro-batch and coroutine waiting for it;
+    ``reads`` counts the reads submitted (not those read ahead), ``wait_s`` the seconds blocked
+    with no patches ready.
+    """
+
+    submit: Submit
+    finish: Callable[[MicroBatch, ModelOutput], None]
+    prepare: Callable[[Tensor], Tensor]
+    context: Callable[[], AbstractContextManager]
+    pending: dict[Future, tuple[MicroBatch, Steps]] = field(default_factory=dict)
+    reads: int = 0
+    wait_s: float = 0.0
+
+    def advance(self, mb: MicroBatch, steps: Steps, patches: Tensor | None) -> None:
+        """Resume ``steps`` (start it when ``patches`` is None) up to its next read or its end.
+
+        A next read is submitted, or for the first read of a micro-batch read ahead, taken
+        from ``mb.prefetched``; the end goes to ``finish``."""
+        try:
+            with self.context():
+                request = next(steps) if patches is None else steps.send(self.prepare(patches))
+        except StopIteration as stop:
+            self.finish(mb, stop.value)
+            return
+        future = self._first_read_ahead(mb, steps, request) if patches is None else None
+        if future is None:
+            future = self.submit(mb.keys, request)
+            self.reads += 1
+        self.pending[future] = (mb, steps)
+
+    @staticmethod
+    def _first_read_ahead(mb: MicroBatch, steps: Steps, request: ReadRequest) -> Future | None:
+        try:
+            return prefetched_read(mb, request)
+        except RuntimeError:
+            steps.close()
+            raise
+
+    def ready(self) -> list[Future]:
+        """The futures whose patches have arrived (waiting for one if none has), in
+        micro-batch order, so that the order of storage's answers does not reorder compute."""
+        ready = [f for f in self.pending if f.done()]
         if not ready:
             t0 = time.perf_counter()
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            wait_s += time.perf_counter() - t0
+            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+            self.wait_s += time.perf_counter() - t0
             ready = list(done)
-        ready.sort(key=lambda f: pending[f][0].index)
-        for future in ready:
-            mb, steps = pending.pop(future)
-            try:
-                patches = future.result()
-            except Exception as err:
-                steps.close()
-                raise RuntimeError(
-                    f"reading patches for micro-batch {mb.index} (scenes {list(mb.keys)}) failed: {err}"
-                ) from err
-            advance(mb, steps, patches)
-    return ScheduleStats(wait_s=wait_s, reads=reads)
+        ready.sort(key=lambda f: self.pending[f][0].index)
+        return ready
+
+    def resume(self, future: Future) -> None:
+        """Feed ``future``'s patches to the coroutine waiting for them; a failed read is
+        raised with the micro-batch and its scenes named."""
+        mb, steps = self.pending.pop(future)
+        try:
+            patches = future.result()
+        except Exception as err:
+            steps.close()
+            raise RuntimeError(
+                f"reading patches for micro-batch {mb.index} (scenes {list(mb.keys)}) failed: {err}"
+            ) from err
+        self.advance(mb, steps, patches)
 
 
 def submitter(source: object) -> Submit:
@@ -185,9 +214,8 @@ def submitter(source: object) -> Submit:
     The stand-in (for ``TensorPyramidSource`` and other in-memory sources) reads at once and
     returns an already-completed future, so the scheduler never waits on it.
     """
-    submit = getattr(source, "submit", None)
-    if callable(submit):
-        return submit
+    if isinstance(source, SubmittingSource):
+        return source.submit
 
     def read_now(keys: Sequence[str], request: ReadRequest) -> Future[Tensor]:
         future: Future[Tensor] = Future()
