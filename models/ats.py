@@ -206,7 +206,8 @@ class ATS(AttentionModel):
             feature: with 1 the logits of a fresh linear layer on unit vectors span about +-1
             and cross-entropy learns slowly; 10 to 30 behaves like a cosine classifier's scale.
         attention_backbone, feature_backbone: names for ``models.backbones.build_backbone``.
-        attention_kwargs, feature_kwargs: extra keyword arguments for those builders.
+        attention_backbone_kwargs, feature_backbone_kwargs: extra keyword arguments for
+            those builders.
     """
 
     def __init__(
@@ -229,8 +230,8 @@ class ATS(AttentionModel):
         feature_scale: float = 1.0,
         attention_backbone: str = "ats_attention",
         feature_backbone: str = "ats_feature",
-        attention_kwargs: dict | None = None,
-        feature_kwargs: dict | None = None,
+        attention_backbone_kwargs: dict | None = None,
+        feature_backbone_kwargs: dict | None = None,
     ):
         super().__init__()
         if inference not in ("topk", "sample"):
@@ -253,9 +254,9 @@ class ATS(AttentionModel):
             in_channels,
             attention_prior,
             prior_strength,
-            **(attention_kwargs or {}),
+            **(attention_backbone_kwargs or {}),
         )
-        self.features = FeatureNet(feature_backbone, in_channels, **(feature_kwargs or {}))
+        self.features = FeatureNet(feature_backbone, in_channels, **(feature_backbone_kwargs or {}))
         self.classifier = nn.Linear(self.features.out_channels, num_classes)
 
     def attend(self, views: Tensor) -> Tensor:
@@ -384,7 +385,7 @@ MNIST_SETTING = dict(
     prior_strength=5.0,
     feature_scale=16.0,
     feature_backbone="small_cnn",
-    feature_kwargs={"widths": (16, 32, 64)},
+    feature_backbone_kwargs={"widths": (16, 32, 64)},
 )
 
 

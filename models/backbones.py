@@ -1,8 +1,10 @@
-"""Backbones by name: ``build_backbone(name, in_channels, se=, cbam=, **kwargs)``.
+"""The one backbone builder: ``build_backbone(name_or_module, in_channels, se=, cbam=, **kwargs)``.
 
 Every backbone maps (N, C, h, w) float images to a feature map (N, out_channels, h', w') and
 has an ``out_channels`` attribute; pooling and heads belong to the models. Built with torch
-alone (torchvision cannot be installed beside the CPU torch build here).
+alone (torchvision cannot be installed beside the CPU torch build here). Every model family
+builds its networks here and takes the builder's keyword arguments as ``backbone_kwargs``
+(``<role>_backbone_kwargs`` beside a ``<role>_backbone`` argument).
 
 Names:
     ats_feature      the reference ATS patch feature net: 7x7 conv then three 3x3 convs,
@@ -18,15 +20,21 @@ Names:
                      (3x3/1 without pool, 8x smaller), ``norm``.
     efficientnet_b0  EfficientNet-B0: MBConv blocks with their own SE (a quarter of the block's
                      input channels) and swish, 1x1 head to 1280 channels, 32x smaller output.
+    residual_attention_56/92/small
+                     the Residual Attention Network's feature extractor
+                     (``models.residual_attention``; ``p``, ``t``, ``r``, ``activation``).
     timm:<name>      any timm model's ``forward_features`` when timm is installed;
                      ``weights_path=`` loads a local state dict (.safetensors or torch file);
                      nothing is ever downloaded.
 
-``se=True`` / ``cbam=True`` insert ``models.blocks.SEBlock`` / ``CBAM`` (ratio ``ratio``,
+An ``nn.Module`` with an ``out_channels`` attribute is used as given (tests inject tiny conv
+stacks that way); keyword arguments are then ignored.
+
+``se=True`` / ``cbam=True`` insert ``models.layers.SEBlock`` / ``CBAM`` (ratio ``ratio``,
 default 16) after every conv block of the plain conv stacks, and on the residual branch
 (before the addition) of every ResNet block, as SE-ResNet and CBAM-ResNet do. EfficientNet-B0
-already has SE in every MBConv (``se`` changes nothing); ``cbam=True`` replaces that SE by
-CBAM with the same bottleneck width.
+already has SE (``SEBlock`` with swish) in every MBConv (``se`` changes nothing);
+``cbam=True`` replaces that SE by CBAM with the same bottleneck width.
 
 ``norm``: "batch" (default), "group" (GroupNorm, per-sample: batch-invariant in training) or
 "none". The ATS nets have no normalisation, as in the reference.
@@ -41,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.blocks import CBAM, attention_block
+from models.layers import CBAM, SEBlock, attention_block
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -280,19 +288,6 @@ _B0_STAGES = (
 )
 
 
-class SqueezeExcite(nn.Module):
-    """EfficientNet's SE: 1x1 convs with biases and swish, squeeze width set by the block."""
-
-    def __init__(self, channels: int, squeeze: int):
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, squeeze, 1)
-        self.expand = nn.Conv2d(squeeze, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        s = nn.functional.silu(self.reduce(x.mean(dim=(-2, -1), keepdim=True)))
-        return x * torch.sigmoid(self.expand(s))
-
-
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expand, depthwise kxk, SE (or CBAM), 1x1 project; skip if shapes match."""
 
@@ -323,7 +318,7 @@ class MBConv(nn.Module):
             nn.SiLU(inplace=True),
             CBAM(hidden, ratio=max(1, hidden // squeeze))
             if cbam
-            else SqueezeExcite(hidden, squeeze),
+            else SEBlock(hidden, hidden=squeeze, act="silu", conv=True),
             nn.Conv2d(hidden, cout, 1, bias=False),
             _norm(norm, cout),
         ]
@@ -422,6 +417,20 @@ class TimmBackbone(nn.Module):
 # Factory
 # --------------------------------------------------------------------------------------------
 
+def _residual_attention(name: str) -> Callable[..., nn.Module]:
+    """Builder of the Residual Attention Network's feature extractor ``name`` (no SE / CBAM)."""
+
+    def build(in_channels: int = 3, *, se: bool = False, cbam: bool = False, **kwargs: Any):
+        if se or cbam:
+            raise TypeError("se/cbam switches exist only in the plain conv stacks and ResNets")
+        # imported here: models.residual_attention registers models, which backbones never need
+        from models.residual_attention import build_residual_attention_backbone
+
+        return build_residual_attention_backbone(name, in_channels, **kwargs)
+
+    return build
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "ats_feature": ats_feature,
     "ats_attention": ats_attention,
@@ -430,6 +439,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": lambda c, **kw: resnet("resnet34", c, **kw),
     "resnet50": lambda c, **kw: resnet("resnet50", c, **kw),
     "efficientnet_b0": efficientnet_b0,
+    **{
+        name: _residual_attention(name)
+        for name in ("residual_attention_56", "residual_attention_92", "residual_attention_small")
+    },
 }
 
 
@@ -439,13 +452,23 @@ def backbone_names() -> list[str]:
 
 
 def build_backbone(
-    name: str, in_channels: int = 3, *, se: bool = False, cbam: bool = False, **kwargs: Any
+    name: str | nn.Module,
+    in_channels: int = 3,
+    *,
+    se: bool = False,
+    cbam: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
     """Backbone ``name`` mapping (N, in_channels, h, w) -> (N, out_channels, h', w').
 
     See the module docstring for names and their keyword arguments; an unknown name or
-    argument raises with the list of what is accepted.
+    argument raises with the list of what is accepted. A module (with ``out_channels``) is
+    returned as it is, whatever the other arguments.
     """
+    if isinstance(name, nn.Module):
+        if not hasattr(name, "out_channels"):
+            raise TypeError(f"backbone module {type(name).__name__} has no `out_channels`")
+        return name
     if name.startswith("timm:"):
         if se or cbam:
             raise ValueError(

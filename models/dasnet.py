@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from models.feature_nets import make_backbone, pooled
+from models.backbones import build_backbone
+from models.layers import pooled
 from models.protocol import AttentionModel, ModelOutput, Steps
 from models.registry import register_model
 
@@ -96,7 +97,7 @@ class DasNet(AttentionModel):
 
     Args:
         num_classes, view_size: as every model. backbone: feature network name or module.
-        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
+        backbone_kwargs: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         passes: forward passes per image (>= 1; 1 = a plain CNN).
         gate: "output" or "convs". policy: "linear", "diagonal" or "bias".
@@ -108,7 +109,7 @@ class DasNet(AttentionModel):
         view_size: tuple[int, int],
         backbone: str | nn.Module = "small_cnn",
         in_channels: int = 3,
-        backbone_options: dict | None = None,
+        backbone_kwargs: dict | None = None,
         passes: int = 3,
         gate: str = "output",
         policy: str = "diagonal",
@@ -118,7 +119,7 @@ class DasNet(AttentionModel):
             raise ValueError(f"need passes >= 1 and gate in {GATES}, got {passes}, {gate!r}")
         self.view_size = tuple(view_size)
         self.passes, self.gate = passes, gate
-        self.features = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         self.classifier = nn.Linear(self.features.out_channels, num_classes)
         convs = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)]
         self._gated_sizes = (
@@ -230,6 +231,28 @@ def accuracy_reward(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).to(torch.float64).mean())
 
 
+def _snes_generation(
+    es: SNES,
+    score: Callable[[Tensor, Tensor, Tensor], float],
+    views: Tensor,
+    labels: Tensor,
+    generator: torch.Generator | None,
+) -> dict[str, float]:
+    """One SNES generation on one batch: score the mean, draw a population, score it, update.
+
+    Returns the record of ``snes_train_policy``."""
+    centre = score(es.mean, views, labels)
+    noise, population = es.ask(generator)
+    fitness = torch.tensor([score(x, views, labels) for x in population])
+    es.tell(noise, fitness)
+    return {
+        "mean_reward": float(fitness.mean()),
+        "best_reward": float(fitness.max()),
+        "centre_reward": centre,
+        "sigma_mean": float(es.sigma.mean()),
+    }
+
+
 def snes_train_policy(
     model: DasNet,
     batches: Iterable[tuple[Tensor, ...]],
@@ -276,17 +299,7 @@ def snes_train_policy(
     try:
         with torch.no_grad():
             for batch in batches:
-                views, labels = batch[0], batch[-1]
-                centre = score(es.mean, views, labels)
-                noise, population = es.ask(generator)
-                fitness = torch.tensor([score(x, views, labels) for x in population])
-                es.tell(noise, fitness)
-                record = {
-                    "mean_reward": float(fitness.mean()),
-                    "best_reward": float(fitness.max()),
-                    "centre_reward": centre,
-                    "sigma_mean": float(es.sigma.mean()),
-                }
+                record = _snes_generation(es, score, batch[0], batch[-1], generator)
                 history.append(record)
                 if on_generation is not None:
                     on_generation(len(history) - 1, dict(record))
@@ -307,24 +320,7 @@ def policy_reward(model: DasNet, views: Tensor, labels: Tensor) -> float:
 
 
 @register_model("dasnet")
-def dasnet(
-    num_classes: int = 10,
-    view_size: tuple[int, int] = (64, 64),
-    backbone: str = "small_cnn",
-    in_channels: int = 3,
-    backbone_options: dict | None = None,
-    passes: int = 3,
-    gate: str = "output",
-    policy: str = "diagonal",
-) -> DasNet:
-    """dasNet over the view: ``passes`` passes with SNES-trained per-filter gains."""
-    return DasNet(
-        num_classes=num_classes,
-        view_size=view_size,
-        backbone=backbone,
-        in_channels=in_channels,
-        backbone_options=backbone_options,
-        passes=passes,
-        gate=gate,
-        policy=policy,
-    )
+def dasnet(**kwargs) -> DasNet:
+    """dasNet over the view: ``passes`` passes with SNES-trained per-filter gains (keyword
+    arguments of ``DasNet``; ``num_classes`` 10 and ``view_size`` (64, 64) by default)."""
+    return DasNet(**{"num_classes": 10, "view_size": (64, 64), **kwargs})

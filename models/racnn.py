@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.feature_nets import make_backbone, pooled
+from models.backbones import build_backbone
+from models.layers import pooled
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import crop_resize, read_level, sub_region, to_level0, to_normalised
 from models.registry import register_model
@@ -121,7 +122,7 @@ class RACNN(AttentionModel):
         num_classes, view_size: as every model; every scale's input is ``view_size``.
         scales: number of scales (>= 1). backbone: feature network name or module (one
             instance per scale unless ``share_backbone``). apn_hidden: APN width.
-        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
+        backbone_kwargs: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         k: logistic steepness of the boxcar (per pixel). margin: ranking margin.
         rank_weight: weight of the ranking loss in the joint phase.
@@ -145,7 +146,7 @@ class RACNN(AttentionModel):
         scales: int = 3,
         backbone: str | nn.Module = "small_cnn",
         in_channels: int = 3,
-        backbone_options: dict | None = None,
+        backbone_kwargs: dict | None = None,
         share_backbone: bool = False,
         apn_hidden: int = 64,
         k: float = 10.0,
@@ -168,11 +169,11 @@ class RACNN(AttentionModel):
         self.view_size = tuple(view_size)
         self.scales, self.k, self.margin, self.rank_weight = scales, k, margin, rank_weight
         self.min_side, self.read_margin, self.max_level = min_side, read_margin, max_level
-        first = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        first = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         if share_backbone or isinstance(backbone, nn.Module):
             nets = [first] * scales  # an injected module cannot be copied safely: share it
         else:
-            more = [make_backbone(backbone, in_channels, **(backbone_options or {})) for _ in range(1, scales)]
+            more = [build_backbone(backbone, in_channels, **(backbone_kwargs or {})) for _ in range(1, scales)]
             nets = [first, *more]
         self.backbones = nn.ModuleList(nets)
         dim = first.out_channels
@@ -320,7 +321,7 @@ class RACNN(AttentionModel):
 
 
 @register_model("racnn")
-def racnn(num_classes: int = 10, view_size: tuple[int, int] = (64, 64), **kwargs) -> RACNN:
-    """RA-CNN with ``scales`` scales (default 3); each zoom reads one crop per scene.
-    Keyword arguments are ``RACNN``'s."""
-    return RACNN(num_classes=num_classes, view_size=view_size, **kwargs)
+def racnn(**kwargs) -> RACNN:
+    """RA-CNN with ``scales`` scales (default 3); each zoom reads one crop per scene (keyword
+    arguments of ``RACNN``; ``num_classes`` 10 and ``view_size`` (64, 64) by default)."""
+    return RACNN(**{"num_classes": 10, "view_size": (64, 64), **kwargs})

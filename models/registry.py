@@ -1,7 +1,9 @@
 """Model registry: ``create_model(name, **overrides)`` and ``list_models()``.
 
 Each model family registers its variants with ``@register_model("name")`` on a factory that
-takes plain keyword arguments. ``create_model`` records ``model.spec = {"name", "kwargs"}``
+takes plain keyword arguments and passes them on, over the variant's defaults:
+``def tnet(**kwargs): return TNet(**{**DEFAULTS, **kwargs})``, so that a constructor's signature
+is written once (in the class). ``create_model`` records ``model.spec = {"name", "kwargs"}``
 (JSON-serialisable), which is all a checkpoint or the MLflow registry needs to rebuild the
 model before loading its weights: no pickled objects.
 """

@@ -20,7 +20,7 @@ Registered configurations (classifiers of the low-resolution view, no patch read
   figure, so the released structure is kept.
 - ``residual_attention_small``: three narrow stages for small views (tens of thousands of params).
 ``build_residual_attention_backbone(name)`` gives the same networks without their classifier, as
-the feature network of the patch models (``models.feature_nets.make_backbone`` dispatches it).
+the feature network of the patch models (``models.backbones.build_backbone`` dispatches it).
 """
 
 from __future__ import annotations
@@ -269,20 +269,15 @@ class ResidualAttentionClassifier(AttentionModel):
 
 
 def _factory(name: str, default_view: tuple[int, int]):
-    def build(
-        num_classes: int = 10,
-        view_size: tuple[int, int] = default_view,
-        in_channels: int = 3,
-        p: int = 1,
-        t: int = 2,
-        r: int = 1,
-        activation: str = "mixed",
-    ) -> ResidualAttentionClassifier:
-        return ResidualAttentionClassifier(
-            CONFIGS[name], num_classes, view_size, in_channels, p, t, r, activation
-        )
+    defaults = {"num_classes": 10, "view_size": default_view}
 
-    build.__doc__ = f"{name}: Residual Attention Network classifying the view."
+    def build(**kwargs) -> ResidualAttentionClassifier:
+        return ResidualAttentionClassifier(CONFIGS[name], **{**defaults, **kwargs})
+
+    build.__doc__ = (
+        f"{name}: Residual Attention Network classifying the view "
+        "(keyword arguments of ``ResidualAttentionClassifier`` but ``config``)."
+    )
     return register_model(name)(build)
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.feature_nets import make_backbone, pooled
+from models.backbones import build_backbone
+from models.layers import pooled
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import read_level, to_level0, to_normalised
 from models.registry import register_model
@@ -100,8 +101,8 @@ class STNGlimpse(AttentionModel):
             transform scaled by it, centred).
         read_scale: the patch read from the pyramid has ``read_scale * glimpse_size`` pixels
             over the grid's bounding box (> 1 keeps resolution under rotations and shears).
-        backbone: feature network name (``models.feature_nets.make_backbone``) or module.
-        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
+        backbone: feature network name (``models.backbones.build_backbone``) or module.
+        backbone_kwargs: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         loc_hidden: width of the localisation net's hidden layer.
         max_level: the deepest pyramid level to read from (None: whatever the scene has).
@@ -116,7 +117,7 @@ class STNGlimpse(AttentionModel):
         read_scale: float = 1.0,
         backbone: str | nn.Module = "small_cnn",
         in_channels: int = 3,
-        backbone_options: dict | None = None,
+        backbone_kwargs: dict | None = None,
         loc_hidden: int = 32,
         max_level: int | None = None,
     ):
@@ -136,7 +137,7 @@ class STNGlimpse(AttentionModel):
             nn.ReLU(inplace=True),
         )
         self.theta = _theta_head(loc_hidden, identity_theta(glimpse_scale))
-        self.features = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         self.classifier = nn.Linear(self.features.out_channels, num_classes)
 
     def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
@@ -155,28 +156,8 @@ class STNGlimpse(AttentionModel):
 
 
 @register_model("stn")
-def stn(
-    num_classes: int = 10,
-    view_size: tuple[int, int] = (64, 64),
-    glimpse_size: tuple[int, int] = (32, 32),
-    glimpse_scale: float = 0.5,
-    read_scale: float = 1.0,
-    backbone: str = "small_cnn",
-    in_channels: int = 3,
-    backbone_options: dict | None = None,
-    loc_hidden: int = 32,
-    max_level: int | None = None,
-) -> STNGlimpse:
-    """Spatial-transformer glimpse on the view; reads one patch per scene."""
-    return STNGlimpse(
-        num_classes=num_classes,
-        view_size=view_size,
-        glimpse_size=glimpse_size,
-        glimpse_scale=glimpse_scale,
-        read_scale=read_scale,
-        backbone=backbone,
-        in_channels=in_channels,
-        backbone_options=backbone_options,
-        loc_hidden=loc_hidden,
-        max_level=max_level,
-    )
+def stn(**kwargs) -> STNGlimpse:
+    """Spatial-transformer glimpse on the view; reads one patch per scene (keyword arguments of
+    ``STNGlimpse``; ``num_classes`` 10, ``view_size`` (64, 64) and ``glimpse_size`` (32, 32)
+    by default)."""
+    return STNGlimpse(**{"num_classes": 10, "view_size": (64, 64), "glimpse_size": (32, 32), **kwargs})

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.feature_nets import make_backbone, pooled
+from models.backbones import build_backbone
+from models.layers import SEBlock, pooled
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import grid_regions, read_level, sub_region, to_level0
 from models.registry import register_model
@@ -54,20 +55,6 @@ def region_pooling_weights(boxes: Tensor, h: int, w: int) -> Tensor:
     return weights / weights.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
 
 
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation: global average pool, FC (ratio), ReLU, FC, sigmoid, scale."""
-
-    def __init__(self, channels: int, ratio: int = 4):
-        super().__init__()
-        hidden = max(channels // ratio, 1)
-        self.fc = nn.Sequential(
-            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(self.fc(x.mean(dim=(-2, -1))))[:, :, None, None]
-
-
 class LocationModule(nn.Module):
     """Scores candidate regions of a feature map: 1x1 conv, SE, coordinate channels, two 1x1
     convs to one score per cell, averaged over each candidate region. (N, D, h, w) -> (N, K)."""
@@ -75,7 +62,7 @@ class LocationModule(nn.Module):
     def __init__(self, channels: int, hidden: int, candidates: Tensor):
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True))
-        self.se = SqueezeExcite(hidden)
+        self.se = SEBlock(hidden, ratio=4)
         self.score = nn.Sequential(
             nn.Conv2d(hidden + 2, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1)
         )
@@ -120,7 +107,7 @@ class TNet(AttentionModel):
         locations: regions chosen inside each processed region, per level.
         grid, overlap: candidate regions (``models.regions.grid_regions``).
         backbone: feature network name or module. hidden: location module width.
-        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
+        backbone_kwargs: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         reinforce_weight: lambda of the REINFORCE term. level_weight: weight of the
             per-level classification terms (averaged over levels).
@@ -138,7 +125,7 @@ class TNet(AttentionModel):
         overlap: float = 0.5,
         backbone: str | nn.Module = "small_cnn",
         in_channels: int = 3,
-        backbone_options: dict | None = None,
+        backbone_kwargs: dict | None = None,
         hidden: int = 32,
         reinforce_weight: float = 0.1,
         level_weight: float = 0.3,
@@ -152,7 +139,7 @@ class TNet(AttentionModel):
         self.levels, self.locations = levels, locations
         self.reinforce_weight, self.level_weight = reinforce_weight, level_weight
         self.sample_in_eval, self.max_level = sample_in_eval, max_level
-        self.features = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         dim = self.features.out_channels
         self.grid = grid
         self.register_buffer("candidates", grid_regions(grid, overlap), persistent=False)
@@ -232,36 +219,7 @@ class TNet(AttentionModel):
 
 
 @register_model("tnet")
-def tnet(
-    num_classes: int = 10,
-    view_size: tuple[int, int] = (64, 64),
-    levels: int = 2,
-    locations: int = 2,
-    grid: int = 3,
-    overlap: float = 0.5,
-    backbone: str = "small_cnn",
-    in_channels: int = 3,
-    backbone_options: dict | None = None,
-    hidden: int = 32,
-    reinforce_weight: float = 0.1,
-    level_weight: float = 0.3,
-    sample_in_eval: bool = False,
-    max_level: int | None = None,
-) -> TNet:
-    """TNet with ``levels`` levels and ``locations`` regions per processed region."""
-    return TNet(
-        num_classes=num_classes,
-        view_size=view_size,
-        levels=levels,
-        locations=locations,
-        grid=grid,
-        overlap=overlap,
-        backbone=backbone,
-        in_channels=in_channels,
-        backbone_options=backbone_options,
-        hidden=hidden,
-        reinforce_weight=reinforce_weight,
-        level_weight=level_weight,
-        sample_in_eval=sample_in_eval,
-        max_level=max_level,
-    )
+def tnet(**kwargs) -> TNet:
+    """TNet with ``levels`` levels and ``locations`` regions per processed region (keyword
+    arguments of ``TNet``; ``num_classes`` 10 and ``view_size`` (64, 64) by default)."""
+    return TNet(**{"num_classes": 10, "view_size": (64, 64), **kwargs})

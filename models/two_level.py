@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.feature_nets import make_backbone, pooled
+from models.backbones import build_backbone
+from models.layers import pooled
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import crop_resize, multiscale_windows, read_level, to_level0
 from models.registry import register_model
@@ -99,8 +100,8 @@ class TwoLevelAttention(AttentionModel):
         keep: candidates kept by the filter net (and read) per scene.
         filter_size: (h, w) of the candidate crops cut from the view for the filter net.
         backbone: domain (patch) network; filter_backbone: filter network (names or modules).
-        backbone_options: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
-            ``{"norm": "group"}`` (``models.backbones.build_backbone``).
+        backbone_kwargs: keyword arguments of the backbone builder for both networks, e.g.
+            ``{"se": true}``, ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         parts: number of part detectors. object_weight, part_weight, filter_weight: loss weights.
         memory: patch features kept for re-clustering; recluster_every: steps between them.
         max_level: deepest pyramid level to read from (None: whatever the scene has).
@@ -118,7 +119,7 @@ class TwoLevelAttention(AttentionModel):
         backbone: str | nn.Module = "small_cnn",
         filter_backbone: str | nn.Module = "small_cnn",
         in_channels: int = 3,
-        backbone_options: dict | None = None,
+        backbone_kwargs: dict | None = None,
         parts: int = 2,
         object_weight: float = 0.5,
         part_weight: float = 0.5,
@@ -138,9 +139,9 @@ class TwoLevelAttention(AttentionModel):
         )
         if not 1 <= keep <= self.candidates.shape[0]:
             raise ValueError(f"keep must be in [1, {self.candidates.shape[0]}], got {keep}")
-        self.filter_net = make_backbone(filter_backbone, in_channels, **(backbone_options or {}))
+        self.filter_net = build_backbone(filter_backbone, in_channels, **(backbone_kwargs or {}))
         self.filter_head = nn.Linear(self.filter_net.out_channels, num_classes)
-        self.domain_net = make_backbone(backbone, in_channels, **(backbone_options or {}))
+        self.domain_net = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         dim = self.domain_net.out_channels
         if not 1 <= parts <= dim:
             raise ValueError(f"parts must be in [1, {dim}] (the domain net's channels), got {parts}")
@@ -218,44 +219,7 @@ class TwoLevelAttention(AttentionModel):
 
 
 @register_model("two_level")
-def two_level(
-    num_classes: int = 10,
-    view_size: tuple[int, int] = (64, 64),
-    patch_size: tuple[int, int] = (32, 32),
-    window_scales: tuple[float, ...] = (0.25, 0.5),
-    window_stride: float = 0.5,
-    keep: int = 4,
-    filter_size: tuple[int, int] = (24, 24),
-    backbone: str = "small_cnn",
-    filter_backbone: str = "small_cnn",
-    in_channels: int = 3,
-    backbone_options: dict | None = None,
-    parts: int = 2,
-    object_weight: float = 0.5,
-    part_weight: float = 0.5,
-    filter_weight: float = 0.5,
-    memory: int = 512,
-    recluster_every: int = 100,
-    max_level: int | None = None,
-) -> TwoLevelAttention:
-    """Two-level attention: filter-net object level and clustered part level."""
-    return TwoLevelAttention(
-        num_classes=num_classes,
-        view_size=view_size,
-        patch_size=patch_size,
-        window_scales=window_scales,
-        window_stride=window_stride,
-        keep=keep,
-        filter_size=filter_size,
-        backbone=backbone,
-        filter_backbone=filter_backbone,
-        in_channels=in_channels,
-        backbone_options=backbone_options,
-        parts=parts,
-        object_weight=object_weight,
-        part_weight=part_weight,
-        filter_weight=filter_weight,
-        memory=memory,
-        recluster_every=recluster_every,
-        max_level=max_level,
-    )
+def two_level(**kwargs) -> TwoLevelAttention:
+    """Two-level attention: filter-net object level and clustered part level (keyword arguments
+    of ``TwoLevelAttention``; ``num_classes`` 10 and ``view_size`` (64, 64) by default)."""
+    return TwoLevelAttention(**{"num_classes": 10, "view_size": (64, 64), **kwargs})

@@ -133,8 +133,8 @@ class ZoomIn(AttentionModel):
         contrastive_epoch: first epoch (``loss(..., epoch)``) at which the term counts.
         contrastive_weight: its strength.
         positive_class, reference_class: see ``contrastive``.
-        attention_backbone, tile_attention_backbone, feature_backbone (+ ``*_kwargs``): names
-            for ``models.backbones.build_backbone``.
+        attention_backbone, tile_attention_backbone, feature_backbone: names for
+            ``models.backbones.build_backbone``; ``<that name>_kwargs``: its keyword arguments.
     """
 
     def __init__(
@@ -166,15 +166,40 @@ class ZoomIn(AttentionModel):
         attention_backbone: str = "ats_attention",
         tile_attention_backbone: str = "ats_attention",
         feature_backbone: str = "ats_feature",
-        attention_kwargs: dict | None = None,
-        tile_attention_kwargs: dict | None = None,
-        feature_kwargs: dict | None = None,
+        attention_backbone_kwargs: dict | None = None,
+        tile_attention_backbone_kwargs: dict | None = None,
+        feature_backbone_kwargs: dict | None = None,
     ):
         super().__init__()
         if inference not in ("topk", "sample"):
             raise ValueError(f"inference must be 'topk' or 'sample', got {inference!r}")
         if contrastive not in _CONTRASTIVE:
             raise ValueError(f"contrastive must be one of {_CONTRASTIVE}, got {contrastive!r}")
+        self._set_geometry(view_size, tile_grid, tile_level, coarsest, tile_view, patch_size, patch_level)
+        self.n_patches = int(n_patches)
+        self.smoothing = float(smoothing)
+        self.entropy_strength = float(entropy_strength)
+        self.inference = inference
+        self._set_contrastive(
+            contrastive, contrastive_epoch, contrastive_weight, positive_class, reference_class
+        )
+        self.baseline = bool(baseline)
+        self.attention_pool = int(attention_pool)
+        self.feature_scale = float(feature_scale)
+        prior = (attention_prior, prior_strength)
+        self.attention = AttentionHead(
+            attention_backbone, in_channels, *prior, **(attention_backbone_kwargs or {})
+        )
+        self.tile_attention = AttentionHead(
+            tile_attention_backbone, in_channels, *prior, **(tile_attention_backbone_kwargs or {})
+        )
+        self.features = FeatureNet(feature_backbone, in_channels, **(feature_backbone_kwargs or {}))
+        self.classifier = nn.Linear(self.features.out_channels, num_classes)
+
+    def _set_geometry(
+        self, view_size, tile_grid, tile_level, coarsest, tile_view, patch_size, patch_level
+    ) -> None:
+        """Store the sizes and levels of ``__init__`` (see the class docstring) as ints."""
         self.view_size = (int(view_size[0]), int(view_size[1]))
         self.tile_grid = (int(tile_grid[0]), int(tile_grid[1]))
         if self.tile_grid[0] * self.tile_grid[1] < 2:
@@ -184,10 +209,11 @@ class ZoomIn(AttentionModel):
         self.tile_view = (int(tile_view[0]), int(tile_view[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
         self.patch_level = int(patch_level)
-        self.n_patches = int(n_patches)
-        self.smoothing = float(smoothing)
-        self.entropy_strength = float(entropy_strength)
-        self.inference = inference
+
+    def _set_contrastive(
+        self, contrastive, contrastive_epoch, contrastive_weight, positive_class, reference_class
+    ) -> None:
+        """Store the contrastive-loss settings of ``__init__`` (see the class docstring)."""
         self.contrastive = contrastive
         self.contrastive_epoch = int(contrastive_epoch)
         self.contrastive_weight = float(contrastive_weight)
@@ -196,21 +222,6 @@ class ZoomIn(AttentionModel):
         # set by ``loss`` once ``contrastive_epoch`` is reached: until then ``steps`` skips the
         # contrastive reads (the term would be multiplied by 0 anyway)
         self.contrastive_live = False
-        self.baseline = bool(baseline)
-        self.attention_pool = int(attention_pool)
-        self.feature_scale = float(feature_scale)
-        self.attention = AttentionHead(
-            attention_backbone, in_channels, attention_prior, prior_strength, **(attention_kwargs or {})
-        )
-        self.tile_attention = AttentionHead(
-            tile_attention_backbone,
-            in_channels,
-            attention_prior,
-            prior_strength,
-            **(tile_attention_kwargs or {}),
-        )
-        self.features = FeatureNet(feature_backbone, in_channels, **(feature_kwargs or {}))
-        self.classifier = nn.Linear(self.features.out_channels, num_classes)
 
     def read_level(self, sizes: Tensor) -> int:
         """Pyramid level of the tile-view read for scenes of level-0 ``sizes`` (B, 2)."""

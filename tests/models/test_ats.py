@@ -17,9 +17,9 @@ from models.registry import create_model
 
 TINY = dict(
     attention_backbone="ats_attention",
-    attention_kwargs={"widths": (4,)},
+    attention_backbone_kwargs={"widths": (4,)},
     feature_backbone="ats_feature",
-    feature_kwargs={"widths": (8,), "kernels": (3,)},
+    feature_backbone_kwargs={"widths": (8,), "kernels": (3,)},
 )
 
 
@@ -349,7 +349,7 @@ def test_proposal_from_other_weights_is_importance_weighted(replace):
 def test_propose_leaves_batch_norm_statistics_alone():
     source, keys = small_source()
     model = tiny_model(attention_backbone="small_cnn",
-                       attention_kwargs={"widths": (4,), "norm": "batch"}).train()
+                       attention_backbone_kwargs={"widths": (4,), "norm": "batch"}).train()
     views, sizes = _inputs(model, source, keys)
     before = [b.clone() for b in model.attention.buffers()]
     assert len(before) >= 3

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.backbones import backbone_names, build_backbone
-from models.blocks import CBAM, SEBlock
+from models.layers import CBAM, SEBlock
 
 
 def n_params(module: nn.Module) -> int:

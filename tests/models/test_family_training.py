@@ -13,7 +13,7 @@ from tests.models.tiny_nets import (
     random_scenes,
 )
 
-SMALL = {"backbone_options": {"widths": [8, 16], "norm": "group"}}
+SMALL = {"backbone_kwargs": {"widths": [8, 16], "norm": "group"}}
 CASES = {
     "tnet": {**SMALL, "levels": 3, "locations": 2},
     "racnn": {**SMALL, "scales": 3},

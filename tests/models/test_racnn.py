@@ -110,7 +110,7 @@ def test_each_zoom_reads_only_its_crop_from_the_level_that_matches_the_zoom():
 
 def test_alternating_schedule_trains_one_group_at_a_time():
     torch.manual_seed(0)
-    model = RACNN(4, (32, 32), scales=2, backbone_options=None, backbone=TinyConv())
+    model = RACNN(4, (32, 32), scales=2, backbone_kwargs=None, backbone=TinyConv())
     assert [model.phase_for_step(s, 2) for s in range(6)] == ["cls", "cls", "apn", "apn", "cls", "cls"]
     source, keys = random_scenes([(200, 200), (200, 240)], coarsest=64)
     labels = torch.tensor([0, 1])

@@ -15,7 +15,7 @@ from pipeline.train.loop import StepRunner, train_epoch
 from tests.models.test_family_training import _batches
 from tests.models.tiny_nets import random_scenes
 
-SMALL = {"backbone_options": {"widths": [8, 16], "norm": "group"}, "scales": 3}
+SMALL = {"backbone_kwargs": {"widths": [8, 16], "norm": "group"}, "scales": 3}
 SHAPES = [(160, 200), (220, 180), (300, 260), (180, 180)]
 
 

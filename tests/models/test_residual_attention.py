@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.feature_nets import make_backbone
+from models.backbones import build_backbone
 from models.memory import TensorPyramidSource
 from models.registry import create_model
 from models.residual_attention import AttentionModule, mask_activation
@@ -99,7 +99,7 @@ def test_small_variant_classifies_the_view_and_reads_nothing():
 
 
 def test_backbone_builder_gives_a_feature_network_with_out_channels():
-    net = make_backbone("residual_attention_small", in_channels=1)
+    net = build_backbone("residual_attention_small", in_channels=1)
     fmap = net(torch.rand(3, 1, 40, 24))
     assert fmap.shape[:2] == (3, net.out_channels) and net.out_channels == 256
 

@@ -11,11 +11,11 @@ from tests.models.test_ats import Recording, coded_scene, decode
 
 TINY = dict(
     attention_backbone="ats_attention",
-    attention_kwargs={"widths": (4,)},
+    attention_backbone_kwargs={"widths": (4,)},
     tile_attention_backbone="ats_attention",
-    tile_attention_kwargs={"widths": (4,)},
+    tile_attention_backbone_kwargs={"widths": (4,)},
     feature_backbone="ats_feature",
-    feature_kwargs={"widths": (8,), "kernels": (3,)},
+    feature_backbone_kwargs={"widths": (8,), "kernels": (3,)},
 )
 
 

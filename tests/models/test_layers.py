@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.blocks import CBAM, SEBlock, attention_block
+from models.layers import CBAM, SEBlock, attention_block
 
 
 def test_se_output_is_input_times_hand_computed_sigmoid_gates():

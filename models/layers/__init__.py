@@ -1,0 +1,25 @@
+"""Layers shared by the model families (as timm's ``layers``): attention blocks and pooling.
+
+- ``se``: ``SEBlock``, the one squeeze-and-excitation block (SE-ResNet's, EfficientNet's MBConv
+  SE and TNet's location module all use it, with their own width and activation);
+- ``cbam``: ``ChannelGate``, ``SpatialGate``, ``CBAM``;
+- ``switch``: ``attention_block``, the SE / CBAM switch that the built-in backbones insert;
+- ``pool``: ``pooled``, global average pooling of a feature map.
+
+Pure PyTorch, no I/O; nothing here imports another ``models`` module.
+"""
+
+from models.layers.cbam import CBAM, ChannelGate, SpatialGate
+from models.layers.pool import pooled
+from models.layers.se import SEBlock, hidden_width
+from models.layers.switch import attention_block
+
+__all__ = [
+    "CBAM",
+    "ChannelGate",
+    "SEBlock",
+    "SpatialGate",
+    "attention_block",
+    "hidden_width",
+    "pooled",
+]
