@@ -27,7 +27,7 @@ from tests.pipeline.tracking_fixtures import fresh_mlflow_uri
 CLASSES = ["dark", "bright"]
 SIDE = 16
 KWARGS = {"num_classes": 2, "view_size": [8, 8], "passes": 2, "gate": "output", "policy": "bias",
-          "backbone": "small_cnn", "backbone_options": {"widths": [2], "norm": "none"}}
+          "backbone": "small_cnn", "backbone_kwargs": {"widths": [2], "norm": "none"}}
 
 
 def _scenes(n: int, split: str, rng: np.random.Generator) -> list[tuple[str, str, int, np.ndarray]]:

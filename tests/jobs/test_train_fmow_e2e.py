@@ -31,8 +31,8 @@ EXPERIMENT = "e2e"
 # a small, fast ATS: 32 px view, 4x4 attention grid, 4 patches of 16 px at level 1
 MODEL = (
     "model.overrides={view_size: [32, 32], patch_size: [16, 16], patch_level: 1, n_patches: 4,"
-    " attention_backbone: small_cnn, attention_kwargs: {widths: [8, 8, 8], norm: none},"
-    " feature_kwargs: {widths: [8, 8], kernels: [3, 3]}}"
+    " attention_backbone: small_cnn, attention_backbone_kwargs: {widths: [8, 8, 8], norm: none},"
+    " feature_backbone_kwargs: {widths: [8, 8], kernels: [3, 3]}}"
 )
 
 

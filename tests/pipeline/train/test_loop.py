@@ -172,8 +172,8 @@ def _ats_runner(read_ahead, lr, events):
     torch.manual_seed(0)
     model = create_model("ats", in_channels=1, num_classes=3, view_size=(24, 24),
                          patch_size=(8, 8), n_patches=3, baseline=True,
-                         attention_kwargs={"widths": (4,)},
-                         feature_backbone="small_cnn", feature_kwargs={"widths": (4,), "norm": "batch"})
+                         attention_backbone_kwargs={"widths": (4,)},
+                         feature_backbone="small_cnn", feature_backbone_kwargs={"widths": (4,), "norm": "batch"})
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     optimizer.register_step_post_hook(lambda *_: events.append(("optimizer step",)))
     runner = StepRunner(model=model, optimizer=optimizer, source=source, micro_batches=2,

@@ -194,7 +194,7 @@ def test_a_micro_batch_read_ahead_uses_its_future_and_submits_nothing():
 
     torch.manual_seed(0)
     model = ATS(in_channels=3, num_classes=2, view_size=(16, 16), patch_size=(4, 4), n_patches=2,
-                attention_kwargs={"widths": (4,)}, feature_kwargs={"widths": (4,), "kernels": (3,)})
+                attention_backbone_kwargs={"widths": (4,)}, feature_backbone_kwargs={"widths": (4,), "kernels": (3,)})
     _, source, micro, _ = _setup(parts=2)
     views = torch.nn.functional.interpolate(micro[0].views, size=(16, 16))
     first = replace(micro[0], views=views)
