@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def batches(rows: dict, views: np.ndarray, order: np.ndarray, size: int) -> list[dict]:
-    """``rows`` (``split_rows``) and their views in ``order``, in batches of ``size``."""
+    """``rows`` (``SplitData.rows``) and their views in ``order``, in batches of ``size``."""
     return [{"key": rows["key"][order[i:i + size]], "view": views[order[i:i + size]],
              "size": rows["size"][order[i:i + size]], "label": rows["label"][order[i:i + size]]}
             for i in range(0, len(order), size)]
@@ -48,17 +48,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.train_throughput import memory_source
     from models.registry import create_model
-    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.read.source import open_split
     from pipeline.train.config import load_config
-    from pipeline.train.data import split_rows
     from pipeline.train.driver import resolve_config
     from pipeline.train.loop import StepRunner, cosine_schedule, evaluate, train_epoch
 
-    classes = list(read_classes(args.manifest))
+    train_split = open_split(args.manifest, "train")  # its reader is unused: scenes in memory
+    classes = list(train_split.classes)
     config = resolve_config(load_config(args.config, args.set), classes)
     epochs = args.epochs or config.optim.epochs
-    manifest = read_manifest(args.manifest)
-    train, val = split_rows(manifest, "train"), split_rows(manifest, "val")
+    train, val = train_split.rows, train_split.sibling("val").rows
     source = memory_source(list(train["key"]) + list(val["key"]))
     torch.manual_seed(args.seed)
     model = create_model(config.model.name, **config.model.overrides)

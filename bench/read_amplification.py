@@ -2,8 +2,8 @@
 
 For synthetic scenes of 1k, 4k and 8k px a side (``--sizes``) written with the project's
 pyramid format, it reads 16 random patches of 64 px and of 128 px at level 0 with a fresh
-``ZarrPixelSource`` (a cold read: metadata, shard indexes and chunk data all count) and
-reports:
+``ZarrPixelSource`` with ``EXACT_READS`` (a cold read: metadata, shard indexes and chunk data
+all count; no byte-range merging, no index prefetch) and reports:
 
 - amplification: pixels of the inner chunks decoded / pixels of the patches requested;
 - bytes per patch on the wire (payload bytes, HTTP headers excluded) and requests per patch;
@@ -41,6 +41,7 @@ import torch
 
 from models.protocol import ReadRequest
 from pipeline.read.reader import ZarrPixelSource
+from pipeline.read.settings import EXACT_READS
 from pipeline.store import pyramid, storage
 
 CHANNELS = 3
@@ -111,7 +112,7 @@ def measure(store: str, scene_uri: str, side: int, patch: int, n: int, trials: i
     rng = np.random.default_rng(seed + side + patch)
     amp, nbytes, data, requests, secs = [], [], [], [], []
     for _ in range(trials):
-        source = ZarrPixelSource()
+        source = ZarrPixelSource.from_settings(EXACT_READS)
         boxes = random_boxes(n, patch, side, rng, overlap)
         t0 = time.perf_counter()
         source.read([scene_uri], ReadRequest(boxes, 0, (patch, patch)))

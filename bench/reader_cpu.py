@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -64,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     from pipeline.read.reader import ZarrPixelSource
-    from pipeline.store.manifest import read_manifest
-    from pipeline.train.data import split_rows
+    from pipeline.read.settings import EXACT_READS, ReaderSettings
+    from pipeline.read.source import open_split
 
-    rows = split_rows(read_manifest(args.manifest), "train", args.scenes)
-    keys = [str(k) for k in rows["key"]]
-    requests = random_requests(np.asarray(rows["size"]), args, np.random.default_rng(0))
-    source = ZarrPixelSource(max_gap=args.max_gap)
+    # the in-flight readers: the training concurrency and cache, --max-gap, no index prefetch
+    settings = ReaderSettings(max_gap=args.max_gap, process=False, prefetch_indexes=False)
+    split = open_split(args.manifest, "train", settings, args.scenes)
+    keys = split.keys
+    requests = random_requests(np.asarray(split.rows["size"]), args, np.random.default_rng(0))
+    source = ZarrPixelSource.from_settings(dataclasses.replace(EXACT_READS, max_gap=args.max_gap))
 
     async def run() -> tuple[float, float]:
         """One event loop for all (the reader's semaphore belongs to one loop)."""
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['chunks_per_sample']:.0f} chunks, {report['bytes_per_sample']:,.0f} bytes per sample")
     if args.in_flight > 0:
         for process in (False, True):
-            done = in_flight(keys, requests, args, process)
+            done = in_flight(keys, requests, args, split.source_factory.settings, process)
             name = "child process" if process else "this process"
             report[f"in_flight_ms_{'process' if process else 'thread'}"] = done
             print(f"{args.in_flight} reads of {args.batch} scenes in flight, reader in {name}: "
@@ -103,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def in_flight(keys: list[str], requests: list, args, process: bool) -> list[float]:
-    """Median ms until each of ``args.in_flight`` reads submitted together comes back."""
-    from pipeline.train.data import ZarrSourceFactory
+def in_flight(keys: list[str], requests: list, args, settings, process: bool) -> list[float]:
+    """Median ms until each of ``args.in_flight`` reads submitted together comes back, from
+    the reader of ``settings`` (a ``ReaderSettings``) in this process or in a child."""
+    from pipeline.read.source import ZarrSourceFactory
 
-    source = ZarrSourceFactory(max_gap=args.max_gap, process=process)()
+    source = ZarrSourceFactory(dataclasses.replace(settings, process=process))()
     k, times = args.in_flight, []
     try:
         for idx, request in requests[:20]:

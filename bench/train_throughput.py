@@ -55,18 +55,27 @@ DATA = ROOT / "data" / "bench"
 
 
 def make_manifest(scenes: int) -> str:
-    """A generated sample ingested under ``data/bench`` (skipped when already there)."""
-    from jobs import ingest_fmow, make_fmow_sample
+    """A generated sample ingested under ``data/bench`` (skipped when already there): what
+    ``jobs/make_fmow_sample.py`` and ``jobs/ingest_fmow.py`` do, through the library."""
+    from pipeline.ingest import engine, fmow
+    from pipeline.store.manifest import write_manifest
+    from pipeline.synth.fmow_sample import SampleSpec, generate_sample
 
     raw, pyr = DATA / "raw", DATA / "pyramids"
     manifest = pyr / "manifest.parquet"
     if manifest.exists():
         return str(manifest)
-    assert make_fmow_sample.main(["--out", str(raw), "--train", str(scenes), "--val", "4",
-                                  "--size", "1000,2000", "--large-fraction", "0",
-                                  "--workers", "2"]) == 0
-    assert ingest_fmow.main(["--src", str(raw), "--dst", str(pyr), "--workers", "2",
-                             "--progress-s", "30"]) == 0
+    spec = SampleSpec(splits=(("train", scenes), ("val", 4)), size_range=(1000, 2000),
+                      large_fraction=0.0)
+    for _ in generate_sample(str(raw), spec, workers=2):
+        pass
+    walk = fmow.walk_fmow(str(raw))
+    classes = fmow.class_list({f.category for f in walk.files}, "present")
+    report = engine.run_ingest(fmow.fmow_tasks(str(raw), walk), fmow.load_fmow_scene, classes,
+                               str(pyr), workers=2, progress_s=30)
+    write_manifest(str(manifest), report.rows, classes, report.rejects)
+    print(engine.summary(report, str(manifest)), file=sys.stderr)
+    assert report.all_in, "the generated sample has rejected scenes"
     return str(manifest)
 
 
@@ -181,13 +190,6 @@ def copy_scene(src_uri: str, dst_uri: str) -> None:
         storage.write_bytes(storage.join_uri(dst_uri, rel), storage.read_bytes(uri))
 
 
-def zarr_source(config):
-    """The reader exactly as the training workers build it (``config.reader``)."""
-    from pipeline.train.data import ZarrSourceFactory
-
-    return ZarrSourceFactory.from_config(config.reader)()
-
-
 @dataclass
 class Setting:
     """One way of serving the patches: its name, source, scene keys and ``AWS_ENDPOINT_URL``;
@@ -268,24 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     from pipeline.read.reader import ZarrPixelSource
-    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.read.settings import EXACT_READS
+    from pipeline.read.source import open_split
     from pipeline.train.config import load_config
-    from pipeline.train.data import split_rows
     from pipeline.train.driver import resolve_config
 
     manifest_uri = args.manifest or make_manifest(args.scenes)
-    manifest = read_manifest(manifest_uri)
     sets = [] if args.micro_batches is None else [f"data.micro_batches={args.micro_batches}"]
     sets += [f"reader.{k}={v}" for k, v in (("concurrency", args.concurrency),
                                             ("max_gap", args.max_gap)) if v is not None]
     sets += args.set
-    config = resolve_config(load_config(args.config, sets), list(read_classes(manifest_uri)))
-    rows = split_rows(manifest, "train", args.scenes)
-    keys, sizes, labels = rows["key"], rows["size"], rows["label"]
+    config = load_config(args.config, sets)
+    split = open_split(manifest_uri, "train", config.reader, args.scenes)
+    config = resolve_config(config, list(split.classes))
+    keys, sizes, labels = split.rows["key"], split.rows["size"], split.rows["label"]
     from models.registry import create_model
 
     view_size = create_model(config.model.name, **config.model.overrides).view_size
-    local = ZarrPixelSource()
+    local = ZarrPixelSource.from_settings(EXACT_READS)
     views = local.view(list(keys), view_size).numpy()
     full = np.array([level0_bytes(k) for k in keys], dtype=np.float64)
     raw = (sizes[:, 0] * sizes[:, 1] * 3).astype(np.float64)
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     root = os.path.dirname(os.path.commonprefix([str(k) for k in keys]).rstrip("/"))
     s3_keys = np.array([f"s3://bench-train/pyr/{os.path.relpath(k, root)}" for k in keys])
     settings = [Setting("memory", memory_source(list(keys)), keys),
-                Setting("local", zarr_source(config), keys)]
+                Setting("local", split.source_factory(), keys)]
     processes = []
     with tempfile.TemporaryDirectory(prefix="bench-objects-") as objects:
         try:
@@ -307,16 +309,16 @@ def main(argv: list[str] | None = None) -> int:
             server, endpoint = start_object_server(Path(objects), args.latency_ms / 1000)
             processes.append(server)
             _aws_env(endpoint)
-            settings.append(Setting("s3", zarr_source(config), s3_keys, endpoint))
+            settings.append(Setting("s3", split.source_factory(), s3_keys, endpoint))
             if args.without_read_ahead:
-                settings.append(Setting("s3_no_read_ahead", zarr_source(config), s3_keys,
+                settings.append(Setting("s3_no_read_ahead", split.source_factory(), s3_keys,
                                         endpoint, read_ahead=False))
             if args.moto:
                 server, proxy, _, proxy_endpoint = start_moto(args.latency_ms / 1000)
                 processes += [proxy, server]
                 for k, s3k in zip(keys, s3_keys, strict=True):  # upload to moto, no latency
                     copy_scene(str(k), str(s3k))
-                settings.append(Setting("s3_moto", zarr_source(config), s3_keys, proxy_endpoint))
+                settings.append(Setting("s3_moto", split.source_factory(), s3_keys, proxy_endpoint))
             results = measure(settings, views, sizes, labels, config, args.epochs)
             served = proxy_counts(endpoint)["total"]
         finally:

@@ -156,10 +156,9 @@ def run_policy_stage(config: TrainConfig, tracker: Any = None) -> dict[str, Any]
     import torch
 
     from models.dasnet import snes_train_policy
-    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.read.source import open_split
     from pipeline.track.packaging import Predictor, evaluate, write_model_files
     from pipeline.track.tracking import MlflowTracker
-    from pipeline.train import data
     from pipeline.train.config import save_config, to_dict
     from pipeline.train.driver import resolve_storage
 
@@ -167,15 +166,15 @@ def run_policy_stage(config: TrainConfig, tracker: Any = None) -> dict[str, Any]
     init = stage_one_source(config)
     model, origin = load_stage_one(init)
     check_policy_model(model)
-    classes = list(read_classes(config.data.manifest))
+    train = open_split(config.data.manifest, config.data.train_split, config.reader,
+                       config.data.limit)
+    classes = list(train.classes)
     if model.classifier.out_features != len(classes):
         raise StageOneError(f"the stage-1 model has {model.classifier.out_features} classes, the "
                             f"manifest {config.data.manifest} has {len(classes)}")
     _say(f"stage 1: {origin}")
-    manifest = read_manifest(config.data.manifest)
-    train = data.split_rows(manifest, config.data.train_split, config.data.limit)
-    val = data.split_rows(manifest, config.data.val_split, config.data.limit)
-    source = data.ZarrSourceFactory.from_config(config.reader)()
+    val = train.sibling(config.data.val_split)
+    source = train.source_factory()
     view_size = tuple(model.view_size)
 
     name = f"{config.run.name}{snes.run_suffix}"
@@ -194,7 +193,7 @@ def run_policy_stage(config: TrainConfig, tracker: Any = None) -> dict[str, Any]
         if run_dir is not None:
             tracker.log_artifact_file(save_config(config, run_dir / "config.yaml"))
         predictor = Predictor(model=model, spec={"classes": classes}, seed=config.run.seed)
-        val_keys, val_labels = [str(k) for k in val["key"]], [int(v) for v in val["label"]]
+        val_keys, val_labels = val.keys, val.labels
         batch = max(1, min(snes.batch_size, 64))
         before = evaluate(predictor, source, val_keys, val_labels, batch)
         _say(f"val accuracy of the stage-1 model: {before['accuracy']:.3f} ({len(val_keys)} scenes)")
@@ -208,10 +207,11 @@ def run_policy_stage(config: TrainConfig, tracker: Any = None) -> dict[str, Any]
 
         _say(f"SNES on the policy of {model.spec['name']} ({model.gain_dim} gains, passes="
              f"{model.passes}): {snes.generations} generations of "
-             f"{min(snes.batch_size, len(train['key']))} training views")
+             f"{min(snes.batch_size, len(train.keys))} training views")
         history = snes_train_policy(
             model,
-            view_batches(train, source, view_size, snes.batch_size, snes.generations, snes.seed),
+            view_batches(train.rows, source, view_size, snes.batch_size, snes.generations,
+                         snes.seed),
             torch.Generator().manual_seed(snes.seed),
             sigma0=snes.sigma0,
             popsize=snes.popsize,

@@ -72,18 +72,14 @@ def retrain_config(config: TrainConfig, name: str, run_name: str | None) -> Trai
 
 def validation_evaluator(config: TrainConfig, batch_size: int):
     """``evaluate_fn`` scoring registered models on the config's validation split."""
-    from pipeline.store.manifest import read_manifest
+    from pipeline.read.source import open_split
     from pipeline.track.promotion import registered_evaluator
-    from pipeline.train import data
 
-    rows = data.split_rows(
-        read_manifest(config.data.manifest), config.data.val_split, config.data.limit
-    )
-    source = data.ZarrSourceFactory.from_config(config.reader)()
+    val = open_split(config.data.manifest, config.data.val_split, config.reader, config.data.limit)
     return registered_evaluator(
-        source,
-        list(rows["key"]),
-        [int(v) for v in rows["label"]],
+        val.source_factory(),
+        val.keys,
+        val.labels,
         batch_size=batch_size,
         seed=config.run.seed,
     )

@@ -1,8 +1,6 @@
-"""Reading: the attended-chunk reader, which serves pixels to models through the pixel protocol.
+"""The attended-chunk reader: plan (pure, ``plan``), execute (async, ``reader``), the reader in a
+child process (``process``), its one set of settings (``settings``) and the one source factory
+with the manifest -> split -> source recipe (``source``).
 
-Owns the pure planner (``plan``: boxes -> chunks -> coalesced byte ranges), the async executor
-that runs a plan against a store with caches and exact counts (``reader``: ``ZarrPixelSource``),
-the same reader in a child process per worker (``process``), and the one place where reader
-settings and sources are built. May import ``pipeline.store`` and ``models.protocol``; nothing
-above it (no Ray, no MLflow).
+Imports ``store`` and ``models``; never ``ingest``, ``synth``, ``track`` or ``train``.
 """

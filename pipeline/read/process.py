@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.protocol import ReadRequest
+from models.protocol import ClosableSource, CountingSource, ReadRequest
 from pipeline.read.reader import ReadError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ class ProcessPixelSource:
 
     Args:
         factory: picklable callable returning the inner source (e.g.
-            ``pipeline.train.data.ZarrSourceFactory``); it is called in the child.
+            ``pipeline.read.source.ZarrSourceFactory``); it is called in the child.
         start_timeout_s: how long to wait for the child to build its source.
     """
 
@@ -258,7 +258,7 @@ def _reply(conn: Connection, lock: threading.Lock, source: Any, request_id: int,
             pickle.dumps(value)
         except Exception:
             value = ReadError(f"{type(value).__name__}: {value}")
-    counters = source.counters() if hasattr(source, "counters") else None
+    counters = source.counters() if isinstance(source, CountingSource) else None
     with lock:
         try:
             conn.send((request_id, ok, value, counters))
@@ -293,7 +293,7 @@ def serve(fd: int) -> None:
                                                f.exception() or f.result()))
         else:
             _reply(conn, lock, source, request_id, True, result)
-    if hasattr(source, "close"):
+    if isinstance(source, ClosableSource):
         source.close()
 
 

@@ -4,19 +4,24 @@ A key is a scene group URI (``s3://bucket/pyr/scene``, ``/data/pyr/scene``, ``me
 For every request the reader
 
 1. reads the scene's group metadata and the level's array metadata (cached),
-2. plans (``pipeline.read.plan``, pure) each box's region at that level and the de-duplicated
-   inner chunks the regions touch (``box_regions``, ``touched_chunks``),
+2. plans (``pipeline.read.plan``, pure, no awaits) each box's region at that level and the
+   de-duplicated inner chunks the regions touch and their shards (``plan_chunks`` ->
+   ``ChunkPlan``),
 3. reads the index of every shard those chunks live in (cached) and plans the byte ranges
-   (``range_table``, pure: chunks at most ``max_gap`` bytes apart share one request),
+   (``plan_byte_ranges`` -> ``RangePlan``, pure: chunks at most ``max_gap`` bytes apart share
+   one request),
 4. fetches the ranges with bounded concurrency (a local directory: ``pread`` on the loop
-   thread, no thread hop per range), then decodes the inner chunks with the array's own codecs
-   into one (N, C, ch, cw) array (``Tiles``) and crops each box from a mosaic of its chunks:
-   zero padding outside the level, then ``resize_patches(crop.float() / 255, size)``, exactly
-   like ``TensorPyramidSource``.
+   thread, no thread hop per range) -> ``FetchedLevel``, then decodes the inner chunks with the
+   array's own codecs into one (N, C, ch, cw) array (``Tiles``) and crops each box from a
+   mosaic of its chunks: zero padding outside the level, then
+   ``resize_patches(crop.float() / 255, size)``, exactly like ``TensorPyramidSource``.
+
+Planning and execution are apart, as in zarr-python: the planner is pure functions of arrays,
+the executor (this module) only awaits the I/O the plans name and decodes.
 
 Concurrent reads all fetch at once, but decode in the order they were asked (``Turns``), so the
 first micro-batch of a training step gets its patches first. Planning works on arrays, not
-per-chunk objects (``plan_reads`` / ``plan_ranges`` give the same plan as objects, for tests
+per-chunk objects (``plan_reads`` / ``plan_ranges`` show the same plans as objects, for tests
 and tools): about 4.3 ms of CPU per sample of 16 boxes of 64 px read at level 1
 (``bench/reader_cpu.py``). ``pipeline.read.process`` runs this source in a child process, so
 that this CPU does not share the training loop's GIL.
@@ -30,7 +35,8 @@ read and spends ~0.45 ms of CPU per inner chunk (REFERENCE.md); the results are 
 Metadata and shard indexes are cached per scene in one LRU bounded in bytes. All I/O runs on a
 background event loop owned by the source and created on first use, so ``submit`` returns a
 ``concurrent.futures.Future`` that a training loop can wait on later; the object pickles as its
-settings only (no loop, store or cache), so it can be sent to Ray workers.
+settings only (no loop, store or cache), so it can be sent to Ray workers. Its defaults are
+``pipeline.read.settings.EXACT_READS``; ``from_settings`` builds it from any ``ReaderSettings``.
 """
 
 from __future__ import annotations
@@ -51,12 +57,17 @@ import torch
 from torch import Tensor
 
 from models.protocol import ReadRequest, level_shape, resize_patches
-from pipeline.read.plan import ShardKey, box_regions, range_table, touched_chunks
+from pipeline.read.plan import (
+    ChunkPlan,
+    RangePlan,
+    ShardKey,
+    box_regions,
+    plan_byte_ranges,
+    plan_chunks,
+)
+from pipeline.read.settings import EXACT_READS, ReaderSettings
 from pipeline.store.counting import CountingStore, ReadCounters, RequestLog, StoreRequest
 from pipeline.store.storage import open_store, parse_uri
-
-DEFAULT_CONCURRENCY = 32
-DEFAULT_CACHE_BYTES = 64 << 20
 
 
 class ReadError(OSError):
@@ -94,6 +105,27 @@ class LevelMeta:
     def shard_object(self, shard: ShardKey) -> str:
         """Store key of a shard object."""
         return f"{self.key_prefix}/{self.metadata.encode_chunk_key((0, shard.sy, shard.sx))}"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FetchedLevel:
+    """The I/O half of reading regions of one level of one scene: the plans and the bytes
+    they named, ready to decode (``ZarrPixelSource._decode_level``).
+
+    Attributes:
+        meta: the level.
+        chunks: the chunk plan: regions (K, 4) level pixels, chunks (N, 2), their shards.
+        ranges: the byte-range plan of R requests; None when there is no region (nothing
+            was fetched and nothing is decoded).
+        keys: (R,) store key of the shard object each request read.
+        data: (R,) uint8 arrays, request r's bytes ``[ranges.start[r], ranges.end[r])``.
+    """
+
+    meta: LevelMeta
+    chunks: ChunkPlan
+    ranges: RangePlan | None
+    keys: tuple[str, ...]
+    data: tuple[np.ndarray, ...]
 
 
 class ByteLRU:
@@ -142,6 +174,10 @@ def _key(prefix: str, *parts: str) -> str:
 class ZarrPixelSource:
     """``models.protocol.PixelSource`` over sharded OME-Zarr pyramids; keys are scene URIs.
 
+    The settings are those of ``pipeline.read.settings.ReaderSettings`` (see there), with the
+    defaults of ``EXACT_READS`` (only planned chunk bytes, no index prefetch); the training
+    defaults come through ``from_settings(ReaderSettings())``.
+
     Args:
         concurrency: most requests in flight at once (over all scenes of a call).
         cache_bytes: bound of the metadata + shard-index LRU cache, in bytes.
@@ -155,21 +191,21 @@ class ZarrPixelSource:
     def __init__(
         self,
         *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-        max_gap: int = 0,
+        concurrency: int = EXACT_READS.concurrency,
+        cache_bytes: int = EXACT_READS.cache_bytes,
+        max_gap: int = EXACT_READS.max_gap,
         record_requests: bool = False,
-        prefetch_indexes: bool = False,
+        prefetch_indexes: bool = EXACT_READS.prefetch_indexes,
     ):
         if concurrency < 1 or cache_bytes < 0 or max_gap < 0:
             raise ValueError(
                 f"need concurrency >= 1, cache_bytes >= 0, max_gap >= 0; got {concurrency}, "
                 f"{cache_bytes}, {max_gap}"
             )
-        self._settings = {"concurrency": concurrency, "cache_bytes": cache_bytes,
-                          "max_gap": max_gap, "record_requests": record_requests,
-                          "prefetch_indexes": prefetch_indexes}
-        self.concurrency, self.max_gap = concurrency, max_gap
+        self._init_args = {"concurrency": concurrency, "cache_bytes": cache_bytes,
+                           "max_gap": max_gap, "record_requests": record_requests,
+                           "prefetch_indexes": prefetch_indexes}
+        self.concurrency, self.cache_bytes, self.max_gap = concurrency, cache_bytes, max_gap
         self.prefetch_indexes = prefetch_indexes
         self._log = RequestLog(record_requests)
         self._lock = threading.Lock()
@@ -178,9 +214,17 @@ class ZarrPixelSource:
         self._pid = -1
         self._reset_loop_state()
 
+    @classmethod
+    def from_settings(cls, settings: ReaderSettings, *, record_requests: bool = False) -> ZarrPixelSource:
+        """The reader of ``settings``, reading in this process (``settings.process`` is for
+        ``pipeline.read.source.ZarrSourceFactory``, which decides where the reader runs)."""
+        return cls(concurrency=settings.concurrency, cache_bytes=settings.cache_bytes,
+                   max_gap=settings.max_gap, prefetch_indexes=settings.prefetch_indexes,
+                   record_requests=record_requests)
+
     def _reset_loop_state(self) -> None:
         self._stores: dict[str, CountingStore] = {}
-        self._cache = ByteLRU(self._settings["cache_bytes"])
+        self._cache = ByteLRU(self.cache_bytes)
         self._inflight: dict[Any, asyncio.Future] = {}
         self._semaphore: asyncio.Semaphore | None = None
         self._zstd: Any = None  # zstandard.ZstdDecompressor, not thread-safe: loop thread only
@@ -190,7 +234,7 @@ class ZarrPixelSource:
     # ------------------------------------------------------------------ pickling, loop
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self._settings)
+        return dict(self._init_args)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -265,7 +309,7 @@ class ZarrPixelSource:
         asyncio.run_coroutine_threadsafe(self._clear_cache(), loop).result()
 
     async def _clear_cache(self) -> None:
-        self._cache = ByteLRU(self._settings["cache_bytes"])
+        self._cache = ByteLRU(self.cache_bytes)
         self._prefetched = set()
 
     # ------------------------------------------------------------------ async API
@@ -282,7 +326,7 @@ class ZarrPixelSource:
                 for key, rows in zip(keys, boxes, strict=True)
             ))
             await self._turns.wait_below(ticket)  # decode in arrival order (see ``Turns``)
-            scenes = [await self._finish_scene(*f, request.size) for f in fetched]
+            scenes = [await self._finish_scene(f, request.size) for f in fetched]
         finally:
             self._turns.mark(ticket)
         return torch.stack(scenes)
@@ -298,25 +342,26 @@ class ZarrPixelSource:
 
     # ------------------------------------------------------------------ per scene
 
-    async def _fetch_scene(self, uri: str, boxes: list, level: int) -> tuple:
-        """The I/O half of reading ``boxes`` of one scene: (meta, regions, tiles, fetched) for
-        ``_finish_scene`` (``tiles`` / ``fetched`` are None when there is no box)."""
+    async def _fetch_scene(self, uri: str, boxes: list, level: int) -> FetchedLevel:
+        """The I/O half of reading ``boxes`` ((K, 4) level-0 pixels) of one scene at ``level``:
+        plan the chunks (pure), then fetch them (nothing when there is no box)."""
         meta = await self._level(uri, level)
-        regions = box_regions(boxes, level)
-        if not len(regions):
-            return meta, regions, None, None
-        cyx = touched_chunks(regions, meta.shape, meta.chunk_shape)
-        return meta, regions, *(await self._fetch_raw(meta, cyx))
+        chunks = plan_chunks(box_regions(boxes, level), level, meta.shape, meta.chunk_shape,
+                             meta.shard_shape)
+        if not len(chunks.regions):
+            return FetchedLevel(meta, chunks, None, (), ())
+        return await self._fetch_chunks(meta, chunks)
 
-    async def _finish_scene(self, meta: LevelMeta, regions: np.ndarray, tiles: Tiles | None,
-                            fetched: list | None, size: tuple[int, int]) -> Tensor:
-        """The CPU half: decode, crop every region, resize: (K, C, *size) float32."""
-        if tiles is None:
-            return torch.zeros((0, meta.shape[0], *size))
-        await self._decode_into(meta, tiles, fetched)
-        return resize_crops([tiles.crop(r) for r in regions.tolist()], size)
+    async def _finish_scene(self, fetched: FetchedLevel, size: tuple[int, int]) -> Tensor:
+        """The CPU half: decode, crop every region, resize: (K, C, *size) float32 in [0, 1]."""
+        if fetched.ranges is None:
+            return torch.zeros((0, fetched.meta.shape[0], *size))
+        tiles = await self._decode_level(fetched)
+        return resize_crops([tiles.crop(r) for r in fetched.chunks.regions.tolist()], size)
 
     async def _view_scene(self, uri: str, size: tuple[int, int]) -> Tensor:
+        """The whole scene at the coarsest level with both sides >= ``size`` (level 0 if
+        none), resized to ``size``: (C, *size) float32 in [0, 1]."""
         scene = await self._scene(uri)
         shape0 = (await self._level(uri, 0)).shape
         shapes = [level_shape(shape0[1:], lv) for lv in range(len(scene.level_paths))]
@@ -324,62 +369,47 @@ class ZarrPixelSource:
                       if shapes[lv][0] >= size[0] and shapes[lv][1] >= size[1]), 0)
         meta = await self._level(uri, level)
         region = np.array([[0, 0, *meta.shape[1:]]], dtype=np.int64)
-        tiles = await self._fetch(meta, touched_chunks(region, meta.shape, meta.chunk_shape))
+        chunks = plan_chunks(region, level, meta.shape, meta.chunk_shape, meta.shard_shape)
+        tiles = await self._decode_level(await self._fetch_chunks(meta, chunks))
         pixels = tiles.crop(region[0].tolist())
         return resize_patches(torch.from_numpy(pixels)[None].float() / 255.0, size)[0]
 
-    async def _fetch(self, meta: LevelMeta, cyx: np.ndarray) -> Tiles:
-        """Fetch and decode the chunks ``cyx`` ((N, 2) ``(cy, cx)``, sorted) of one level."""
-        tiles, fetched = await self._fetch_raw(meta, cyx)
-        await self._decode_into(meta, tiles, fetched)
-        return tiles
+    async def _fetch_chunks(self, meta: LevelMeta, chunks: ChunkPlan) -> FetchedLevel:
+        """Execute a chunk plan: the shard indexes (cached), the byte-range plan (pure), then
+        one request per range (none per shard)."""
+        shards = [ShardKey(meta.level, sy, sx) for sy, sx in chunks.shards.tolist()]
+        ranges = plan_byte_ranges(chunks, await self._indexes(meta, shards), self.max_gap)
+        objects = {s: meta.shard_object(shards[s]) for s in set(ranges.shard.tolist())}
+        keys = tuple(objects[s] for s in ranges.shard.tolist())
+        requests = list(zip(keys, ranges.start.tolist(), ranges.end.tolist(), strict=True))
+        data = await self._get_ranges(self._store(locate(meta.uri)[0]), meta, requests)
+        return FetchedLevel(meta, chunks, ranges, keys, tuple(data))
 
-    async def _fetch_raw(self, meta: LevelMeta, cyx: np.ndarray) -> tuple[Tiles, list]:
-        """Fetch the encoded chunks ``cyx`` of one level: ``Tiles`` (chunks of absent shards or
-        ranges already filled) and, per byte range fetched, (rows of ``tiles.data``, the range's
-        bytes as uint8, each chunk's [start, end) offsets in the shard, the range's start,
-        shard object key) for ``_decode_into``. One task per range, none per shard."""
+    async def _decode_level(self, fetched: FetchedLevel) -> Tiles:
+        """Decode every fetched range into one ``Tiles`` (chunks without bytes: fill value),
+        and count the chunks."""
+        meta, cyx, ranges = fetched.meta, fetched.chunks.cyx, fetched.ranges
         tiles = Tiles(meta, cyx)
-        ny, nx = meta.chunks_per_shard
-        shards, members = np.unique(cyx // (ny, nx), axis=0, return_inverse=True)
-        members = members.reshape(-1)
-        keys = [ShardKey(meta.level, sy, sx) for sy, sx in shards.tolist()]
-        plans = []  # (rows, range table, shard object key)
-        for i, (shard, index) in enumerate(zip(keys, await self._indexes(meta, keys), strict=True)):
-            rows = np.flatnonzero(members == i)
-            if index is None:
-                tiles.data[rows] = meta.fill_value
-                continue
-            local = cyx[rows] % (ny, nx)
-            rt = range_table(np.asarray(index).reshape(ny, nx, 2)[local[:, 0], local[:, 1]],
-                             self.max_gap)
-            tiles.data[rows[rt.absent]] = meta.fill_value
-            plans.append((rows, rt, meta.shard_object(shard)))
-        ranges = [(key, int(rt.range_start[r]), int(rt.range_end[r]))
-                  for rows, rt, key in plans for r in range(rt.count)]
-        data = iter(await self._get_ranges(self._store(locate(meta.uri)[0]), meta, ranges))
-        fetched = []
-        for rows, rt, key in plans:
-            for r in range(rt.count):
-                span = slice(int(rt.bounds[r]), int(rt.bounds[r + 1]))
-                fetched.append((rows[rt.chunk[span]], next(data), rt.start[span], rt.end[span],
-                                int(rt.range_start[r]), key))
-        return tiles, fetched
-
-    async def _decode_into(self, meta: LevelMeta, tiles: Tiles, fetched: list) -> None:
-        """Decode every fetched range into ``tiles.data`` (and count the chunks)."""
-        cyx = tiles.cyx
-        for rows, data, starts, ends, r0, key in fetched:
-            parts = [data[s - r0 : e - r0] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+        tiles.data[ranges.fill] = meta.fill_value
+        bounds = ranges.bounds.tolist()
+        base = np.repeat(ranges.start, np.diff(ranges.bounds))  # each chunk's request start
+        starts = (ranges.chunk_start - base).tolist()
+        ends = (ranges.chunk_end - base).tolist()
+        for r, (key, data) in enumerate(zip(fetched.keys, fetched.data, strict=True)):
+            lo, hi = bounds[r], bounds[r + 1]
+            rows = ranges.rows[lo:hi]
+            parts = [data[s:e] for s, e in zip(starts[lo:hi], ends[lo:hi], strict=True)]
             try:
-                arrays = await self._decode(meta, parts)
+                arrays = await self._decode_parts(meta, parts)
             except Exception as err:
                 names = ", ".join(f"({cy}, {cx})" for cy, cx in cyx[rows].tolist())
+                r0 = int(ranges.start[r])
                 where = _where(meta, key, r0, r0 + len(data))
                 raise ReadError(f"{where}: decoding chunks {names}: {err}") from err
             for row, array in zip(rows.tolist(), arrays, strict=True):
                 tiles.data[row] = array
         self._log.add_chunks(len(cyx), len(cyx) * math.prod(meta.chunk_shape))
+        return tiles
 
     async def _get_ranges(self, store: CountingStore, meta: LevelMeta,
                           ranges: list[tuple[str, int, int]]) -> list[np.ndarray]:
@@ -411,7 +441,8 @@ class ZarrPixelSource:
             arrays.append(np.frombuffer(buf, np.uint8) if isinstance(buf, bytes) else buf.as_numpy_array())
         return arrays
 
-    async def _decode(self, meta: LevelMeta, parts: list[np.ndarray]) -> list[np.ndarray]:
+    async def _decode_parts(self, meta: LevelMeta, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """Each encoded inner chunk of ``parts`` decoded: (C, ch, cw) uint8 arrays."""
         if meta.zstd_only:
             # one decompression context reused on this loop's thread: ~3.5 us per 16 px chunk
             # against ~32 us for numcodecs, which sets up a new context on every call

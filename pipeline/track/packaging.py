@@ -179,10 +179,12 @@ def image_source(images: Mapping[str, Any]) -> TensorPyramidSource:
 
 
 def zarr_source(uris: Sequence[str]) -> PixelSource:
-    """The Zarr reader (``pipeline.read.reader.ZarrPixelSource``) for pyramid URIs."""
+    """The Zarr reader (``pipeline.read.reader.ZarrPixelSource``) for pyramid URIs, with
+    ``pipeline.read.settings.EXACT_READS`` (in this process, only the planned chunk bytes)."""
     from pipeline.read.reader import ZarrPixelSource
+    from pipeline.read.settings import EXACT_READS
 
-    return ZarrPixelSource()
+    return ZarrPixelSource.from_settings(EXACT_READS)
 
 
 @dataclass

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.read.settings import ReaderSettings
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and where it came from."""
@@ -93,27 +95,6 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ReaderConfig:
-    """The attended-chunk reader in each worker.
-
-    ``concurrency``: requests in flight; ``cache_bytes``: bound of the metadata and shard-index
-    cache; ``max_gap``: merge two byte ranges of a shard when at most this many bytes lie
-    between them (fewer requests for a few more bytes: worth it when requests cost latency);
-    ``process``: run the reader in a child process of the worker
-    (``pipeline.read.process``), so that its CPU does not share the training loop's GIL;
-    ``prefetch_indexes``: on the first read of a scene's level, fetch every shard index of
-    that level at once (metadata, a few hundred bytes per shard), so that later reads cost one
-    round trip instead of two when attention moves to a shard not read before.
-    """
-
-    concurrency: int = 64
-    cache_bytes: int = 64 * 2**20
-    max_gap: int = 16384
-    process: bool = True
-    prefetch_indexes: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class SnesConfig:
     """dasNet's second stage (``jobs/dasnet_policy.py``): the gain policy alone, by SNES.
 
@@ -177,13 +158,14 @@ class RunConfig:
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    """Everything a training run needs; see each section's class."""
+    """Everything a training run needs; see each section's class. ``reader`` is
+    ``pipeline.read.settings.ReaderSettings``, the reader's one set of defaults."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    reader: ReaderSettings = field(default_factory=ReaderSettings)
     run: RunConfig = field(default_factory=RunConfig)
     snes: SnesConfig = field(default_factory=SnesConfig)
 

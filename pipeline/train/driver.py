@@ -1,8 +1,10 @@
 """Driver side of a training run: Ray start, datasets, ``TorchTrainer``, MLflow, registry.
 
 ``run_training(config)`` is what ``jobs/train_fmow.py`` calls. It
-1. reads the manifest and the class list, and resolves the model's arguments that follow from
-   the data (``num_classes``; ``view_size`` when ``data.view_size`` is set);
+1. opens the train and validation splits of the manifest (``pipeline.read.source.open_split``:
+   rows, the class list and the reader of ``config.reader``), and resolves the model's
+   arguments that follow from the data (``num_classes``; ``view_size`` when
+   ``data.view_size`` is set);
 2. starts (or finds) the MLflow run for ``storage_path/name`` (one run per training run, also
    across a resume) and logs the resolved config as parameters and as ``config.yaml``;
 3. builds the train and validation view datasets (``pipeline.train.data``);
@@ -113,23 +115,23 @@ def run_training(
 
     Args:
         source_factory: picklable zero-argument callable giving the workers' ``PixelSource``
-            (default: ``ZarrSourceFactory`` from ``config.reader``).
+            (default: ``pipeline.read.source.ZarrSourceFactory`` of ``config.reader``).
         tracker: a ``pipeline.track.tracking`` tracker (default: ``MlflowTracker`` of
             ``config.run.mlflow_experiment`` at ``MLFLOW_TRACKING_URI`` or the work tree's SQLite).
         ray_temp_dir: Ray's temp dir when a local instance is started here.
     """
     from models.registry import create_model
-    from pipeline.store.manifest import read_classes, read_manifest
+    from pipeline.read.source import open_split
     from pipeline.track.tracking import MlflowTracker
-    from pipeline.train import data
 
-    manifest = read_manifest(config.data.manifest)
-    classes = list(read_classes(config.data.manifest))
+    train = open_split(config.data.manifest, config.data.train_split, config.reader,
+                       config.data.limit)
+    val = train.sibling(config.data.val_split)
+    classes = list(train.classes)
     config = resolve_config(config, classes)
-    source_factory = source_factory or data.ZarrSourceFactory.from_config(config.reader)
+    source_factory = source_factory or train.source_factory
     view_size = create_model(config.model.name, **config.model.overrides).view_size
-    train_rows = data.split_rows(manifest, config.data.train_split, config.data.limit)
-    val_rows = data.split_rows(manifest, config.data.val_split, config.data.limit)
+    train_rows, val_rows = train.rows, val.rows
     workers = config.scaling.num_workers
     if len(train_rows["key"]) < workers * config.data.batch_size:
         print(f"note: {len(train_rows['key'])} train scenes for {workers} workers x batch "
@@ -148,7 +150,7 @@ def run_training(
     except BaseException:
         tracker.end("FAILED")
         raise
-    return _finish(config, result, tracker, classes, manifest)
+    return _finish(config, result, tracker, classes, train.manifest)
 
 
 
@@ -159,7 +161,7 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import data
-    from pipeline.train.loop import worker_main
+    from pipeline.train.worker import worker_main
 
     workers = config.scaling.num_workers
     start_ray(config.run.ray_address, temp_dir=ray_temp_dir,

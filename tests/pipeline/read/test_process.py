@@ -14,7 +14,8 @@ import torch
 from models.protocol import PixelSource, ReadRequest
 from pipeline.read.process import ProcessPixelSource
 from pipeline.read.reader import ReadError, ZarrPixelSource
-from pipeline.train.data import ZarrSourceFactory
+from pipeline.read.settings import ReaderSettings
+from pipeline.read.source import ZarrSourceFactory
 from tests.pipeline.read.test_reader import random_boxes, write_scenes
 
 
@@ -28,7 +29,8 @@ def shared_root(request, tmp_path) -> str:
 
 @pytest.fixture
 def source():
-    src = ProcessPixelSource(ZarrSourceFactory(concurrency=8, max_gap=0))
+    src = ProcessPixelSource(ZarrSourceFactory(ReaderSettings(concurrency=8, max_gap=0, process=False,
+                                                              prefetch_indexes=False)))
     yield src
     src.close()
 

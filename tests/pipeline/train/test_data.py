@@ -7,7 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.train.data import ZarrSourceFactory, add_views, reader_env, split_rows
+from pipeline.read.settings import ReaderSettings
+from pipeline.read.source import ZarrSourceFactory, split_rows
+from pipeline.train.data import add_views, reader_env
 from tests.pipeline.toy_models import ToySourceFactory, write_toy_manifest
 
 
@@ -44,7 +46,8 @@ def test_add_views_reads_through_the_source(tmp_path, monkeypatch):
 
 
 def test_zarr_source_factory_pickles_small_and_builds_a_reader():
-    factory = ZarrSourceFactory(concurrency=4, cache_bytes=1 << 20)
+    factory = ZarrSourceFactory(ReaderSettings(concurrency=4, cache_bytes=1 << 20, process=False,
+                                               prefetch_indexes=False))
     clone = pickle.loads(pickle.dumps(factory))
     assert clone == factory and len(pickle.dumps(factory)) < 300
     source = clone()

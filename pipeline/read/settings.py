@@ -1,0 +1,44 @@
+"""The reader's settings, defined once: the ``reader`` section of a training config, the source
+factory's recipe and the defaults of ``ZarrPixelSource`` all come from here.
+
+Two named sets:
+
+- ``ReaderSettings()``: what a training worker uses (the defaults of the config's ``reader``
+  section): many requests in flight, nearby byte ranges merged, shard indexes prefetched, the
+  reader in a child process.
+- ``EXACT_READS``: what a bare ``ZarrPixelSource()`` does: every request carries only the bytes
+  of planned chunks (``max_gap`` 0), no index is asked for before it is needed, in this
+  process. Tests and the read-amplification bench count requests and bytes against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderSettings:
+    """How the attended-chunk reader fetches.
+
+    Attributes:
+        concurrency: most store requests in flight at once, over all scenes of a call.
+        cache_bytes: bound of the metadata and shard-index LRU cache, in bytes.
+        max_gap: merge the byte ranges of two chunks of a shard into one request when at most
+            this many bytes lie between them (fewer requests for a few more bytes: worth it
+            when requests cost latency); 0 merges only chunks stored back to back.
+        process: run the reader in a child process (``pipeline.read.process``), so that its
+            CPU does not share the training loop's GIL.
+        prefetch_indexes: on the first read of a scene's level, fetch every shard index of
+            that level at once (a few hundred bytes per shard), so that later reads cost one
+            round trip instead of two when attention moves to a shard not read before.
+    """
+
+    concurrency: int = 64
+    cache_bytes: int = 64 * 2**20
+    max_gap: int = 16384
+    process: bool = True
+    prefetch_indexes: bool = True
+
+
+EXACT_READS = ReaderSettings(concurrency=32, max_gap=0, process=False, prefetch_indexes=False)
+"""A bare ``ZarrPixelSource()``: only planned chunk bytes, no prefetch, in this process."""
