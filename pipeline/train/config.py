@@ -3,10 +3,13 @@
 A YAML file and ``--set a.b=c`` overrides only *override* these defaults. Unknown keys and
 values of the wrong type are rejected with a message that names the key (and the file), so a
 typo never silently trains the wrong thing. The resolved config is saved with the run
-(``save_config``) and given to the tracker as flat parameters (``flat_params``).
+(``save_config``) and logged as MLflow parameters (the driver hands ``to_dict(config)`` to the
+tracker, which flattens it to ``data.batch_size``-style keys; ``flat_params`` gives the same
+keys without MLflow).
 
-Classes take plain typed keyword arguments; the config object stops at the ``build_*`` /
-``from_config`` functions of the modules that use it.
+Sections that belong to another room are defined there and only used here: ``reader`` is
+``pipeline.read.settings.ReaderSettings``. Models get ``model.overrides`` as keyword arguments
+of ``models.create_model``; the config object itself stops at the driver and the worker.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ class DataConfig:
         read_ahead: draw the next step's first micro-batch with this step's weights and read
             it while this step computes, so that no step starts by waiting for storage; the
             model importance-weights those draws to the updated weights (unbiased; see
-            ``pipeline.train.microbatch``). Models without ``propose`` (all but ATS) read as usual.
-        shuffle_seed: seed of the per-epoch shuffle (epoch ``e`` uses ``seed * 100003 + e``).
+            ``pipeline.train.read_ahead``). Models without ``propose`` (all but ATS) read as usual.
+        shuffle_seed: seed of the per-epoch shuffle (``pipeline.train.worker.shuffle_seed``).
         limit: at most this many scenes per split (0: all); for smoke runs.
     """
 

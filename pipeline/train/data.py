@@ -5,7 +5,7 @@ Dataset of rows ``key`` (the scene's pyramid URI), ``label``, ``size`` (level-0 
 and ``view`` (C, h, w float32 in [0, 1], read through the reader at the model's view size by
 ``map_batches``). Views never change during training, so the dataset is materialised once;
 Ray Train splits it over the workers (``ray.train.get_dataset_shard``) and the loop reshuffles
-each worker's shard every epoch with a seed (``pipeline.train.loop.worker_main``).
+each worker's shard every epoch with a seed (``pipeline.train.worker``).
 """
 
 from __future__ import annotations

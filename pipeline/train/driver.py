@@ -8,7 +8,7 @@
 2. starts (or finds) the MLflow run for ``storage_path/name`` (one run per training run, also
    across a resume) and logs the resolved config as parameters and as ``config.yaml``;
 3. builds the train and validation view datasets (``pipeline.train.data``);
-4. runs ``pipeline.train.loop.worker_main`` on ``scaling.num_workers`` Ray Train workers with
+4. runs ``pipeline.train.worker.worker_main`` on ``scaling.num_workers`` Ray Train workers with
    ``RunConfig(name, storage_path)`` (re-running the same name resumes from its last
    checkpoint) and ``FailureConfig(max_failures)`` (a dead worker restarts the group from the
    last checkpoint);
