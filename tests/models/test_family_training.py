@@ -1,4 +1,4 @@
-"""Every Models II family trains through the per-worker loop of the pipeline (no Ray):
+"""Every other family trains through the per-worker loop of the pipeline (no Ray):
 micro-batched steps, ``loss``, one optimiser step, ``end_step``; weights move, losses stay finite."""
 
 from __future__ import annotations

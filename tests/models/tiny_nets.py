@@ -1,4 +1,4 @@
-"""Tiny feature networks and scenes for the Models II tests (fast on 2 CPU cores)."""
+"""Tiny feature networks and scenes for the tests of the other families (fast on 2 CPU cores)."""
 
 from __future__ import annotations
 
