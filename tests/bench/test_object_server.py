@@ -19,7 +19,7 @@ import pytest
 from bench.http_proxy import COUNTS_PATH
 from models.protocol import ReadRequest
 from pipeline.read.reader import ZarrPixelSource
-from tests.pipeline.read.test_reader import random_boxes, write_scenes
+from tests.pipeline.scenes import random_boxes, write_scenes
 
 SERVER = Path(__file__).resolve().parents[2] / "bench" / "object_server.py"
 

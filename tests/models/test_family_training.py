@@ -11,6 +11,7 @@ from models.registry import create_model
 from pipeline.train.loop import StepRunner, evaluate, train_epoch
 from tests.models.tiny_nets import (
     random_scenes,
+    scene_batches,
 )
 
 SMALL = {"backbone_kwargs": {"widths": [8, 16], "norm": "group"}}
@@ -24,16 +25,6 @@ CASES = {
 }
 
 
-def _batches(source, keys, view_size, labels, batch_size=4):
-    views = source.view(keys, view_size).numpy()
-    sizes = source.level0_sizes(keys).numpy()
-    return [
-        {"key": np.array(keys[i : i + batch_size]), "view": views[i : i + batch_size],
-         "size": sizes[i : i + batch_size], "label": labels[i : i + batch_size]}
-        for i in range(0, len(keys), batch_size)
-    ]
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_trains_through_the_step_runner(name):
     torch.manual_seed(0)
@@ -41,7 +32,7 @@ def test_trains_through_the_step_runner(name):
     shapes = [(160, 200), (220, 180), (300, 260), (180, 180)]
     source, keys = random_scenes(shapes, seed=1, coarsest=64)
     labels = np.array([0, 1, 2, 0])
-    batches = _batches(source, keys, model.view_size, labels, batch_size=2)
+    batches = scene_batches(source, keys, model.view_size, labels, batch_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     runner = StepRunner(model=model, optimizer=optimizer, source=source, micro_batches=2,
                         clip_norm=1.0, generator=torch.Generator().manual_seed(0))
@@ -62,7 +53,7 @@ def test_racnn_alternating_schedule_runs_through_the_epoch_loop():
                          **CASES["racnn"])
     source, keys = random_scenes([(160, 200), (220, 180), (300, 260), (180, 180)], seed=1,
                                  coarsest=64)
-    batches = _batches(source, keys, model.view_size, np.array([0, 1, 2, 0]), batch_size=2)
+    batches = scene_batches(source, keys, model.view_size, np.array([0, 1, 2, 0]), batch_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     runner = StepRunner(model=model, optimizer=optimizer, source=source, micro_batches=2,
                         generator=torch.Generator().manual_seed(0))

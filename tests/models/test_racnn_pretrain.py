@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from models.racnn import strongest_response_targets
 from models.registry import create_model
 from pipeline.train.loop import StepRunner, train_epoch
-from tests.models.test_family_training import _batches
-from tests.models.tiny_nets import random_scenes
+from tests.models.tiny_nets import random_scenes, scene_batches
 
 SMALL = {"backbone_kwargs": {"widths": [8, 16], "norm": "group"}, "scales": 3}
 SHAPES = [(160, 200), (220, 180), (300, 260), (180, 180)]
@@ -85,7 +84,7 @@ def test_job_loop_pretrains_then_runs_the_alternating_schedule():
     epoch 2 only the classifiers, epoch 3 only the APNs again (ranking loss)."""
     model = _model(apn_pretrain_epochs=2, alternate_epochs=1)
     source, keys = random_scenes(SHAPES, seed=1, coarsest=64)
-    batches = _batches(source, keys, model.view_size, np.array([0, 1, 2, 0]), batch_size=2)
+    batches = scene_batches(source, keys, model.view_size, np.array([0, 1, 2, 0]), batch_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
     runner = StepRunner(model=model, optimizer=optimizer, source=source, micro_batches=2,
                         generator=torch.Generator().manual_seed(0))

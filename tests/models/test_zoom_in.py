@@ -7,7 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 from models.memory import TensorPyramidSource
 from models.registry import create_model
 from models.zoom_in import ZoomIn, apportion, complement, subtile_boxes, tile_boxes
-from tests.models.test_ats import Recording, coded_scene, decode
+from tests.models.coded_scenes import Recording, coded_scene, decode
 
 TINY = dict(
     attention_backbone="ats_attention",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,3 +62,13 @@ def coordinate_scene(h: int, w: int) -> torch.Tensor:
     return torch.stack([(y * 255) // max(h - 1, 1), (x * 255) // max(w - 1, 1), ((y // 4 + x // 4) % 2) * 255]).to(
         torch.uint8
     )
+
+
+def scene_batches(source, keys, view_size, labels, batch_size=4):
+    views = source.view(keys, view_size).numpy()
+    sizes = source.level0_sizes(keys).numpy()
+    return [
+        {"key": np.array(keys[i : i + batch_size]), "view": views[i : i + batch_size],
+         "size": sizes[i : i + batch_size], "label": labels[i : i + batch_size]}
+        for i in range(0, len(keys), batch_size)
+    ]

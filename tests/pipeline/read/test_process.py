@@ -16,7 +16,7 @@ from pipeline.read.process import ProcessPixelSource
 from pipeline.read.reader import ReadError, ZarrPixelSource
 from pipeline.read.settings import ReaderSettings
 from pipeline.read.source import ZarrSourceFactory
-from tests.pipeline.read.test_reader import random_boxes, write_scenes
+from tests.pipeline.scenes import random_boxes, write_scenes
 
 
 @pytest.fixture(params=["file", "s3"])

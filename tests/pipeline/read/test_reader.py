@@ -20,28 +20,14 @@ from pipeline.read.reader import ByteLRU, ReadError, ZarrPixelSource, locate
 from pipeline.store import storage
 from pipeline.store.pyramid import write_pyramid
 from pipeline.store.storage import join_uri
-from tests.pipeline.store.test_pyramid import textured
-
-CHUNK, SHARD, COARSEST = 16, 64, 64
-
-
-def write_scenes(root: str, shapes) -> dict[str, torch.Tensor]:
-    images = {}
-    for i, (h, w) in enumerate(shapes):
-        img = textured(3, h, w, seed=10 + i)
-        uri = write_pyramid(root, f"scene-{i}", img, {"label": i}, coarsest=COARSEST,
-                            chunk=CHUNK, shard=SHARD)
-        images[uri] = torch.from_numpy(img)
-    return images
-
-
-def random_boxes(b: int, k: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    y0 = torch.randint(-30, h, (b, k, 1), generator=g)
-    x0 = torch.randint(-30, w, (b, k, 1), generator=g)
-    hh = torch.randint(1, 90, (b, k, 1), generator=g)
-    ww = torch.randint(1, 90, (b, k, 1), generator=g)
-    return torch.cat([y0, x0, y0 + hh, x0 + ww], -1)
+from tests.pipeline.scenes import (
+    CHUNK,
+    COARSEST,
+    SHARD,
+    random_boxes,
+    textured,
+    write_scenes,
+)
 
 
 @pytest.fixture

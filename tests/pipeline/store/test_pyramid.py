@@ -14,17 +14,7 @@ from models.memory import downsample2x as torch_downsample2x
 from pipeline.store import pyramid, storage
 from pipeline.store.pyramid import open_pyramid, pyramid_complete, write_pyramid
 from pipeline.store.storage import join_uri
-
-
-def textured(c: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """Noise plus smooth structure, with an all-zero block so empty chunks occur."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = 100 + 60 * np.sin(yy / 7.0) * np.cos(xx / 11.0)
-    img = np.stack([base + rng.normal(0, 20, (h, w)) for _ in range(c)])
-    img = img.clip(0, 255).astype(np.uint8)
-    img[:, : h // 3, : w // 4] = 0
-    return img
+from tests.pipeline.scenes import textured
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 8), (3, 7, 9), (1, 1, 5), (3, 33, 2), (2, 1, 1)])
