@@ -46,7 +46,10 @@ class DataConfig:
             it while this step computes, so that no step starts by waiting for storage; the
             model importance-weights those draws to the updated weights (unbiased; see
             ``pipeline.train.read_ahead``). Models without ``propose`` (all but ATS) read as usual.
-        shuffle_seed: seed of the per-epoch shuffle (``pipeline.train.worker.shuffle_seed``).
+        shuffle_seed: seed of the data order: which worker gets which scenes, and each
+            worker's per-epoch shuffle (``pipeline.train.worker.shuffle_seed``); -1 (the
+            default): ``run.seed``, so that one seed fixes model initialisation, sampling and
+            data order.
         limit: at most this many scenes per split (0: all); for smoke runs.
     """
 
@@ -58,8 +61,12 @@ class DataConfig:
     micro_batches: int = 2
     ramp_micro_batches: bool = False
     read_ahead: bool = True
-    shuffle_seed: int = 0
+    shuffle_seed: int = -1
     limit: int = 0
+
+    def data_seed(self, run_seed: int) -> int:
+        """The seed of the data order: ``shuffle_seed``, or ``run_seed`` when it is -1."""
+        return run_seed if self.shuffle_seed < 0 else self.shuffle_seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +302,7 @@ def validate(config: TrainConfig) -> None:
     checks = [
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (config.data.micro_batches >= 1, "data.micro_batches must be >= 1"),
+        (config.data.shuffle_seed >= -1, "data.shuffle_seed must be >= 0, or -1 for run.seed"),
         (config.data.view_size in ((),) or len(config.data.view_size) == 2, "data.view_size must be [h, w] or []"),
         (config.optim.epochs >= 1, "optim.epochs must be >= 1"),
         (config.optim.scheduler in ("none", "cosine"), "optim.scheduler must be none or cosine"),

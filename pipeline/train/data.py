@@ -3,9 +3,10 @@
 The driver opens a split of the manifest (``pipeline.read.source.open_split``) and builds a Ray
 Dataset of rows ``key`` (the scene's pyramid URI), ``label``, ``size`` (level-0 height, width)
 and ``view`` (C, h, w float32 in [0, 1], read through the reader at the model's view size by
-``map_batches``). Views never change during training, so the dataset is materialised once;
-Ray Train splits it over the workers (``ray.train.get_dataset_shard``) and the loop reshuffles
-each worker's shard every epoch with a seed (``pipeline.train.worker``).
+``map_batches``). Views never change during training, so the dataset is materialised once.
+The driver deals the rows to the ranks itself, one dataset per rank (``rank_datasets``: a
+seeded deal, not Ray's timing-dependent streaming split), and each worker reshuffles its own
+every epoch with a seed (``pipeline.train.worker``), so that a seed fixes the data order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 from models.protocol import ClosableSource, PixelSource
 from pipeline.read.source import split_rows
 
-__all__ = ["add_views", "reader_env", "split_rows", "view_dataset"]  # split_rows: re-exported
+__all__ = ["add_views", "rank_dataset_name", "rank_datasets", "reader_env", "split_rows",
+           "view_dataset"]  # split_rows: re-exported
 
 
 def add_views(
@@ -60,6 +62,51 @@ def view_dataset(
         fn_kwargs={"source_factory": source_factory, "view_size": tuple(view_size), "env": dict(env or {})},
     )
     return ds.materialize()
+
+
+def rank_dataset_name(split: str, rank: int) -> str:
+    """The name of ``rank``'s dataset of ``split`` among ``TorchTrainer``'s datasets."""
+    return f"{split}_{rank}"
+
+
+def rank_rows(rows: Mapping[str, np.ndarray], workers: int, seed: int | None) -> list[dict[str, np.ndarray]]:
+    """``rows`` dealt to ``workers`` ranks, a fixed function of ``seed`` (never of timing).
+
+    With a seed (training): the rows in a seeded random order, cut into ``workers`` equal
+    parts of ``n // workers`` rows (the remainder is left out, as Ray's equal split does, so
+    every rank runs the same number of steps). Without (validation): every row, in manifest
+    order, in ``workers`` contiguous parts whose sizes differ by at most one.
+    """
+    n = len(rows["key"])
+    if seed is None:
+        parts = np.array_split(np.arange(n), workers)
+    else:
+        order = np.random.default_rng(seed).permutation(n)
+        per = n // workers
+        parts = [order[r * per:(r + 1) * per] for r in range(workers)]
+    return [{k: np.asarray(v)[idx] for k, v in rows.items()} for idx in parts]
+
+
+def rank_datasets(
+    split: str,
+    rows: Mapping[str, np.ndarray],
+    workers: int,
+    source_factory: Callable[[], PixelSource],
+    view_size: tuple[int, int],
+    env: Mapping[str, str] | None = None,
+    *,
+    seed: int | None,
+) -> dict[str, Any]:
+    """One materialised view dataset per rank (``rank_dataset_name(split, r)``), in the row
+    order of ``rank_rows``: a run's data order is then the same on every run with the same
+    seed, which Ray Train's own streaming split (it hands blocks to whichever worker asks
+    first) does not give."""
+    import ray.data
+
+    # keep each dataset in the order of its rows, so the seeded local shuffle sees one order
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return {rank_dataset_name(split, r): view_dataset(part, source_factory, view_size, env)
+            for r, part in enumerate(rank_rows(rows, workers, seed))}
 
 
 def reader_env() -> dict[str, str]:

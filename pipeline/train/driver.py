@@ -139,8 +139,7 @@ def run_training(
 
     run_dir = Path(config.run.storage_path) / config.run.name if "://" not in config.run.storage_path else None
     tracker = tracker or MlflowTracker(experiment=config.run.mlflow_experiment)
-    run_key = f"{config.run.storage_path.rstrip('/')}/{config.run.name}"
-    tracker.start(run_key, params=to_dict(config), run_name=config.run.name)
+    tracker.start(config.run.run_key, params=to_dict(config), run_name=config.run.name)
     config_path = save_config(config, (run_dir or Path(ray_temp_dir or ".")) / "config.yaml")
     tracker.log_artifact_file(config_path)
 
@@ -172,9 +171,10 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     env = data.reader_env()
     _say(f"reading the views of {len(train_rows['key'])} train and {len(val_rows['key'])} val scenes")
     view_factory = getattr(source_factory, "in_process", lambda: source_factory)()
+    seed = config.data.data_seed(config.run.seed)
     datasets = {
-        "train": data.view_dataset(train_rows, view_factory, view_size, env),
-        "val": data.view_dataset(val_rows, view_factory, view_size, env),
+        **data.rank_datasets("train", train_rows, workers, view_factory, view_size, env, seed=seed),
+        **data.rank_datasets("val", val_rows, workers, view_factory, view_size, env, seed=None),
     }
     loop_config = {
         "config": to_dict(config),
@@ -200,10 +200,23 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
+        # each rank's dataset is made on the driver (rank_datasets): Ray splits nothing, so
+        # which worker sees which scene does not depend on timing
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_in_order()),
     )
     _say(f"training {config.model.name} on {workers} workers for {config.optim.epochs} epochs "
          f"(run {config.run.name!r}, checkpoints in {config.run.storage_path})")
     return trainer.fit()
+
+
+def _in_order() -> Any:
+    """Ray Train's default ingest options with ``preserve_order``: each rank iterates its
+    dataset in its rows' order, so the seeded local shuffle gives the same batches each run."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], manifest: Any) -> TrainOutcome:

@@ -34,6 +34,7 @@ from models.protocol import AttentionModel, ClosableSource, ModelOutput
 from models.registry import create_model
 from pipeline.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.config import TrainConfig, from_dict
+from pipeline.train.data import rank_dataset_name
 from pipeline.train.grad_sync import GradSync
 from pipeline.train.loop import EpochStats, StepRunner, cosine_schedule, evaluate, train_epoch
 from pipeline.train.microbatch import MicroBatch
@@ -144,8 +145,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     """
     os.environ.update(loop_config.get("env") or {})
     run, start_epoch = start_worker(loop_config)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard(rank_dataset_name("train", run.rank))
+    val_shard = ray.train.get_dataset_shard(rank_dataset_name("val", run.rank))
     epochs = run.config.optim.epochs
     for epoch in range(start_epoch, epochs):
         result = run_epoch(run, epoch, train_shard, val_shard)
@@ -258,13 +259,14 @@ def run_epoch(run: WorkerRun, epoch: int, train_shard: Any, val_shard: Any) -> E
 
 def train_batches(run: WorkerRun, epoch: int, train_shard: Any) -> Iterator[dict[str, Any]]:
     """This rank's training batches of ``epoch`` (numpy dicts), locally shuffled with a seed
-    of (``data.shuffle_seed``, epoch, rank) in a buffer of 64 batches (at least 256 scenes)."""
+    of (the data seed, epoch, rank) in a buffer of 64 batches (at least 256 scenes)."""
     batch_size = run.config.data.batch_size
     return train_shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
         local_shuffle_buffer_size=max(batch_size * 64, 256),
-        local_shuffle_seed=shuffle_seed(run.config.data.shuffle_seed, epoch, run.rank),
+        local_shuffle_seed=shuffle_seed(run.config.data.data_seed(run.config.run.seed), epoch,
+                                        run.rank),
     )
 
 

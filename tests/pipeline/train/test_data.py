@@ -53,3 +53,23 @@ def test_zarr_source_factory_pickles_small_and_builds_a_reader():
     source = clone()
     assert hasattr(source, "submit") and hasattr(source, "counters")
     assert isinstance(source.level0_sizes, type(source.view))  # a PixelSource-shaped object
+
+
+def test_rank_rows_deal_is_a_function_of_the_seed():
+    from pipeline.train.data import rank_rows
+
+    rows = {"key": np.array([f"s{i}" for i in range(11)]), "label": np.arange(11) % 3,
+            "size": np.ones((11, 2), dtype=np.int64)}
+    first, again = rank_rows(rows, 2, seed=5), rank_rows(rows, 2, seed=5)
+    other = rank_rows(rows, 2, seed=6)
+    assert [list(p["key"]) for p in first] == [list(p["key"]) for p in again]
+    assert [list(p["key"]) for p in first] != [list(p["key"]) for p in other]
+    # training: equal parts (the remainder is left out), no scene twice, labels follow keys
+    assert [len(p["key"]) for p in first] == [5, 5]
+    dealt = np.concatenate([p["key"] for p in first])
+    assert len(set(dealt)) == 10
+    for part in first:
+        assert [int(k[1:]) % 3 for k in part["key"]] == list(part["label"])
+    # validation: every scene once, in manifest order
+    val = rank_rows(rows, 2, seed=None)
+    assert [list(p["key"]) for p in val] == [[f"s{i}" for i in range(6)], [f"s{i}" for i in range(6, 11)]]
