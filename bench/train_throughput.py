@@ -55,28 +55,15 @@ DATA = ROOT / "data" / "bench"
 
 
 def make_manifest(scenes: int) -> str:
-    """A generated sample ingested under ``data/bench`` (skipped when already there): what
-    ``jobs/make_fmow_sample.py`` and ``jobs/ingest_fmow.py`` do, through the library."""
-    from pipeline.ingest import engine, fmow
-    from pipeline.store.manifest import write_manifest
-    from pipeline.synth.fmow_sample import SampleSpec, generate_sample
+    """A generated sample of ``scenes`` train scenes of 1000-2000 px, ingested under
+    ``data/bench`` (skipped when already there)."""
+    from pipeline.synth.demo import make_demo_data
+    from pipeline.synth.fmow_sample import SampleSpec
 
-    raw, pyr = DATA / "raw", DATA / "pyramids"
-    manifest = pyr / "manifest.parquet"
-    if manifest.exists():
-        return str(manifest)
     spec = SampleSpec(splits=(("train", scenes), ("val", 4)), size_range=(1000, 2000),
                       large_fraction=0.0)
-    for _ in generate_sample(str(raw), spec, workers=2):
-        pass
-    walk = fmow.walk_fmow(str(raw))
-    classes = fmow.class_list({f.category for f in walk.files}, "present")
-    report = engine.run_ingest(fmow.fmow_tasks(str(raw), walk), fmow.load_fmow_scene, classes,
-                               str(pyr), workers=2, progress_s=30)
-    write_manifest(str(manifest), report.rows, classes, report.rejects)
-    print(engine.summary(report, str(manifest)), file=sys.stderr)
-    assert report.all_in, "the generated sample has rejected scenes"
-    return str(manifest)
+    return make_demo_data(DATA, spec, coarsest=256, workers=2, progress_s=30,
+                          say=lambda m: print(m, file=sys.stderr)).manifest
 
 
 def memory_source(uris: list[str]):

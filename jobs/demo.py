@@ -1,6 +1,6 @@
 """``make demo``: sample data -> pyramids -> Ray head -> ``ray job submit`` training -> registry.
 
-1. generate a small fMoW-layout sample (``jobs/make_fmow_sample.py``) under ``data/demo/raw``;
+1. generate a small fMoW-layout sample (``pipeline.synth.demo``) under ``data/demo/raw``;
 2. ingest it into pyramids + manifest under ``data/demo/pyramids`` (resumable: a re-run skips
    what is there);
 3. start a Ray head from this virtual environment on 127.0.0.1 (temp files in ``ray_tmp/``);
@@ -11,15 +11,15 @@
    and where the MLflow run and the registered model are;
 6. stop the Ray head it started (only that one: by its process group, never ``ray stop``).
 
-    python jobs/demo.py [--train 200] [--val 60] [--epochs N] [--keep-data]
+    python jobs/demo.py [--train 200] [--val 200] [--epochs N] [--seed S] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.synth.demo import DEMO_SPEC
 from pipeline.train.config import TrainConfig, load_job_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,27 +52,10 @@ def free_port() -> int:
 
 def make_data(train: int, val: int) -> str:
     """Sample + ingest (each skipped when already complete); returns the manifest path."""
-    from jobs import ingest_fmow, make_fmow_sample
+    from pipeline.synth.demo import make_demo_data
 
-    raw, pyramids = DATA / "raw", DATA / "pyramids"
-    done = DATA / f"raw.{train}-{val}.complete"
-    if not done.exists():
-        shutil.rmtree(raw, ignore_errors=True)
-        say(f"generating {train} train + {val} val scenes (fMoW layout) in {raw}")
-        status = make_fmow_sample.main([
-            "--out", str(raw), "--train", str(train), "--val", str(val), "--size", "500,1000",
-            "--min-long-side", "600", "--large-fraction", "0", "--workers", "2",
-        ])
-        if status != 0:
-            raise RuntimeError(f"sample generation failed with status {status}")
-        shutil.rmtree(pyramids, ignore_errors=True)  # a new sample needs a new store
-        done.touch()
-    say(f"ingesting into pyramids under {pyramids} (skips scenes already complete)")
-    status = ingest_fmow.main(["--src", str(raw), "--dst", str(pyramids), "--workers", "2",
-                               "--coarsest", "128", "--progress-s", "20"])
-    if status != 0:
-        raise RuntimeError(f"ingest failed with status {status}")
-    return str(pyramids / "manifest.parquet")
+    spec = dataclasses.replace(DEMO_SPEC, splits=(("train", train), ("val", val)))
+    return make_demo_data(DATA, spec, workers=2, say=say).manifest
 
 
 def ray_env() -> dict[str, str]:
@@ -128,7 +112,7 @@ def stop_head(head: subprocess.Popen) -> None:
     say("Ray head stopped")
 
 
-def submit(address: str, manifest: str, epochs: int | None) -> TrainConfig:
+def submit(address: str, manifest: str, epochs: int | None, sets: list[str]) -> TrainConfig:
     """``ray job submit`` the training job (its output streams through); returns its config.
 
     The job's result is then read where it is recorded, in MLflow (``find_run``), not parsed
@@ -139,7 +123,8 @@ def submit(address: str, manifest: str, epochs: int | None) -> TrainConfig:
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": default_tracking_uri(), "OMP_NUM_THREADS": "1"}}
     # a new run name each time: re-using one would resume (and end) the previous demo run
     name = time.strftime("fmow-demo-%Y%m%d-%H%M%S")
-    sets = [f"data.manifest={manifest}", f"run.storage_path={ROOT / 'runs'}", f"run.name={name}"]
+    sets = [f"data.manifest={manifest}", f"run.storage_path={ROOT / 'runs'}", f"run.name={name}",
+            *sets]
     if epochs:
         sets.append(f"optim.epochs={epochs}")
     config = load_job_config(CONFIG, sets, REGISTER)
@@ -208,16 +193,22 @@ def report(config: TrainConfig, run: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=200)
-    parser.add_argument("--val", type=int, default=60)
+    splits = dict(DEMO_SPEC.splits)
+    parser.add_argument("--train", type=int, default=splits["train"], help="train scenes")
+    parser.add_argument("--val", type=int, default=splits["val"], help="validation scenes")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="run.seed: model initialisation, sampling and data order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other override of the training config (repeatable)")
     args = parser.parse_args(argv)
+    sets = list(args.overrides) + ([f"run.seed={args.seed}"] if args.seed is not None else [])
     start = time.monotonic()
     manifest = make_data(args.train, args.val)
     say(f"data ready in {time.monotonic() - start:.0f} s")
     head, address = start_head(ROOT / "ray_tmp" / "demo")
     try:
-        config = submit(address, manifest, args.epochs)
+        config = submit(address, manifest, args.epochs, sets)
     finally:
         stop_head(head)
     report(config, find_run(config))

