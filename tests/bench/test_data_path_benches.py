@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
 
@@ -57,3 +61,21 @@ def test_demo_learning_prints_per_epoch_accuracies(tiny_manifest, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [row["epoch"] for row in report["history"]] == [1, 2] and report["read_ahead"]
     assert all(0.0 <= row["val_accuracy"] <= 1.0 for row in report["history"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_seeds_prints_the_spread_over_seeds(tiny_manifest, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    bench = load_bench(BENCH.parent / "demo_seeds.py")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    assert bench.main(["--seeds", "3", "--manifest", tiny_manifest, "--runs", str(tmp_path / "runs"),
+                       "--ray-temp-dir", ray_tmp, "--config",
+                       str(BENCH.parents[1] / "jobs" / "configs" / "tiny.yaml"),
+                       "--set", "optim.epochs=1", "--set", "data.batch_size=2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert summary["seeds"] == [3] and len(summary["val_accuracy"]) == 1
+    assert summary["val_scenes"] == 1
+    assert summary["min"] <= summary["median"] <= summary["max"]
+    assert 0 < summary["bytes_per_sample"] < summary["full_scene_bytes"]
