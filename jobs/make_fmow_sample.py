@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SampleSpec]:
     p.add_argument("--min-long-side", type=int, default=d.min_long_side)
     p.add_argument("--large", type=_pair, default=d.large_size_range, help="large scene sides")
     p.add_argument("--large-fraction", type=float, default=d.large_fraction)
+    p.add_argument("--class-objects", type=_pair, default=d.class_objects,
+                   help="min,max class objects per scene (at one site)")
+    p.add_argument("--distractors", type=_pair, default=d.distractors,
+                   help="min,max distractor objects per scene")
     p.add_argument("--bad", type=int, default=0, help="broken scenes to add")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
@@ -47,6 +51,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SampleSpec]:
             min_long_side=args.min_long_side,
             large_size_range=args.large,
             large_fraction=args.large_fraction,
+            class_objects=args.class_objects,
+            distractors=args.distractors,
             bad_inputs=args.bad,
             seed=args.seed,
         )
