@@ -1,7 +1,7 @@
 """Training throughput with the scenes (a) in memory, (b) as pyramids in a local directory,
 (c) as pyramids behind an S3 endpoint with ~20 ms added per request; same model, data and steps.
 
-    python bench/train_throughput.py [--config jobs/configs/fmow_demo.yaml] [--manifest URI]
+    python bench/train_throughput.py [--config jobs/configs/fmow_demo_ats.yaml] [--manifest URI]
         [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto]
         [--without-read-ahead] [--set KEY=VALUE] [--json]
 
@@ -238,7 +238,7 @@ def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "configs" / "fmow_demo.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "configs" / "fmow_demo_ats.yaml")
     parser.add_argument("--manifest", help="manifest of local pyramids (default: generate one)")
     parser.add_argument("--scenes", type=int, default=24, help="train scenes used")
     parser.add_argument("--epochs", type=int, default=2, help="measured epochs per setting")
