@@ -100,11 +100,9 @@ def rank_datasets(
     """One materialised view dataset per rank (``rank_dataset_name(split, r)``), in the row
     order of ``rank_rows``: a run's data order is then the same on every run with the same
     seed, which Ray Train's own streaming split (it hands blocks to whichever worker asks
-    first) does not give."""
-    import ray.data
-
-    # keep each dataset in the order of its rows, so the seeded local shuffle sees one order
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    first) does not give. The caller keeps Ray Data's ``preserve_order`` on, so each dataset
+    stays in its rows' order (``pipeline.train.driver`` sets it with the other settings of the
+    driver's ``DataContext``)."""
     return {rank_dataset_name(split, r): view_dataset(part, source_factory, view_size, env)
             for r, part in enumerate(rank_rows(rows, workers, seed))}
 

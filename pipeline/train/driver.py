@@ -167,7 +167,10 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
               num_cpus=max(os.cpu_count() or 1, math.ceil(workers * config.scaling.cpus_per_worker) + 1))
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per dataset is enough
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one line per dataset is enough
+    # each rank's dataset keeps its rows' order, so the seeded local shuffle sees one order
+    context.execution_options.preserve_order = True
     env = data.reader_env()
     _say(f"reading the views of {len(train_rows['key'])} train and {len(val_rows['key'])} val scenes")
     view_factory = getattr(source_factory, "in_process", lambda: source_factory)()
