@@ -95,6 +95,8 @@ def model_kwargs(name: str, setup: Setup) -> tuple[str, dict]:
         reg, kw = "ats_mnist", dict(attention_pool=pool)
     elif name == "zoom_in":
         reg, kw = "zoom_in_mnist", dict(attention_pool=pool)
+    elif name in ("tnet", "stn", "two_level"):
+        reg, kw = f"{name}_mnist", {}
     elif name == "lowres_cnn":
         reg, kw = "lowres_cnn", dict(backbone_kwargs={"widths": (16, 32, 64)})
     else:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from models import sampling
 from models.backbones import build_backbone
+from models.layers import contrast_prior
 from models.protocol import AttentionModel, ModelOutput, Proposal, ReadRequest, Steps
 from models.registry import register_model
 
@@ -119,19 +120,6 @@ def view_boxes(
     centres = position_centres(grid, view_size).to(idx.device)[idx]  # (B, K, 2) view pixels
     scale = sizes.to(torch.float64) / torch.tensor(view_size, dtype=torch.float64)
     return centred_boxes(centres * scale[:, None, :].to(idx.device), box_size, level)
-
-
-def contrast_prior(images: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(N, C, h, w) images -> (N, gh, gw) local contrast in [0, 1], 1 at each image's maximum.
-
-    Contrast is ``|x - median of the image|`` averaged over channels and a 3x3 neighbourhood,
-    then averaged onto the attention grid: high where something differs from the background.
-    """
-    med = images.flatten(2).median(-1).values[..., None, None]
-    dev = (images - med).abs().mean(1, keepdim=True)
-    dev = F.avg_pool2d(dev, 3, stride=1, padding=1, count_include_pad=False)
-    dev = F.adaptive_avg_pool2d(dev, grid)[:, 0]
-    return dev / dev.flatten(1).amax(-1).clamp_min(1e-6)[:, None, None]
 
 
 class AttentionHead(nn.Module):

@@ -4,10 +4,13 @@
 predicts from that map (``affine_grid`` + ``grid_sample``), initialised to the identity, so it
 can sit anywhere inside a network.
 
-``STNGlimpse`` (registered as ``stn``) looks at the low-resolution view, predicts ``theta`` for a
-glimpse of the scene, reads from the pyramid only the bounding box of the transformed sampling
-grid (at the coarsest level that still has the glimpse's resolution), samples the glimpse inside
-that patch, and classifies it. Gradients reach the localisation network through ``grid_sample``.
+``STNGlimpse`` (registered as ``stn``) looks at the low-resolution view, predicts a bounded
+square ``theta`` for each of its glimpses (the paper's "attention" transform: scale and
+translation, ``GlimpseHead``), reads from the pyramid only each glimpse's box (at the coarsest
+level that still has the glimpse's resolution), samples the glimpse inside that patch, and
+classifies the glimpses' average feature. Gradients reach the localisation network through
+``grid_sample``. A glimpse can never leave the scene nor shrink below ``min_scale``: with an
+unbounded affine head, the trained glimpse of the learning benchmark had collapsed (README).
 
 Coordinates: ``theta`` maps the glimpse's output square [-1, 1]^2 (x first, as ``affine_grid``)
 to the scene in [-1, 1]^2 (-1 = top/left border, +1 = bottom/right), whatever the scene's aspect.
@@ -15,12 +18,14 @@ to the scene in [-1, 1]^2 (-1 = top/left border, +1 = bottom/right), whatever th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import pooled
+from models.layers import contrast_prior, pooled
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import read_level, to_level0, to_normalised
 from models.registry import register_model
@@ -91,16 +96,91 @@ def theta_in_box(theta: Tensor, box: Tensor) -> Tensor:
     return torch.cat([out[:, :, :2], out[:, :, 2:] + shift[:, :, None]], dim=-1)
 
 
+def glimpse_anchors(views: Tensor, count: int, mode: str, grid: int) -> Tensor:
+    """(B, count, 2) glimpse anchors ``(x, y)`` in [-1, 1] scene units.
+
+    ``"grid"``: the centres of a ``sqrt(count)``-square grid over the scene (one glimpse: the
+    centre), the same for every scene. ``"contrast"``: the centres of the ``count`` cells of a
+    ``grid x grid`` partition of the view with the most local contrast (``contrast_prior``):
+    the glimpses start on structure, not on background. Not differentiable (a fixed start).
+    """
+    b = views.shape[0]
+    if mode == "grid":
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"grid anchors need a square number of glimpses, got {count}")
+        ticks = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1
+        y, x = torch.meshgrid(ticks, ticks, indexing="ij")
+        return torch.stack([x, y], -1).reshape(1, count, 2).expand(b, count, 2)
+    contrast = contrast_prior(views, (grid, grid)).flatten(1)  # (B, grid * grid)
+    idx = contrast.topk(count, dim=-1).indices
+    ticks = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
+    return torch.stack([ticks[idx % grid], ticks[idx // grid]], -1)
+
+
+class GlimpseHead(nn.Module):
+    """Bounded attention transforms of ``count`` glimpses: (B, C, h, w) view -> (B, K, 2, 3).
+
+    Each glimpse is an axis-aligned square (the "attention" transform of the STN paper: scale and
+    translation), ``theta = [[s, 0, cx], [0, s, cy]]``, with its side ``s`` (a fraction of the
+    scene's) in ``[min_scale, max_scale]`` by a sigmoid, and its centre ``c = (1 - s) tanh(a +
+    u)`` strictly inside ``[-(1 - s), 1 - s]``: the glimpse can never leave the scene or shrink
+    to nothing, whatever the weights (an unbounded affine head collapsed in training). ``a``
+    places the glimpse on its anchor (``glimpse_anchors``) at the initial scale; ``u`` and the
+    scale's logit come from a small conv net on the view, sampled at the anchor, then two linear
+    layers, the last zero-initialised (the glimpses start on their anchors at ``init_scale``).
+    """
+
+    def __init__(self, in_channels: int, count: int, init_scale: float, min_scale: float,
+                 max_scale: float, anchors: str = "grid", anchor_grid: int = 10, hidden: int = 32):
+        super().__init__()
+        if not 0.0 < min_scale <= init_scale <= max_scale <= 1.0:
+            raise ValueError(f"need 0 < min_scale <= glimpse_scale <= max_scale <= 1, got "
+                             f"{min_scale}, {init_scale}, {max_scale}")
+        if anchors not in ("grid", "contrast"):
+            raise ValueError(f"anchors must be 'grid' or 'contrast', got {anchors!r}")
+        self.count, self.anchors, self.anchor_grid = count, anchors, anchor_grid
+        self.min_scale, self.max_scale, self.init_scale = min_scale, max_scale, init_scale
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 5, stride=2, padding=2), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+        )
+        self.mlp = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(inplace=True))
+        self.out = nn.Linear(hidden, 3)  # scale logit, u_x, u_y
+        nn.init.zeros_(self.out.weight)
+        with torch.no_grad():
+            frac = (init_scale - min_scale) / max(max_scale - min_scale, 1e-6)
+            self.out.bias.copy_(torch.tensor([math.log(max(frac, 1e-4) / max(1 - frac, 1e-4)), 0, 0]))
+
+    def forward(self, views: Tensor) -> Tensor:
+        k = self.count
+        anchor = glimpse_anchors(views, k, self.anchors, self.anchor_grid).to(views)  # (B, K, 2)
+        fmap = self.trunk(views)  # (B, 16, h', w')
+        local = F.grid_sample(fmap, anchor[:, :, None, :], align_corners=False)[..., 0]  # (B, 16, K)
+        glob = fmap.mean((-2, -1))[:, :, None].expand(-1, -1, k)
+        u = self.out(self.mlp(torch.cat([local, glob], 1).transpose(1, 2)))  # (B, K, 3)
+        s = self.min_scale + (self.max_scale - self.min_scale) * torch.sigmoid(u[..., 0])
+        a = torch.atanh((anchor / (1 - self.init_scale)).clamp(-0.999, 0.999))
+        centre = (1 - s)[..., None] * torch.tanh(a + u[..., 1:])  # (B, K, 2) as (x, y)
+        zero = torch.zeros_like(s)
+        rows = [torch.stack([s, zero, centre[..., 0]], -1), torch.stack([zero, s, centre[..., 1]], -1)]
+        return torch.stack(rows, -2)
+
+
 class STNGlimpse(AttentionModel):
     """Spatial-transformer glimpse classifier (see the module docstring).
 
     Args:
         num_classes: classes. view_size: (h, w) of the view the localisation net sees.
-        glimpse_size: (h, w) of the glimpse that the backbone classifies.
-        glimpse_scale: side of the initial glimpse as a fraction of the scene (identity
-            transform scaled by it, centred).
+        glimpse_size: (h, w) of each glimpse that the backbone classifies.
+        glimpses: glimpses per scene (the paper's parallel transformers); their features are
+            averaged and classified.
+        glimpse_scale: initial side of a glimpse as a fraction of the scene's; ``min_scale``,
+            ``max_scale``: the bounds it can never leave (``GlimpseHead``).
+        anchors: where the glimpses start, ``"grid"`` or ``"contrast"`` (``glimpse_anchors``,
+            ``anchor_grid`` cells a side).
         read_scale: the patch read from the pyramid has ``read_scale * glimpse_size`` pixels
-            over the grid's bounding box (> 1 keeps resolution under rotations and shears).
+            over the glimpse's box.
         backbone: feature network name (``models.backbones.build_backbone``) or module.
         backbone_kwargs: keyword arguments of the backbone builder, e.g. ``{"se": true}``,
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
@@ -113,7 +193,12 @@ class STNGlimpse(AttentionModel):
         num_classes: int,
         view_size: tuple[int, int],
         glimpse_size: tuple[int, int],
+        glimpses: int = 1,
         glimpse_scale: float = 0.5,
+        min_scale: float = 0.05,
+        max_scale: float = 1.0,
+        anchors: str = "grid",
+        anchor_grid: int = 10,
         read_scale: float = 1.0,
         backbone: str | nn.Module = "small_cnn",
         in_channels: int = 3,
@@ -126,38 +211,56 @@ class STNGlimpse(AttentionModel):
         self.glimpse_size = tuple(glimpse_size)
         self.read_size = tuple(max(1, round(s * read_scale)) for s in glimpse_size)
         self.max_level = max_level
-        self.loc = nn.Sequential(
-            nn.Conv2d(in_channels, 8, 5, stride=2, padding=2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(),
-            nn.Linear(16 * 16, loc_hidden),
-            nn.ReLU(inplace=True),
-        )
-        self.theta = _theta_head(loc_hidden, identity_theta(glimpse_scale))
+        self.head = GlimpseHead(in_channels, glimpses, glimpse_scale, min_scale, max_scale,
+                                anchors, anchor_grid, loc_hidden)
         self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         self.classifier = nn.Linear(self.features.out_channels, num_classes)
 
     def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
-        theta = self.theta(self.loc(views)).view(-1, 2, 3)
-        boxes0 = to_level0(grid_bbox(theta.detach())[:, None], sizes)  # (B, 1, 4)
+        theta = self.head(views)  # (B, K, 2, 3)
+        b, k = theta.shape[:2]
+        boxes = grid_bbox(theta.detach().flatten(0, 1)).view(b, k, 4)
+        boxes0 = to_level0(boxes, sizes)  # (B, K, 4)
         level = read_level(boxes0, self.read_size, sizes, max_level=self.max_level)
-        patches = yield ReadRequest(boxes0, level, self.read_size)  # (B, 1, C, h, w)
-        local = theta_in_box(theta, to_normalised(boxes0, sizes)[:, 0])
-        grid = F.affine_grid(local, [theta.shape[0], 1, *self.glimpse_size], align_corners=False)
-        glimpse = F.grid_sample(patches[:, 0], grid, mode="bilinear", align_corners=False)
-        logits = self.classifier(pooled(self.features(glimpse)))
-        weights = torch.ones(boxes0.shape[:2])
+        patches = yield ReadRequest(boxes0, level, self.read_size)  # (B, K, C, h, w)
+        local = theta_in_box(theta.flatten(0, 1), to_normalised(boxes0, sizes).flatten(0, 1))
+        grid = F.affine_grid(local, [b * k, 1, *self.glimpse_size], align_corners=False)
+        glimpse = F.grid_sample(patches.flatten(0, 1), grid, mode="bilinear", align_corners=False)
+        feats = pooled(self.features(glimpse)).view(b, k, -1)
         return ModelOutput(
-            logits=logits, boxes=boxes0, weights=weights, extras={"theta": theta, "glimpse": glimpse}
+            logits=self.classifier(feats.mean(1)), boxes=boxes0, weights=torch.full((b, k), 1.0 / k),
+            extras={"theta": theta, "glimpse": glimpse.view(b, k, *glimpse.shape[1:])},
         )
 
 
 @register_model("stn")
 def stn(**kwargs) -> STNGlimpse:
-    """Spatial-transformer glimpse on the view; reads one patch per scene (keyword arguments of
+    """Spatial-transformer glimpses on the view; reads one patch per glimpse (keyword arguments of
     ``STNGlimpse``; ``num_classes`` 10, ``view_size`` (64, 64) and ``glimpse_size`` (32, 32)
     by default)."""
     return STNGlimpse(**{"num_classes": 10, "view_size": (64, 64), "glimpse_size": (32, 32), **kwargs})
+
+
+# The Megapixel MNIST setting of bench/learning.py: 10 glimpses of a tenth of the canvas (50 px
+# of a 500 px canvas) read as 24 px at level 1 (the digit at 14 px, as ``ats_mnist``'s patches),
+# starting on the 10 cells of a 10 x 10 grid of the view with the most contrast, the feature
+# CNN of ``ats_mnist``.
+MNIST_SETTING = dict(
+    in_channels=1,
+    num_classes=10,
+    view_size=(50, 50),
+    glimpse_size=(24, 24),
+    glimpses=10,
+    glimpse_scale=0.1,
+    min_scale=0.04,
+    max_scale=0.3,
+    anchors="contrast",
+    backbone="small_cnn",
+    backbone_kwargs={"widths": (16, 32, 64)},
+)
+
+
+@register_model("stn_mnist")
+def stn_mnist(**kwargs) -> STNGlimpse:
+    """Spatial-transformer glimpses set up for Megapixel MNIST (``MNIST_SETTING``, overridable)."""
+    return STNGlimpse(**{**MNIST_SETTING, **kwargs})

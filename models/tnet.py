@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import SEBlock, pooled
+from models.layers import SEBlock, contrast_prior, pooled
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import grid_regions, read_level, sub_region, to_level0
 from models.registry import register_model
@@ -78,6 +78,16 @@ class LocationModule(nn.Module):
         return torch.einsum("nhw,khw->nk", scores, weights)
 
 
+def region_contrast(images: Tensor, candidates: Tensor) -> Tensor:
+    """(N, C, h, w) images -> (N, K) mean local contrast of each normalised candidate region
+    (K, 4), scaled so that each image's best region scores 1 (``contrast_prior`` averaged with
+    ``region_pooling_weights``)."""
+    contrast = contrast_prior(images, tuple(images.shape[-2:]))  # (N, h, w)
+    weights = region_pooling_weights(candidates, *contrast.shape[-2:]).to(contrast)
+    scores = torch.einsum("nhw,khw->nk", contrast, weights)
+    return scores / scores.amax(-1, keepdim=True).clamp_min(1e-6)
+
+
 class PositionalEncoding(nn.Module):
     """Learned projection of sinusoids of a region's centre (y, x) plus a one-hot of its level."""
 
@@ -113,6 +123,13 @@ class TNet(AttentionModel):
             per-level classification terms (averaged over levels).
         sample_in_eval: sample locations at inference too (default: top-k).
         max_level: deepest pyramid level to read from (None: whatever the scene has).
+        pool: "avg" or "max": global pooling of each region's feature map (max keeps a small
+            object's response whole; the average dilutes it over the empty rest).
+        feature_scale: 0 keeps the transformed features as they are; > 0 L2-normalises each
+            region's and multiplies it by this (``ats_mnist``'s cosine-classifier temperature).
+        location_prior: "none" or "contrast": add ``prior_strength`` times each candidate's
+            mean local contrast (0..1, ``region_contrast``) to the location logits, so the first
+            locations land on structure rather than uniformly (``models.layers.prior``).
     """
 
     def __init__(
@@ -131,8 +148,18 @@ class TNet(AttentionModel):
         level_weight: float = 0.3,
         sample_in_eval: bool = False,
         max_level: int | None = None,
+        pool: str = "avg",
+        feature_scale: float = 0.0,
+        location_prior: str = "none",
+        prior_strength: float = 5.0,
     ):
         super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        self.pool, self.feature_scale = pool, float(feature_scale)
+        if location_prior not in ("none", "contrast"):
+            raise ValueError(f"location_prior must be 'none' or 'contrast', got {location_prior!r}")
+        self.prior_strength = float(prior_strength) if location_prior == "contrast" else 0.0
         if levels < 1 or not 1 <= locations <= grid * grid:
             raise ValueError(f"need levels >= 1 and 1 <= locations <= grid^2, got {levels}, {locations}")
         self.view_size = tuple(view_size)
@@ -154,10 +181,21 @@ class TNet(AttentionModel):
             return sample_without_replacement_from_logits(logits, self.locations, generator)
         return torch.topk(logits, self.locations, dim=-1).indices
 
+    def _location_logits(self, fmap: Tensor, images: Tensor) -> Tensor:
+        """(N, K) location logits of the regions ``images`` (N, C, h, w) with feature maps
+        ``fmap``: the location module's scores plus the contrast prior, if any."""
+        logits = self.location(fmap)
+        if self.prior_strength:
+            logits = logits + self.prior_strength * region_contrast(images, self.candidates)
+        return logits
+
     def _embed(self, images: Tensor, boxes: Tensor, level: int) -> tuple[Tensor, Tensor]:
         """(N, C, h, w) crops of normalised (N, 4) boxes -> feature maps and transformed features."""
         fmap = self.features(images)
-        feat = self.transform(pooled(fmap) + self.position(boxes, level))
+        flat = pooled(fmap) if self.pool == "avg" else fmap.amax(dim=(-2, -1))
+        feat = self.transform(flat + self.position(boxes, level))
+        if self.feature_scale:
+            feat = self.feature_scale * F.normalize(feat, dim=-1)
         return fmap, feat
 
     def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
@@ -165,8 +203,9 @@ class TNet(AttentionModel):
         boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 1, 4)  # (B, R, 4) normalised
         fmap, feat = self._embed(views, boxes.reshape(-1, 4), 0)
         feats, read, log_prob, attention = [feat.view(b, 1, -1)], [], views.new_zeros(b), None
+        images = views
         for level in range(1, self.levels):
-            logits = self.location(fmap)  # (B * R, K)
+            logits = self._location_logits(fmap, images)  # (B * R, K)
             if attention is None:
                 attention = torch.softmax(logits, -1).view(b, self.grid, self.grid).detach()
             chosen = self._choose(logits, generator)  # (B * R, k)
@@ -176,7 +215,8 @@ class TNet(AttentionModel):
             boxes0 = to_level0(boxes, sizes)
             lvl = read_level(boxes0, self.view_size, sizes, max_level=self.max_level)
             patches = yield ReadRequest(boxes0, lvl, self.view_size)  # (B, R', C, h, w)
-            fmap, feat = self._embed(patches.flatten(0, 1), boxes.reshape(-1, 4), level)
+            images = patches.flatten(0, 1)
+            fmap, feat = self._embed(images, boxes.reshape(-1, 4), level)
             feats.append(feat.view(b, boxes.shape[1], -1))
             read.append(boxes0)
         all_feats = torch.cat(feats, dim=1)  # (B, N, D)
@@ -223,3 +263,31 @@ def tnet(**kwargs) -> TNet:
     """TNet with ``levels`` levels and ``locations`` regions per processed region (keyword
     arguments of ``TNet``; ``num_classes`` 10 and ``view_size`` (64, 64) by default)."""
     return TNet(**{"num_classes": 10, "view_size": (64, 64), **kwargs})
+
+
+# The Megapixel MNIST setting of bench/learning.py: two levels as the paper's ImageNet recipe
+# (the view, then 5 locations), candidates of a fifth of the scene every tenth (a 28 px digit
+# always lies whole inside one), read at the view's size (a 500 px canvas: 100 px regions at
+# 50 px, level 1, the digit at 14 px), the contrast prior on the location logits and the
+# feature CNN of ``ats_mnist``.
+MNIST_SETTING = dict(
+    in_channels=1,
+    num_classes=10,
+    view_size=(50, 50),
+    levels=2,
+    locations=5,
+    grid=9,
+    overlap=0.5,
+    backbone="small_cnn",
+    backbone_kwargs={"widths": (16, 32, 64)},
+    pool="max",
+    feature_scale=16.0,
+    location_prior="contrast",
+    prior_strength=5.0,
+)
+
+
+@register_model("tnet_mnist")
+def tnet_mnist(**kwargs) -> TNet:
+    """TNet set up for Megapixel MNIST (1 channel; ``MNIST_SETTING``, any of it overridable)."""
+    return TNet(**{**MNIST_SETTING, **kwargs})

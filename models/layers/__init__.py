@@ -4,13 +4,15 @@
   SE and TNet's location module all use it, with their own width and activation);
 - ``cbam``: ``ChannelGate``, ``SpatialGate``, ``CBAM``;
 - ``switch``: ``attention_block``, the SE / CBAM switch that the built-in backbones insert;
-- ``pool``: ``pooled``, global average pooling of a feature map.
+- ``pool``: ``pooled``, global average pooling of a feature map;
+- ``prior``: ``contrast_prior``, the fixed starting point of hard attention's scores.
 
 Pure PyTorch, no I/O; nothing here imports another ``models`` module.
 """
 
 from models.layers.cbam import CBAM, ChannelGate, SpatialGate
 from models.layers.pool import pooled
+from models.layers.prior import contrast_prior
 from models.layers.se import SEBlock, hidden_width
 from models.layers.switch import attention_block
 
@@ -20,6 +22,7 @@ __all__ = [
     "SEBlock",
     "SpatialGate",
     "attention_block",
+    "contrast_prior",
     "hidden_width",
     "pooled",
 ]

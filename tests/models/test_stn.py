@@ -27,10 +27,12 @@ def test_block_starts_as_identity_and_its_theta_head_learns():
     assert block.theta.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
-def _model(theta: torch.Tensor, glimpse=(32, 32)) -> STNGlimpse:
-    model = STNGlimpse(3, (16, 16), glimpse, backbone=TinyConv(), max_level=0)
+def _model(scale: float, shift=(0.0, 0.0), glimpse=(32, 32)) -> STNGlimpse:
+    """One glimpse of side ``scale`` whose centre is moved by ``shift`` (tanh units) from the
+    scene's centre (the head's last layer has zero weights: theta is its bias's)."""
+    model = STNGlimpse(3, (16, 16), glimpse, glimpse_scale=scale, backbone=TinyConv(), max_level=0)
     with torch.no_grad():
-        model.theta.bias.copy_(theta.reshape(6))
+        model.head.out.bias[1:] = torch.tensor(shift)
     return model.eval()
 
 
@@ -49,31 +51,79 @@ def _direct_glimpse(image, theta, size):
 
 def test_glimpse_from_the_read_box_equals_sampling_the_whole_scene():
     image = coordinate_scene(64, 80)
-    theta = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]])
-    model = _model(theta)
+    model = _model(0.5)
     model.read_size = (32, 40)  # the box's own pixel size: no resampling in the read
     out, requests = _run(model, image)
+    theta = out.extras["theta"][0, 0]
+    assert torch.allclose(theta, torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]), atol=1e-6)
     assert len(requests) == 1 and requests[0].level == 0
     assert out.boxes.tolist() == [[[16, 20, 48, 60]]]
     assert torch.equal(requests[0].boxes, out.boxes)
     expected = _direct_glimpse(image, theta, (32, 32))
-    assert torch.allclose(out.extras["glimpse"], expected, atol=1e-5)
+    assert torch.allclose(out.extras["glimpse"][:, 0], expected, atol=1e-5)
 
 
-def test_rotated_glimpse_reads_the_bounding_box_of_the_rotated_grid():
+def test_off_centre_glimpse_reads_its_box_and_samples_the_scene_there():
     image = coordinate_scene(64, 64)
-    a = math.radians(30)
-    theta = torch.tensor([[0.4 * math.cos(a), -0.4 * math.sin(a), 0.1], [0.4 * math.sin(a), 0.4 * math.cos(a), -0.2]])
-    model = _model(theta, glimpse=(24, 24))
+    model = _model(0.25, shift=(0.5, -1.0), glimpse=(16, 16))
+    theta = model.head(torch.zeros(1, 3, 16, 16))[0, 0]
+    cx, cy = 0.75 * math.tanh(0.5), 0.75 * math.tanh(-1.0)  # centre (1 - s) tanh(a + u), a = 0
+    assert torch.allclose(theta, torch.tensor([[0.25, 0, cx], [0, 0.25, cy]]), atol=1e-6)
     box = to_level0(grid_bbox(theta[None])[:, None], torch.tensor([[64, 64]]))
-    side = (box[0, 0, 2:] - box[0, 0, :2]).tolist()
-    model.read_size = tuple(side)
+    model.read_size = tuple((box[0, 0, 2:] - box[0, 0, :2]).tolist())
     out, requests = _run(model, image)
-    assert torch.equal(out.boxes, box)
-    half = 0.4 * (math.cos(a) + math.sin(a))  # half extent of the rotated square, in [-1, 1] units
-    assert side[0] == side[1] and abs(side[0] - half * 64) <= 2
-    expected = _direct_glimpse(image, theta, (24, 24))
-    assert torch.allclose(out.extras["glimpse"], expected, atol=1e-4)
+    assert torch.equal(out.boxes, box) and torch.equal(requests[0].boxes, box)
+    expected = _direct_glimpse(image, theta, (16, 16))
+    assert torch.allclose(out.extras["glimpse"][:, 0], expected, atol=1e-4)
+
+
+def _boxes_of(model, views):
+    theta = model.head(views)
+    return grid_bbox(theta.detach().flatten(0, 1)).view(*theta.shape[:2], 4)
+
+
+def _assert_inside_and_not_empty(boxes, min_side):
+    assert float(boxes[..., :2].min()) >= -1e-6 and float(boxes[..., 2:].max()) <= 1 + 1e-6
+    sides = boxes[..., 2:] - boxes[..., :2]
+    assert float(sides.min()) >= min_side - 1e-6
+
+
+def test_glimpses_never_leave_the_scene_nor_collapse_whatever_the_weights():
+    torch.manual_seed(0)
+    model = create_model("stn_mnist")
+    views = torch.rand(8, 1, 50, 50)
+    for scale in (1.0, 100.0, 1e4):
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.copy_(torch.randn_like(p) * scale)
+        _assert_inside_and_not_empty(_boxes_of(model, views), model.head.min_scale)
+
+
+def test_glimpses_stay_in_the_scene_when_training_pushes_them_out_and_shrinks_them():
+    """Gradient descent on "move right, shrink" with a huge step: the bounds hold (an unbounded
+    affine head leaves the scene within a few steps)."""
+    torch.manual_seed(0)
+    model = create_model("stn_mnist")
+    views = torch.rand(4, 1, 50, 50)
+    opt = torch.optim.SGD(model.head.parameters(), lr=10.0)
+    for _ in range(50):
+        theta = model.head(views)
+        loss = (theta[..., 0, 0] - theta[..., 0, 2]).mean()  # smaller scale, larger x centre
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    boxes = _boxes_of(model, views)
+    _assert_inside_and_not_empty(boxes, model.head.min_scale)
+    assert float(boxes[..., 3].min()) > 0.9  # it did move to the right border
+
+
+def test_contrast_anchors_start_the_glimpses_on_the_brightest_cells():
+    views = torch.zeros(1, 1, 50, 50)
+    views[0, 0, 5:10, 40:45] = 1.0  # cell (row 1, column 8) of a 10 x 10 grid
+    model = create_model("stn_mnist", glimpses=1)
+    box = _boxes_of(model, views)[0, 0]
+    centre_y, centre_x = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
+    assert abs(centre_y - 0.15) < 0.01 and abs(centre_x - 0.85) < 0.01
 
 
 def test_read_level_follows_the_glimpse_resolution():
@@ -92,5 +142,5 @@ def test_registered_model_trains_the_localisation_net_through_the_sampler():
     image = torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8)
     out, _ = _run(model.train(), image)
     model.loss(out, torch.tensor([1])).backward()
-    assert model.theta.weight.grad.abs().sum() > 0
-    assert model.theta.bias.grad.abs().sum() > 0
+    assert model.head.out.weight.grad.abs().sum() > 0
+    assert model.head.out.bias.grad.abs().sum() > 0

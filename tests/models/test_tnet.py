@@ -123,3 +123,33 @@ def test_loss_gives_the_location_module_a_policy_gradient():
     model.loss(out, labels).backward()
     grad = sum(p.grad.abs().sum() for p in model.location.parameters())
     assert math.isfinite(float(grad)) and float(grad) > 0
+
+
+def _one_bright_square(size=32, corner=(22, 4), side=6):
+    views = torch.zeros(1, 3, size, size)
+    y, x = corner
+    views[0, :, y : y + side, x : x + side] = 1.0
+    return views
+
+
+def test_contrast_prior_puts_the_first_location_on_the_only_object():
+    """Learned scores start nearly flat; the prior makes the object's region the top choice."""
+    views = _one_bright_square()  # bottom-left
+    plain = _model(levels=2, locations=1)
+    primed = _model(levels=2, locations=1, location_prior="contrast", prior_strength=5.0)
+    with torch.no_grad():
+        fmap = primed.features(views)
+        chosen = int(primed._location_logits(fmap, views).argmax())
+        spread = primed.location(fmap).max() - primed.location(fmap).min()
+    y0, x0, y1, x1 = primed.candidates[chosen].tolist()
+    assert y1 * 32 >= 28 and x0 * 32 <= 4  # the chosen region contains the square
+    assert float(spread) < 5.0  # the learned part alone would not decide it
+    with pytest.raises(ValueError, match="location_prior"):
+        _model(location_prior="salient")
+    assert plain.prior_strength == 0.0
+
+
+def test_max_pool_and_feature_scale_give_scaled_unit_features():
+    model = _model(levels=1, pool="max", feature_scale=16.0)
+    _, feat = model._embed(torch.rand(3, 3, 32, 32), torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3), 0)
+    assert torch.allclose(feat.norm(dim=-1), torch.full((3,), 16.0), atol=1e-4)

@@ -9,6 +9,7 @@ from models.two_level import (
     kmeans,
     part_scores,
     select_parts,
+    window_contrast,
 )
 from tests.models.tiny_nets import (
     RecordingSource,
@@ -103,3 +104,19 @@ def test_end_step_banks_features_and_reclusters_periodically():
     assert torch.equal(model.bank[6:8], feats[:2]) and torch.equal(model.bank[:4], feats[2:])
     state = model.state_dict()
     assert {"assignment", "bank", "bank_count", "step_count"} <= set(state)
+
+
+def test_contrast_prior_keeps_the_windows_on_the_object_first():
+    """With the prior, the kept windows are the ones that hold the only object; without it the
+    filter net's confidence (untrained: arbitrary) decides."""
+    views = torch.zeros(1, 3, 32, 32)
+    views[0, :, 2:8, 24:30] = 1.0  # top right
+    source, keys = random_scenes([(256, 256)], coarsest=64)
+    sizes = source.level0_sizes(keys)
+    model = _model(proposal_prior="contrast", prior_strength=5.0).eval()
+    with torch.no_grad():
+        out = model(views, sizes, source, keys)
+    first = model.candidates[out.extras["kept"][0, 0]].tolist()  # normalised [y0, x0, y1, x1]
+    assert first[0] <= 2 / 32 and first[2] >= 8 / 32 and first[1] <= 24 / 32 and first[3] >= 30 / 32
+    scores = window_contrast(views, model.candidates.expand(1, -1, 4), (16, 16))
+    assert float(scores.max()) == 1.0 and float(scores.min()) == 0.0
