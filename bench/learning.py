@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor
 
+from models.dasnet import GatedBackbone, snes_search
 from models.memory import TensorPyramidSource
 from models.protocol import AttentionModel, ReadRequest, box_at_level
 from models.registry import create_model
@@ -53,6 +55,8 @@ class Setup:
     threads: int = 1
     models: tuple[str, ...] = ("ats", "zoom_in", "lowres_cnn")
     model_kwargs: dict = field(default_factory=dict)
+    snes_generations: int = 30
+    snes_batch: int = 50
 
 
 @dataclass(slots=True)
@@ -79,6 +83,21 @@ def build_split(spec: MegapixelMNISTSpec, split: str, n: int, view: int) -> Spli
     return Split(source, keys, views, source.level0_sizes(keys), labels, digits)
 
 
+# The soft-attention families as ATS's feature network (patches read at full resolution):
+# report name -> ATS keyword arguments. ``ats_mnist``'s own feature net is a (16, 32, 64)
+# ``small_cnn``; these add SE, CBAM or dasNet's gating to it, or replace it by the Residual
+# Attention Network's small feature extractor.
+_WIDTHS = {"widths": (16, 32, 64)}
+SOFT_FEATURE_NETS = {
+    "ats_se": dict(feature_backbone_kwargs={**_WIDTHS, "se": True}),
+    "ats_cbam": dict(feature_backbone_kwargs={**_WIDTHS, "cbam": True}),
+    "ats_residual_attention": dict(feature_backbone="residual_attention_small",
+                                   feature_backbone_kwargs={}),
+    "ats_dasnet": dict(feature_backbone="dasnet",
+                       feature_backbone_kwargs={"backbone_kwargs": _WIDTHS, "passes": 2}),
+}
+
+
 def model_kwargs(name: str, setup: Setup) -> tuple[str, dict]:
     """Registry name and keyword arguments of report name ``name`` for this setup.
 
@@ -93,6 +112,8 @@ def model_kwargs(name: str, setup: Setup) -> tuple[str, dict]:
     pool = max(1, setup.view // 50)
     if name == "ats":
         reg, kw = "ats_mnist", dict(attention_pool=pool)
+    elif name in SOFT_FEATURE_NETS:
+        reg, kw = "ats_mnist", dict(attention_pool=pool, **SOFT_FEATURE_NETS[name])
     elif name == "zoom_in":
         reg, kw = "zoom_in_mnist", dict(attention_pool=pool)
     elif name in ("tnet", "stn", "two_level"):
@@ -270,6 +291,35 @@ def train(model: AttentionModel, train_split: Split, test_split: Split, setup: S
     )
 
 
+def dasnet_stage2(model: AttentionModel, data: tuple[Split, Split], setup: Setup, log) -> dict | None:
+    """dasNet's stage 2 on a trained model with gated feature nets (``GatedBackbone``): SNES
+    trains their gain policies alone on ``setup.snes_generations`` batches of
+    ``setup.snes_batch`` training canvases (reward: accuracy, eval mode); returns test accuracy
+    before (stage 1) and after (stage 2), on the same held-out canvases. None without gates."""
+    gated = [m for m in model.modules() if isinstance(m, GatedBackbone)]
+    if not gated:
+        return None
+    train_split, test_split = data
+    pick = torch.Generator().manual_seed(setup.seed + 1)
+    n = len(train_split.keys)
+    batches = [torch.randperm(n, generator=pick)[: setup.snes_batch] for _ in range(setup.snes_generations)]
+
+    def reward(idx: Tensor) -> float:
+        out = run_batch(model, train_split, idx, torch.Generator().manual_seed(0))
+        return float((out.logits.argmax(-1) == train_split.labels[idx]).to(torch.float64).mean())
+
+    stage1, start = evaluate(model, test_split)["acc"], time.perf_counter()
+    params = [p for m in gated for p in m.policy.parameters()]
+    model.eval()
+    history = snes_search(params, batches, reward, torch.Generator().manual_seed(setup.seed))
+    model.train()
+    stage2 = evaluate(model, test_split)["acc"]
+    log(f"  dasNet stage 2 (SNES, {len(history)} generations of {setup.snes_batch} canvases, "
+        f"{time.perf_counter() - start:.0f}s): test acc {stage1:.3f} -> {stage2:.3f}")
+    return dict(stage1_acc=stage1, stage2_acc=stage2, generations=len(history),
+                centre_reward=[round(h["centre_reward"], 3) for h in history])
+
+
 def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict:
     """Train and evaluate one model; returns its row of the report."""
     reg, kwargs = model_kwargs(name, setup)
@@ -277,6 +327,7 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
     model = create_model(reg, **kwargs)
     log(f"{name}: {reg} {kwargs}")
     stats = train(model, data[0], data[1], setup, log)
+    snes = dasnet_stage2(model, data, setup, log)
     ev = evaluate(model, data[1])
     acc, infer_s = ev["acc"], ev["s_per_sample"]
     row = dict(
@@ -289,6 +340,7 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
         bytes_per_sample=ev["bytes_per_sample"],
         peak_mem_mb=peak_memory_bytes(model, data[1]) / 2**20,
         history=stats["history"],
+        **({"dasnet_stage2": snes} if snes else {}),
     )
     log(f"{name}: test acc {acc:.3f}, {row['train_s_per_sample'] * 1e3:.1f} ms/sample train, "
         f"{infer_s * 1e3:.1f} ms/sample inference, {row['bytes_per_sample']:,.0f} B/sample read, "
@@ -296,7 +348,7 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
     return row
 
 
-def parse(argv: list[str] | None) -> tuple[Setup, bool]:
+def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
     d = Setup()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--canvas", type=int, default=d.canvas, help="canvas side in pixels")
@@ -310,21 +362,33 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool]:
     p.add_argument("--budget-s", type=float, default=d.budget_s, help="seconds per model")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="one seed (data, init, sampling)")
+    p.add_argument("--seeds", default="",
+                   help="comma-separated seeds (overrides --seed): every model once per seed; "
+                        "the JSON gives min / median / max accuracy")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes: > 1 runs each (seed, model) in its own process, this many "
+                        "at a time (one torch thread each)")
     p.add_argument("--track", type=int, default=d.track,
                    help="after each epoch, test accuracy on this many test canvases (not timed)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch intra-op threads (1: fastest on a loaded shared machine)")
     p.add_argument("--models", default=",".join(d.models), help="comma-separated names")
     p.add_argument("--model-kwargs", default="{}", help="JSON: {model name: {kwarg: value}}")
+    p.add_argument("--snes-generations", type=int, default=d.snes_generations,
+                   help="dasNet stage 2: SNES generations (models with a dasnet feature net)")
+    p.add_argument("--snes-batch", type=int, default=d.snes_batch,
+                   help="dasNet stage 2: training canvases per generation")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     a = p.parse_args(argv)
     setup = Setup(
         canvas=a.canvas, noise=a.noise, others=a.others, view=a.view, n_train=a.train, n_test=a.test,
         epochs=a.epochs, budget_s=a.budget_s, batch=a.batch, lr=a.lr, seed=a.seed, track=a.track, threads=a.threads,
         models=tuple(m for m in a.models.split(",") if m), model_kwargs=json.loads(a.model_kwargs),
+        snes_generations=a.snes_generations, snes_batch=a.snes_batch,
     )
-    return setup, a.json
+    seeds = [int(x) for x in a.seeds.split(",") if x] or [setup.seed]
+    return setup, a.json, seeds, a.jobs
 
 
 def run(setup: Setup, log=print) -> dict:
@@ -353,27 +417,101 @@ def run(setup: Setup, log=print) -> dict:
         infer_s_per_sample={r["model"]: r["infer_s_per_sample"] for r in rows},
         peak_mem_mb={r["model"]: r["peak_mem_mb"] for r in rows},
         bytes_per_sample={r["model"]: r["bytes_per_sample"] for r in rows},
+        dasnet_stage2={r["model"]: r["dasnet_stage2"] for r in rows if "dasnet_stage2" in r},
         canvas_bytes=setup.canvas * setup.canvas,
         setup=asdict(setup),
         rows=rows,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup, as_json = parse(argv)
-    report = run(setup, log=lambda msg: print(msg, file=sys.stderr if as_json else sys.stdout, flush=True))
-    print(f"{'model':<26}{'acc':>7}{'train ms/s':>12}{'infer ms/s':>12}{'peak MB':>9}"
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _one(setup: Setup) -> dict:
+    """One (seed, model) task of ``run_all`` in a worker process, logging to stderr."""
+    return run(setup, log=lambda msg: _stderr(f"[seed {setup.seed} {setup.models[0]}] {msg}"))
+
+
+def run_all(setup: Setup, seeds: list[int], jobs: int, log) -> list[dict]:
+    """``run`` for every seed; with ``jobs > 1`` every (seed, model) pair in its own process,
+    ``jobs`` at a time (each builds its seed's data; one torch thread each). Returns one report
+    per seed, rows in ``setup.models`` order."""
+    if jobs <= 1:
+        return [run(replace(setup, seed=seed), log) for seed in seeds]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    tasks = [replace(setup, seed=seed, models=(m,)) for seed in seeds for m in setup.models]
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(_one, tasks))
+    reports = []
+    for seed in seeds:
+        parts = [r for r, t in zip(done, tasks, strict=True) if t.seed == seed]
+        rows = [row for part in parts for row in part["rows"]]
+        merged = {**parts[0], "rows": rows, "seconds": sum(p["seconds"] for p in parts),
+                  "setup": asdict(replace(setup, seed=seed))}
+        for key in PER_MODEL:
+            merged[key] = {k: v for part in parts for k, v in part[key].items()}
+        reports.append(merged)
+    return reports
+
+
+PER_MODEL = ("acc", "train_s_per_sample", "infer_s_per_sample", "peak_mem_mb", "bytes_per_sample",
+             "dasnet_stage2")
+
+
+def summarise(reports: list[dict], seconds: float) -> dict:
+    """One JSON object over the seeds' reports: per model, the median of every figure (so
+    ``acc`` and ``bytes_per_sample`` keep their one-number-per-model form), the accuracy's min /
+    median / max, and every seed's values (``*_seeds``)."""
+    first, models = reports[0], [r["model"] for r in reports[0]["rows"]]
+    out = {k: v for k, v in first.items() if k not in (*PER_MODEL, "rows", "seconds", "setup")}
+    out["seeds"] = [r["setup"]["seed"] for r in reports]
+    for key in PER_MODEL[:-1]:
+        values = {m: [r[key][m] for r in reports] for m in models}
+        out[key] = {m: statistics.median(v) for m, v in values.items()}
+        out[f"{key}_seeds"] = values
+    acc = out["acc_seeds"]
+    out["acc_min"] = {m: min(v) for m, v in acc.items()}
+    out["acc_median"] = dict(out["acc"])
+    out["acc_max"] = {m: max(v) for m, v in acc.items()}
+    stage2 = {m: [r["dasnet_stage2"][m] for r in reports] for m in first["dasnet_stage2"]}
+    out["dasnet_stage2"] = stage2
+    out["seconds"] = seconds
+    out["setup"] = {**first["setup"], "seed": out["seeds"]}
+    return out
+
+
+def print_table(reports: list[dict]) -> None:
+    """Per model: accuracy of every seed, then the medians of the other figures."""
+    print(f"{'model':<24}{'acc (per seed)':>22}{'train ms/s':>11}{'infer ms/s':>11}{'peak MB':>8}"
           f"{'read B/s':>10}")
-    for r in report["rows"]:
-        print(f"{r['model']:<26}{r['acc']:>7.3f}{r['train_s_per_sample'] * 1e3:>12.1f}"
-              f"{r['infer_s_per_sample'] * 1e3:>12.1f}{r['peak_mem_mb']:>9.2f}"
-              f"{r['bytes_per_sample']:>10,.0f}")
+    for i, row in enumerate(reports[0]["rows"]):
+        rows = [r["rows"][i] for r in reports]
+        accs = " ".join(f"{r['acc']:.3f}" for r in rows)
+        med = {k: statistics.median(r[k] for r in rows) for k in
+               ("train_s_per_sample", "infer_s_per_sample", "peak_mem_mb", "bytes_per_sample")}
+        print(f"{row['model']:<24}{accs:>22}{med['train_s_per_sample'] * 1e3:>11.1f}"
+              f"{med['infer_s_per_sample'] * 1e3:>11.1f}{med['peak_mem_mb']:>8.2f}"
+              f"{med['bytes_per_sample']:>10,.0f}")
+    first = reports[0]
     print(f"(read B/s: stored uint8 bytes under the boxes read per test sample, beside the "
-          f"view; a whole canvas is {report['canvas_bytes']:,} bytes)")
-    print(f"canvas {report['canvas']} px, {report['noise']} scribbles, view {report['view']} px "
-          f"(scale {report['view_scale']:.3f}), total {report['seconds']:.0f}s")
+          f"view, median over seeds; a whole canvas is {first['canvas_bytes']:,} bytes)")
+    print(f"canvas {first['canvas']} px, {first['noise']} scribbles, view {first['view']} px "
+          f"(scale {first['view_scale']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup, as_json, seeds, jobs = parse(argv)
+    start = time.perf_counter()
+    log = _stderr if as_json else print
+    reports = run_all(setup, seeds, jobs, log)
+    print_table(reports)
+    seconds = time.perf_counter() - start
+    print(f"total {seconds:.0f}s over {len(seeds)} seed(s), {jobs} process(es)")
     if as_json:
-        print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
+        print(json.dumps(summarise(reports, seconds)))
     return 0
 
 

@@ -23,6 +23,9 @@ Names:
     residual_attention_56/92/small
                      the Residual Attention Network's feature extractor
                      (``models.residual_attention``; ``p``, ``t``, ``r``, ``activation``).
+    dasnet           dasNet's gated CNN (``models.dasnet.GatedBackbone``): ``passes`` passes of
+                     ``backbone`` with per-filter gains from an SNES-trained policy (all 1
+                     until trained); ``backbone_kwargs``, ``gate``, ``policy``.
     timm:<name>      any timm model's ``forward_features`` when timm is installed;
                      ``weights_path=`` loads a local state dict (.safetensors or torch file);
                      nothing is ever downloaded.
@@ -431,10 +434,21 @@ def _residual_attention(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _dasnet(in_channels: int = 3, **kwargs: Any) -> nn.Module:
+    """Builder of dasNet's gated CNN (``models.dasnet.GatedBackbone``: ``backbone``,
+    ``backbone_kwargs``, ``passes``, ``gate``, ``policy``; ``se`` / ``cbam`` go to the inner
+    backbone)."""
+    # imported here: models.dasnet registers models, which backbones never need
+    from models.dasnet import GatedBackbone
+
+    return GatedBackbone(in_channels, **kwargs)
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "ats_feature": ats_feature,
     "ats_attention": ats_attention,
     "small_cnn": small_cnn,
+    "dasnet": _dasnet,
     "resnet18": lambda c, **kw: resnet("resnet18", c, **kw),
     "resnet34": lambda c, **kw: resnet("resnet34", c, **kw),
     "resnet50": lambda c, **kw: resnet("resnet50", c, **kw),

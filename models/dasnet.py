@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,77 @@ class _GateHook:
         return output
 
 
+def attach_gates(features: nn.Module, gate: str, state: _GateState) -> int:
+    """Prepare ``features`` for gating: with ``gate == "convs"`` a ``_GateHook`` on every
+    ``nn.Conv2d`` (their filters in order make the gain vector); "output" gates the backbone's
+    output channels in ``gated_pass``. Returns the number of gains."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if gate == "output":
+        return features.out_channels
+    convs = [m for m in features.modules() if isinstance(m, nn.Conv2d)]
+    offsets = [0, *torch.tensor([c.out_channels for c in convs]).cumsum(0).tolist()]
+    for conv, lo, hi in zip(convs, offsets[:-1], offsets[1:], strict=True):
+        conv.register_forward_hook(_GateHook(state, lo, hi))
+    return offsets[-1]
+
+
+def gated_pass(net: nn.Module, x: Tensor, gains: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One pass of ``net.features`` over (B, C, h, w) ``x`` with ``gains`` (B, gain_dim) or None
+    (all 1): returns the feature map (B, D, h', w') and the observation (B, gain_dim), the mean
+    activation of every gated filter. ``net`` has ``features``, ``gate`` and ``_state``."""
+    net._state.gains, net._state.obs = gains, []
+    try:
+        fmap = net.features(x)
+        if net.gate == "output":
+            if gains is not None:
+                fmap = fmap * gains[:, :, None, None]
+            obs = fmap.mean(dim=(-2, -1))
+        else:
+            obs = torch.cat(net._state.obs, dim=-1)
+    finally:
+        net._state.gains, net._state.obs = None, []
+    return fmap, obs
+
+
+def gated_passes(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``net.passes`` passes, each pass's gains from ``net.policy`` on the previous pass's
+    observation: the last feature map (B, D, h', w') and its gains (B, gain_dim) (ones when
+    there is one pass)."""
+    gains = None
+    fmap, obs = gated_pass(net, x, None)
+    for _ in range(net.passes - 1):
+        gains = net.policy(obs.detach())
+        fmap, obs = gated_pass(net, x, gains)
+    if gains is None:
+        gains = x.new_ones((x.shape[0], net.gain_dim))
+    return fmap, gains
+
+
+class GatedBackbone(nn.Module):
+    """dasNet's gated CNN as a backbone (e.g. ATS's feature network): (N, C, h, w) -> the last
+    pass's feature map (N, D, h', w'). ``passes`` passes of ``backbone``; the gains of each pass
+    come from the zero-initialised ``policy`` (all 1 until SNES trains it; no gradient).
+    Built by ``models.backbones.build_backbone("dasnet", ...)``."""
+
+    def __init__(self, in_channels: int = 3, *, backbone: str = "small_cnn",
+                 backbone_kwargs: dict | None = None, passes: int = 2, gate: str = "output",
+                 policy: str = "diagonal", se: bool = False, cbam: bool = False):
+        super().__init__()
+        if passes < 1:
+            raise ValueError(f"need passes >= 1, got {passes}")
+        self.passes, self.gate = passes, gate
+        self.features = build_backbone(backbone, in_channels, se=se, cbam=cbam, **(backbone_kwargs or {}))
+        self.out_channels = self.features.out_channels
+        self._state = _GateState()
+        self.gain_dim = attach_gates(self.features, gate, self._state)
+        self.policy = GainPolicy(self.gain_dim, policy)
+        self.policy.requires_grad_(False)  # trained by SNES, never by the optimiser
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gated_passes(self, x)[0]
+
+
 class DasNet(AttentionModel):
     """dasNet classifier of the view (see the module docstring). Reads no patches.
 
@@ -115,55 +187,26 @@ class DasNet(AttentionModel):
         policy: str = "diagonal",
     ):
         super().__init__()
-        if passes < 1 or gate not in GATES:
-            raise ValueError(f"need passes >= 1 and gate in {GATES}, got {passes}, {gate!r}")
+        if passes < 1:
+            raise ValueError(f"need passes >= 1, got {passes}")
         self.view_size = tuple(view_size)
         self.passes, self.gate = passes, gate
         self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         self.classifier = nn.Linear(self.features.out_channels, num_classes)
-        convs = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)]
-        self._gated_sizes = (
-            [c.out_channels for c in convs] if gate == "convs" else [self.features.out_channels]
-        )
-        self.gain_dim = sum(self._gated_sizes)
+        self._state = _GateState()
+        self.gain_dim = attach_gates(self.features, gate, self._state)
         self.policy = GainPolicy(self.gain_dim, policy)
         self.policy.requires_grad_(False)  # trained by SNES, never by the optimiser
-        self._state = _GateState()
-        if gate == "convs":
-            offsets = [0, *torch.tensor(self._gated_sizes).cumsum(0).tolist()]
-            for conv, lo, hi in zip(convs, offsets[:-1], offsets[1:], strict=True):
-                conv.register_forward_hook(_GateHook(self._state, lo, hi))
 
     def no_grad_params(self) -> list[str]:
         """The policy's parameters: trained by ``snes_train_policy``, not by gradients."""
         return [f"policy.{name}" for name, _ in self.policy.named_parameters()]
 
-    def _pass(self, views: Tensor, gains: Tensor | None) -> tuple[Tensor, Tensor]:
-        """One gated pass: returns the pooled features (B, D) and the observation (B, gain_dim)."""
-        self._state.gains, self._state.obs = gains, []
-        try:
-            fmap = self.features(views)
-            if self.gate == "output":
-                if gains is not None:
-                    fmap = fmap * gains[:, :, None, None]
-                obs = fmap.mean(dim=(-2, -1))
-            else:
-                obs = torch.cat(self._state.obs, dim=-1)
-        finally:
-            self._state.gains, self._state.obs = None, []
-        return pooled(fmap), obs
-
     def classify(self, views: Tensor) -> tuple[Tensor, Tensor]:
         """``passes`` passes over (B, C, h, w) views: returns logits (B, classes) and the gains
         (B, gain_dim) of the last pass."""
-        gains = None
-        feat, obs = self._pass(views, None)
-        for _ in range(self.passes - 1):
-            gains = self.policy(obs.detach())
-            feat, obs = self._pass(views, gains)
-        if gains is None:
-            gains = views.new_ones((views.shape[0], self.gain_dim))
-        return self.classifier(feat), gains
+        fmap, gains = gated_passes(self, views)
+        return self.classifier(pooled(fmap)), gains
 
     def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
         yield from ()  # reads nothing beyond the view
@@ -233,17 +276,16 @@ def accuracy_reward(logits: Tensor, labels: Tensor) -> float:
 
 def _snes_generation(
     es: SNES,
-    score: Callable[[Tensor, Tensor, Tensor], float],
-    views: Tensor,
-    labels: Tensor,
+    score: Callable[[Tensor, Any], float],
+    batch: Any,
     generator: torch.Generator | None,
 ) -> dict[str, float]:
     """One SNES generation on one batch: score the mean, draw a population, score it, update.
 
-    Returns the record of ``snes_train_policy``."""
-    centre = score(es.mean, views, labels)
+    Returns the record of ``snes_search``."""
+    centre = score(es.mean, batch)
     noise, population = es.ask(generator)
-    fitness = torch.tensor([score(x, views, labels) for x in population])
+    fitness = torch.tensor([score(x, batch) for x in population])
     es.tell(noise, fitness)
     return {
         "mean_reward": float(fitness.mean()),
@@ -251,6 +293,45 @@ def _snes_generation(
         "centre_reward": centre,
         "sigma_mean": float(es.sigma.mean()),
     }
+
+
+def snes_search(
+    params: list[nn.Parameter],
+    batches: Iterable[Any],
+    reward: Callable[[Any], float],
+    generator: torch.Generator | None = None,
+    *,
+    sigma0: float = 0.5,
+    popsize: int = 0,
+    on_generation: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """SNES over ``params`` (written in place), one generation per batch.
+
+    Each generation draws a population of parameter vectors around the current mean, writes
+    each into ``params`` and scores it by ``reward(batch)`` (the caller runs its model, without
+    gradients, in eval mode), and updates the search distribution. At the end ``params`` hold
+    the distribution's mean. ``on_generation(index, record)`` is called after each generation
+    (the params then hold that generation's last candidate, not the mean).
+
+    Returns one record per generation: ``{"mean_reward", "best_reward", "centre_reward",
+    "sigma_mean"}``, where ``centre_reward`` is the reward of the mean *before* that
+    generation's update and ``sigma_mean`` the mean search deviation after it.
+    """
+    start = parameters_to_vector(params).detach()
+    es = SNES(start, torch.full_like(start, sigma0, dtype=torch.float64), popsize=popsize)
+
+    def score(vector: Tensor, batch: Any) -> float:
+        vector_to_parameters(vector.to(start.dtype), params)
+        return reward(batch)
+
+    history = []
+    with torch.no_grad():
+        for batch in batches:
+            history.append(_snes_generation(es, score, batch, generator))
+            if on_generation is not None:
+                on_generation(len(history) - 1, dict(history[-1]))
+        vector_to_parameters(es.mean.to(start.dtype), params)
+    return history
 
 
 def snes_train_policy(
@@ -263,50 +344,29 @@ def snes_train_policy(
     reward: Callable[[Tensor, Tensor], float] = accuracy_reward,
     on_generation: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Stage 2 of dasNet: train ``model.policy`` with SNES, one generation per batch.
-
-    The CNN is left as it is (a trained checkpoint). Each generation draws a population of
-    policy parameter vectors around the current mean, scores each by ``reward`` on the same
-    batch (model in eval mode, no gradients), and updates the search distribution. At the end
-    the policy holds the distribution's mean.
+    """Stage 2 of dasNet: train ``model.policy`` with SNES (``snes_search``), one generation
+    per batch, the CNN left as it is (a trained checkpoint), the model in eval mode.
 
     Args:
         model: a ``DasNet`` (weights of a trained CNN loaded).
         batches: iterable of ``(views, labels)`` or ``(views, sizes, labels)`` with views
             (B, C, h, w) float in [0, 1] and labels (B,) int64.
-        generator: the SNES noise generator.
-        sigma0: initial standard deviation of every policy parameter.
-        popsize: population size (0: the SNES default).
+        generator: the SNES noise generator. sigma0: initial standard deviation of every
+            policy parameter. popsize: population size (0: the SNES default).
         reward: ``reward(logits, labels) -> float`` (default: accuracy).
-        on_generation: called as ``on_generation(index, record)`` after each generation (to
-            report progress while it runs); the policy then holds that generation's last
-            candidate, not the mean.
-    Returns one record per generation: ``{"mean_reward", "best_reward", "centre_reward",
-    "sigma_mean"}``, where ``centre_reward`` is the reward of the mean *before* that
-    generation's update and ``sigma_mean`` the mean search deviation after it.
+        on_generation: as ``snes_search``'s.
+    Returns ``snes_search``'s records.
     """
-    params = list(model.policy.parameters())
-    start = parameters_to_vector(params).detach()
-    es = SNES(start, torch.full_like(start, sigma0, dtype=torch.float64), popsize=popsize)
     was_training = model.training
     model.eval()
-    history = []
-
-    def score(vector: Tensor, views: Tensor, labels: Tensor) -> float:
-        vector_to_parameters(vector.to(start.dtype), params)
-        return reward(model.classify(views)[0], labels)
-
     try:
-        with torch.no_grad():
-            for batch in batches:
-                record = _snes_generation(es, score, batch[0], batch[-1], generator)
-                history.append(record)
-                if on_generation is not None:
-                    on_generation(len(history) - 1, dict(record))
-            vector_to_parameters(es.mean.to(start.dtype), params)
+        return snes_search(
+            list(model.policy.parameters()), batches,
+            lambda batch: reward(model.classify(batch[0])[0], batch[-1]), generator,
+            sigma0=sigma0, popsize=popsize, on_generation=on_generation,
+        )
     finally:
         model.train(was_training)
-    return history
 
 
 def policy_reward(model: DasNet, views: Tensor, labels: Tensor) -> float:

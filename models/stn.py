@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import contrast_prior, pooled
+from models.layers import contrast_prior, pooled, scaled_unit
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import read_level, to_level0, to_normalised
 from models.registry import register_model
@@ -186,6 +186,9 @@ class STNGlimpse(AttentionModel):
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         loc_hidden: width of the localisation net's hidden layer.
         max_level: the deepest pyramid level to read from (None: whatever the scene has).
+        pool: "avg" or "max" global pooling of each glimpse's feature map.
+        feature_scale: 0 averages the glimpses' features as they are; > 0 L2-normalises each
+            and multiplies it by this (``models.layers.scaled_unit``).
     """
 
     def __init__(
@@ -205,8 +208,12 @@ class STNGlimpse(AttentionModel):
         backbone_kwargs: dict | None = None,
         loc_hidden: int = 32,
         max_level: int | None = None,
+        pool: str = "avg",
+        feature_scale: float = 0.0,
     ):
         super().__init__()
+        self.pool, self.feature_scale = pool, float(feature_scale)
+        pooled(torch.zeros(1, 1, 1, 1), pool)  # reject an unknown pool now, not at the first step
         self.view_size = tuple(view_size)
         self.glimpse_size = tuple(glimpse_size)
         self.read_size = tuple(max(1, round(s * read_scale)) for s in glimpse_size)
@@ -226,7 +233,7 @@ class STNGlimpse(AttentionModel):
         local = theta_in_box(theta.flatten(0, 1), to_normalised(boxes0, sizes).flatten(0, 1))
         grid = F.affine_grid(local, [b * k, 1, *self.glimpse_size], align_corners=False)
         glimpse = F.grid_sample(patches.flatten(0, 1), grid, mode="bilinear", align_corners=False)
-        feats = pooled(self.features(glimpse)).view(b, k, -1)
+        feats = scaled_unit(pooled(self.features(glimpse), self.pool), self.feature_scale).view(b, k, -1)
         return ModelOutput(
             logits=self.classifier(feats.mean(1)), boxes=boxes0, weights=torch.full((b, k), 1.0 / k),
             extras={"theta": theta, "glimpse": glimpse.view(b, k, *glimpse.shape[1:])},
@@ -244,7 +251,7 @@ def stn(**kwargs) -> STNGlimpse:
 # The Megapixel MNIST setting of bench/learning.py: 10 glimpses of a tenth of the canvas (50 px
 # of a 500 px canvas) read as 24 px at level 1 (the digit at 14 px, as ``ats_mnist``'s patches),
 # starting on the 10 cells of a 10 x 10 grid of the view with the most contrast, the feature
-# CNN of ``ats_mnist``.
+# CNN of ``ats_mnist`` with its max pool and scaled unit features.
 MNIST_SETTING = dict(
     in_channels=1,
     num_classes=10,
@@ -257,6 +264,8 @@ MNIST_SETTING = dict(
     anchors="contrast",
     backbone="small_cnn",
     backbone_kwargs={"widths": (16, 32, 64)},
+    pool="max",
+    feature_scale=16.0,
 )
 
 

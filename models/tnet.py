@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import SEBlock, contrast_prior, pooled
+from models.layers import SEBlock, contrast_prior, pooled, scaled_unit
+from models.layers.pool import POOLS
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import grid_regions, read_level, sub_region, to_level0
 from models.registry import register_model
@@ -154,8 +155,8 @@ class TNet(AttentionModel):
         prior_strength: float = 5.0,
     ):
         super().__init__()
-        if pool not in ("avg", "max"):
-            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.pool, self.feature_scale = pool, float(feature_scale)
         if location_prior not in ("none", "contrast"):
             raise ValueError(f"location_prior must be 'none' or 'contrast', got {location_prior!r}")
@@ -192,11 +193,8 @@ class TNet(AttentionModel):
     def _embed(self, images: Tensor, boxes: Tensor, level: int) -> tuple[Tensor, Tensor]:
         """(N, C, h, w) crops of normalised (N, 4) boxes -> feature maps and transformed features."""
         fmap = self.features(images)
-        flat = pooled(fmap) if self.pool == "avg" else fmap.amax(dim=(-2, -1))
-        feat = self.transform(flat + self.position(boxes, level))
-        if self.feature_scale:
-            feat = self.feature_scale * F.normalize(feat, dim=-1)
-        return fmap, feat
+        feat = self.transform(pooled(fmap, self.pool) + self.position(boxes, level))
+        return fmap, scaled_unit(feat, self.feature_scale)
 
     def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
         b = views.shape[0]

@@ -4,14 +4,15 @@
   SE and TNet's location module all use it, with their own width and activation);
 - ``cbam``: ``ChannelGate``, ``SpatialGate``, ``CBAM``;
 - ``switch``: ``attention_block``, the SE / CBAM switch that the built-in backbones insert;
-- ``pool``: ``pooled``, global average pooling of a feature map;
+- ``pool``: ``pooled``, global average or max pooling of a feature map; ``scaled_unit``, the
+  cosine classifier's scaled unit features;
 - ``prior``: ``contrast_prior``, the fixed starting point of hard attention's scores.
 
 Pure PyTorch, no I/O; nothing here imports another ``models`` module.
 """
 
 from models.layers.cbam import CBAM, ChannelGate, SpatialGate
-from models.layers.pool import pooled
+from models.layers.pool import pooled, scaled_unit
 from models.layers.prior import contrast_prior
 from models.layers.se import SEBlock, hidden_width
 from models.layers.switch import attention_block
@@ -25,4 +26,5 @@ __all__ = [
     "contrast_prior",
     "hidden_width",
     "pooled",
+    "scaled_unit",
 ]

@@ -72,3 +72,36 @@ def test_pixel_counter_counts_the_stored_bytes_under_each_box():
     assert out.shape == (1, 3, 1, 4, 4)
     assert counter.nbytes == 16 + 8 + 0
     assert counter.level0_sizes(["a"]).tolist() == [[16, 16]]  # everything else is passed on
+
+
+def test_several_seeds_give_min_median_max_per_model(capsys):
+    bench = load_bench()
+    code = bench.main(
+        ["--canvas", "300", "--view", "60", "--train", "16", "--test", "8", "--epochs", "1",
+         "--batch", "8", "--models", "lowres_cnn,stn", "--seeds", "0,1,2", "--json"]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["seeds"] == [0, 1, 2]
+    for m in ("lowres_cnn", "stn"):
+        accs = report["acc_seeds"][m]
+        assert len(accs) == 3 and report["acc_min"][m] == min(accs) == sorted(accs)[0]
+        assert report["acc"][m] == report["acc_median"][m] == sorted(accs)[1]
+        assert report["acc_max"][m] == max(accs)
+        assert len(report["bytes_per_sample_seeds"][m]) == 3
+    assert report["bytes_per_sample"]["lowres_cnn"] == 0 < report["bytes_per_sample"]["stn"]
+
+
+def test_parallel_processes_give_the_same_report_as_one(tmp_path):
+    """--jobs 2 runs each (seed, model) pair in its own process: same accuracies and bytes as
+    in one process (every run is seeded and single-threaded)."""
+    import subprocess
+
+    args = [sys.executable, str(BENCH), "--canvas", "300", "--view", "60", "--train", "16",
+            "--test", "8", "--epochs", "1", "--batch", "8", "--models", "lowres_cnn,tnet",
+            "--seeds", "0,1", "--json"]
+    one, two = (json.loads(subprocess.run(args + extra, capture_output=True, text=True, check=True,
+                                           timeout=300).stdout.strip().splitlines()[-1])
+                for extra in ([], ["--jobs", "2"]))
+    assert one["acc_seeds"] == two["acc_seeds"]
+    assert one["bytes_per_sample_seeds"] == two["bytes_per_sample_seeds"]

@@ -108,3 +108,23 @@ def test_policy_gets_no_gradient_and_says_so():
     named = dict(model.named_parameters())
     assert all(named[n].grad is None and not named[n].requires_grad for n in model.no_grad_params())
     assert all(p.grad is not None for n, p in named.items() if not n.startswith("policy."))
+
+
+def test_gated_backbone_is_a_dasnet_inside_another_model():
+    """build_backbone("dasnet"): the last pass's feature map is the inner CNN's times the
+    policy's gains, and SNES (``snes_search``) writes only the policy."""
+    from models.backbones import build_backbone
+    from models.dasnet import snes_search
+
+    torch.manual_seed(0)
+    gated = build_backbone("dasnet", 3, backbone=TinyConv(), passes=2, policy="bias")
+    views = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        gated.policy.bias[:] = torch.linspace(-2, 2, gated.gain_dim)
+        assert torch.allclose(gated(views).mean((-2, -1)), gated.features(views).mean((-2, -1))
+                              * 2 * torch.sigmoid(gated.policy.bias))
+    before = {n: p.clone() for n, p in gated.named_parameters()}
+    snes_search(list(gated.policy.parameters()), [0, 1], lambda _: float(gated(views).mean()),
+                torch.Generator().manual_seed(0))
+    moved = {n for n, p in gated.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"policy.bias"}
