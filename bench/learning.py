@@ -116,7 +116,7 @@ def model_kwargs(name: str, setup: Setup) -> tuple[str, dict]:
         reg, kw = "ats_mnist", dict(attention_pool=pool, **SOFT_FEATURE_NETS[name])
     elif name == "zoom_in":
         reg, kw = "zoom_in_mnist", dict(attention_pool=pool)
-    elif name in ("tnet", "stn", "two_level"):
+    elif name in ("tnet", "stn", "two_level", "racnn"):
         reg, kw = f"{name}_mnist", {}
     elif name == "lowres_cnn":
         reg, kw = "lowres_cnn", dict(backbone_kwargs={"widths": (16, 32, 64)})
@@ -234,6 +234,7 @@ class Clock:
 def train_epoch(model, opt, data: Split, setup: Setup, gen, epoch: int, clock: Clock) -> dict:
     """One epoch (or less, when the time budget runs out); returns its loss and accuracy."""
     total = setup.epochs * len(data.keys)
+    model.begin_epoch(epoch)  # schedules such as RA-CNN's APN pre-training, as the pipeline's loop
     n = correct = 0
     loss_sum = 0.0
     for idx in batches(len(data.keys), setup.batch, gen):

@@ -58,13 +58,15 @@ def attend_and_zoom(images: Tensor, boxes: Tensor, size: tuple[int, int], k: flo
     return crop_resize(images * mask[:, None], boxes[:, None], size)[:, 0]
 
 
-def square_from_apn(raw: Tensor, min_side: float = 1.0 / 3.0) -> tuple[Tensor, Tensor]:
+def square_from_apn(
+    raw: Tensor, min_side: float = 1.0 / 3.0, max_side: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """APN outputs (B, 3) in (0, 1) -> ``(tx, ty, tl)`` (B, 3) and the normalised box (B, 4).
 
-    ``tl = (min_side + (1 - min_side) raw_2) / 2`` (the side is at least ``min_side`` of the
-    image); the centre is kept so that the square stays inside the image.
+    ``tl = (min_side + (max_side - min_side) raw_2) / 2`` (the side is between ``min_side`` and
+    ``max_side`` of the image); the centre is kept so that the square stays inside the image.
     """
-    tl = 0.5 * (min_side + (1.0 - min_side) * raw[:, 2])
+    tl = 0.5 * (min_side + (max_side - min_side) * raw[:, 2])
     tx = tl + (1.0 - 2.0 * tl) * raw[:, 0]
     ty = tl + (1.0 - 2.0 * tl) * raw[:, 1]
     box = torch.stack([ty - tl, tx - tl, ty + tl, tx + tl], dim=-1)
@@ -82,18 +84,21 @@ def ranking_loss(true_probs: list[Tensor], margin: float) -> Tensor:
     return total
 
 
-def strongest_response_targets(fmap: Tensor, min_side: float = 1.0 / 3.0) -> Tensor:
-    """APN pre-training targets: the square of half the image side centred on the cell with the
-    largest channel-summed response of ``fmap`` (B, D, h, w). Returns raw APN outputs (B, 3),
-    i.e. the inverse of ``square_from_apn`` for that square."""
+def strongest_response_targets(
+    fmap: Tensor, min_side: float = 1.0 / 3.0, max_side: float = 1.0
+) -> Tensor:
+    """APN pre-training targets: the square of half the image side (or ``max_side``, if
+    smaller) centred on the cell with the largest channel-summed response of ``fmap``
+    (B, D, h, w). Returns raw APN outputs (B, 3), i.e. the inverse of ``square_from_apn``."""
     b, _, h, w = fmap.shape
     flat = fmap.detach().sum(1).flatten(1).argmax(-1)
     cy = ((flat // w).to(fmap.dtype) + 0.5) / h
     cx = ((flat % w).to(fmap.dtype) + 0.5) / w
-    tl = torch.full((b,), 0.25, dtype=fmap.dtype)
-    raw_tl = (2 * tl - min_side) / (1.0 - min_side)
-    raw_x = ((cx.clamp(0.25, 0.75) - tl) / (1.0 - 2 * tl)).clamp(0.0, 1.0)
-    raw_y = ((cy.clamp(0.25, 0.75) - tl) / (1.0 - 2 * tl)).clamp(0.0, 1.0)
+    half = min(0.25, max_side / 2)
+    tl = torch.full((b,), half, dtype=fmap.dtype)
+    raw_tl = ((2 * tl - min_side) / max(max_side - min_side, 1e-6)).clamp(0.0, 1.0)
+    raw_x = ((cx.clamp(half, 1 - half) - tl) / (1.0 - 2 * tl)).clamp(0.0, 1.0)
+    raw_y = ((cy.clamp(half, 1 - half) - tl) / (1.0 - 2 * tl)).clamp(0.0, 1.0)
     return torch.stack([raw_x, raw_y, raw_tl], dim=-1)
 
 
@@ -127,6 +132,8 @@ class RACNN(AttentionModel):
         k: logistic steepness of the boxcar (per pixel). margin: ranking margin.
         rank_weight: weight of the ranking loss in the joint phase.
         min_side: the smallest crop side as a fraction of the previous scale (1/3).
+        max_side: the largest (1: the whole previous scale); below 1 it bounds what a zoom
+            reads (an APN that learns to zoom out reads the whole scene at every scale).
         read_margin: extra context read around each crop, as a fraction of its side.
         max_level: deepest pyramid level to read from (None: whatever the scene has).
         alternate_epochs: 0 trains everything jointly; n > 0 runs the paper's alternating
@@ -153,6 +160,7 @@ class RACNN(AttentionModel):
         margin: float = 0.05,
         rank_weight: float = 1.0,
         min_side: float = 1.0 / 3.0,
+        max_side: float = 1.0,
         read_margin: float = 0.0,
         max_level: int | None = None,
         alternate_epochs: int = 0,
@@ -168,7 +176,10 @@ class RACNN(AttentionModel):
             )
         self.view_size = tuple(view_size)
         self.scales, self.k, self.margin, self.rank_weight = scales, k, margin, rank_weight
-        self.min_side, self.read_margin, self.max_level = min_side, read_margin, max_level
+        if not 0.0 < min_side <= max_side <= 1.0:
+            raise ValueError(f"need 0 < min_side <= max_side <= 1, got {min_side}, {max_side}")
+        self.min_side, self.max_side = min_side, max_side
+        self.read_margin, self.max_level = read_margin, max_level
         first = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         if share_backbone or isinstance(backbone, nn.Module):
             nets = [first] * scales  # an injected module cannot be copied safely: share it
@@ -255,8 +266,8 @@ class RACNN(AttentionModel):
             # detach, APN s's error would also reach APN s-1 through the zoom it chose
             raw = self.apns[s](fmap.detach() if self.phase == "pretrain" else fmap)
             apn_raw.append(raw)
-            apn_targets.append(strongest_response_targets(fmap, self.min_side))
-            _, square = square_from_apn(raw, self.min_side)
+            apn_targets.append(strongest_response_targets(fmap, self.min_side, self.max_side))
+            _, square = square_from_apn(raw, self.min_side, self.max_side)
             crop = sub_region(parent, square)  # (B, 4) normalised scene box, differentiable
             patches, patch_box, boxes0 = yield from self._read(crop.detach(), sizes)
             local = (crop - patch_box[:, [0, 1, 0, 1]]) / (
@@ -325,3 +336,25 @@ def racnn(**kwargs) -> RACNN:
     """RA-CNN with ``scales`` scales (default 3); each zoom reads one crop per scene (keyword
     arguments of ``RACNN``; ``num_classes`` 10 and ``view_size`` (64, 64) by default)."""
     return RACNN(**{"num_classes": 10, "view_size": (64, 64), **kwargs})
+
+
+# The Megapixel MNIST setting of bench/learning.py: three scales with the feature CNN of
+# ``ats_mnist``, each zoom at most half of the scale before it (so the reads stay within a
+# quarter of a canvas: 250 px then at most 125 px squares, at level 1), APN pre-training first
+# as the paper does.
+MNIST_SETTING = dict(
+    in_channels=1,
+    num_classes=10,
+    view_size=(50, 50),
+    scales=3,
+    backbone="small_cnn",
+    backbone_kwargs={"widths": (16, 32, 64)},
+    max_side=0.5,
+    apn_pretrain_epochs=1,
+)
+
+
+@register_model("racnn_mnist")
+def racnn_mnist(**kwargs) -> RACNN:
+    """RA-CNN set up for Megapixel MNIST (``MNIST_SETTING``, any of it overridable)."""
+    return RACNN(**{**MNIST_SETTING, **kwargs})

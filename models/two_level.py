@@ -22,6 +22,8 @@ during training ``end_step`` keeps a bank of recent patch features and re-cluste
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,6 +100,14 @@ def window_contrast(views: Tensor, windows: Tensor, size: tuple[int, int]) -> Te
     return inside / inside.amax(-1, keepdim=True).clamp_min(1e-6)
 
 
+class Kept(NamedTuple):
+    """The candidates chosen for reading: ``index`` (B, T) into the candidates, best first, and
+    the filter net's logits (B, M, classes) on the M windows it scored."""
+
+    index: Tensor
+    filter_logits: Tensor
+
+
 class TwoLevelAttention(AttentionModel):
     """Two-level attention (see the module docstring).
 
@@ -117,6 +127,9 @@ class TwoLevelAttention(AttentionModel):
             confidence plus ``prior_strength`` times their mean local contrast in the view
             (0..1, the bottom-up objectness that the paper takes from selective search; see
             ``window_contrast``), so the first reads land on structure.
+        proposals: 0 scores every candidate with the filter net; M > 0 (with the contrast
+            prior) scores only the M windows with the most contrast, as the paper's filter net
+            sees only selective search's proposals (M times fewer filter-net passes).
     """
 
     def __init__(
@@ -141,11 +154,17 @@ class TwoLevelAttention(AttentionModel):
         max_level: int | None = None,
         proposal_prior: str = "none",
         prior_strength: float = 5.0,
+        proposals: int = 0,
     ):
         super().__init__()
         if proposal_prior not in ("none", "contrast"):
             raise ValueError(f"proposal_prior must be 'none' or 'contrast', got {proposal_prior!r}")
         self.prior_strength = float(prior_strength) if proposal_prior == "contrast" else 0.0
+        self.uses_contrast = proposal_prior == "contrast"
+        self.proposals = int(proposals)
+        if self.proposals and (not self.uses_contrast or self.proposals < keep):
+            raise ValueError(f"proposals ({proposals}) need proposal_prior='contrast' and at "
+                             f"least keep ({keep}) windows")
         self.view_size, self.patch_size = tuple(view_size), tuple(patch_size)
         self.filter_size, self.keep, self.parts = tuple(filter_size), keep, parts
         self.object_weight, self.part_weight = object_weight, part_weight
@@ -169,18 +188,31 @@ class TwoLevelAttention(AttentionModel):
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
 
-    def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
+    def _keep(self, views: Tensor) -> Kept:
+        """The candidates to read, best first: with ``proposals`` the windows with the most
+        contrast first (bottom-up), then the filter net's confidence on their crops of the
+        view, plus the prior's share."""
         b, k = views.shape[0], self.candidates.shape[0]
         windows = self.candidates.expand(b, k, 4)
-        crops = crop_resize(views, windows, self.filter_size)  # (B, K, C, fh, fw)
-        filter_logits = self.filter_head(pooled(self.filter_net(crops.flatten(0, 1)))).view(b, k, -1)
-        score = torch.softmax(filter_logits.detach(), -1).max(-1).values  # (B, K) confidence
+        index = torch.arange(k).expand(b, k)
+        prior = window_contrast(views, windows, self.filter_size) if self.uses_contrast else None
+        if self.proposals:
+            index = prior.topk(self.proposals, dim=-1).indices  # (B, M)
+            prior, windows = prior.gather(1, index), self.candidates[index]
+        crops = crop_resize(views, windows, self.filter_size)  # (B, M, C, fh, fw)
+        logits = self.filter_head(pooled(self.filter_net(crops.flatten(0, 1))))
+        logits = logits.view(b, index.shape[1], -1)
+        score = torch.softmax(logits.detach(), -1).max(-1).values  # confidence
         if self.prior_strength:
-            score = score + self.prior_strength * window_contrast(views, windows, self.filter_size)
-        kept = torch.topk(score, self.keep, dim=-1).indices  # (B, T), best first
-        boxes0 = to_level0(self.candidates[kept], sizes)
+            score = score + self.prior_strength * prior
+        return Kept(index.gather(1, torch.topk(score, self.keep, dim=-1).indices), logits)
+
+    def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
+        kept = self._keep(views)
+        boxes0 = to_level0(self.candidates[kept.index], sizes)
         level = read_level(boxes0, self.patch_size, sizes, max_level=self.max_level)
         patches = yield ReadRequest(boxes0, level, self.patch_size)  # (B, T, C, h, w)
+        b = views.shape[0]
         feats = pooled(self.domain_net(patches.flatten(0, 1))).view(b, self.keep, -1)
         object_logits = self.object_head(feats.mean(1))
         part_feats, choice = select_parts(feats, part_scores(feats, self.assignment, self.parts))
@@ -190,11 +222,11 @@ class TwoLevelAttention(AttentionModel):
             boxes=boxes0,
             weights=torch.full(boxes0.shape[:2], 1.0 / self.keep),
             extras={
-                "filter_logits": filter_logits,
+                "filter_logits": kept.filter_logits,
                 "object_logits": object_logits,
                 "part_logits": part_logits,
                 "part_choice": choice,
-                "kept": kept,
+                "kept": kept.index,
                 "patch_features": feats.detach(),
             },
         )
@@ -246,7 +278,7 @@ def two_level(**kwargs) -> TwoLevelAttention:
 
 # The Megapixel MNIST setting of bench/learning.py: windows of an eighth of the canvas (62 px of
 # 500, every 31 px: a 28 px digit lies whole in one) ranked by the filter net plus the contrast
-# prior, 10 kept and read as 30 px at level 1 (the digit at 13 px), the feature CNN of
+# prior (the filter net sees the 30 with the most contrast), 10 kept and read as 30 px at level 1 (the digit at 13 px), the feature CNN of
 # ``ats_mnist`` for both networks, the filter net on 12 px cuts of the view.
 MNIST_SETTING = dict(
     in_channels=1,
@@ -256,6 +288,7 @@ MNIST_SETTING = dict(
     window_scales=(0.125,),
     window_stride=0.5,
     keep=10,
+    proposals=30,
     filter_size=(12, 12),
     backbone_kwargs={"widths": (16, 32, 64)},
     proposal_prior="contrast",

@@ -80,6 +80,19 @@ def test_apn_square_is_at_least_a_third_and_inside_the_image():
     assert ((box[:, 2] - box[:, 0]) >= 1 / 3 - 1e-6).all()
 
 
+def test_max_side_bounds_the_square_and_the_pretraining_target():
+    raw = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    _, box = square_from_apn(raw, min_side=0.2, max_side=0.4)
+    assert torch.allclose(box[:, 2] - box[:, 0], torch.tensor([0.4, 0.2]))
+    assert torch.allclose(box[0], torch.tensor([0.6, 0.6, 1.0, 1.0]))
+    fmap = torch.zeros(1, 3, 4, 4)
+    fmap[0, :, 0, 0] = 5.0  # peak in the top-left cell
+    _, box = square_from_apn(strongest_response_targets(fmap, 0.2, 0.4), 0.2, 0.4)
+    assert torch.allclose(box, torch.tensor([[0.0, 0.0, 0.4, 0.4]]), atol=1e-6)
+    with pytest.raises(ValueError, match="max_side"):
+        RACNN(3, (16, 16), backbone=TinyConv(), min_side=0.5, max_side=0.4)
+
+
 def test_apn_pretraining_target_is_half_the_image_around_the_strongest_response():
     fmap = torch.zeros(1, 3, 4, 4)
     fmap[0, :, 1, 2] = 5.0  # peak at cell (1, 2): centre (0.375, 0.625)

@@ -125,6 +125,24 @@ def test_loss_gives_the_location_module_a_policy_gradient():
     assert math.isfinite(float(grad)) and float(grad) > 0
 
 
+def test_detached_location_keeps_the_policy_gradient_out_of_the_backbone():
+    """The REINFORCE term alone: with ``detach_location`` it reaches the location module and
+    nothing of the backbone; without, it reaches the backbone too."""
+    grads = {}
+    for detach in (False, True):
+        model = _model(levels=2, locations=2, reinforce_weight=1.0, detach_location=detach)
+        out, *_ = _forward(model.train(), generator=torch.Generator().manual_seed(0))
+        labels = out.logits.argmax(-1).clone()
+        labels[1] = (labels[1] + 1) % 5
+        model.reinforce_term(out, labels).backward()
+        location = sum(float(p.grad.abs().sum()) for p in model.location.parameters())
+        backbone = sum(float(p.grad.abs().sum()) for p in model.features.parameters()
+                       if p.grad is not None)
+        grads[detach] = (location, backbone)
+    assert grads[True][0] > 0 and grads[True][1] == 0.0
+    assert grads[False][0] > 0 and grads[False][1] > 0
+
+
 def _one_bright_square(size=32, corner=(22, 4), side=6):
     views = torch.zeros(1, 3, size, size)
     y, x = corner

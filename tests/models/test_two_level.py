@@ -120,3 +120,22 @@ def test_contrast_prior_keeps_the_windows_on_the_object_first():
     assert first[0] <= 2 / 32 and first[2] >= 8 / 32 and first[1] <= 24 / 32 and first[3] >= 30 / 32
     scores = window_contrast(views, model.candidates.expand(1, -1, 4), (16, 16))
     assert float(scores.max()) == 1.0 and float(scores.min()) == 0.0
+
+
+def test_proposals_limit_the_filter_net_to_the_windows_with_most_contrast():
+    views = torch.zeros(2, 3, 32, 32)
+    views[:, :, 2:8, 24:30] = 1.0
+    views[1, :, 20:26, 4:10] = 1.0
+    source, keys = random_scenes([(256, 256), (256, 256)], coarsest=64)
+    model = _model(proposal_prior="contrast", proposals=5).eval()
+    with torch.no_grad():
+        out = model(views, source.level0_sizes(keys), source, keys)
+        windows = model.candidates.expand(2, -1, 4)
+        top5 = window_contrast(views, windows, (16, 16)).topk(5, dim=-1).indices
+    assert out.extras["filter_logits"].shape[:2] == (2, 5)
+    for b in range(2):
+        assert set(out.extras["kept"][b].tolist()) <= set(top5[b].tolist())
+    import pytest
+
+    with pytest.raises(ValueError, match="proposals"):
+        _model(proposals=5)  # needs the contrast prior
