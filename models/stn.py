@@ -124,15 +124,18 @@ class GlimpseHead(nn.Module):
     Each glimpse is an axis-aligned square (the "attention" transform of the STN paper: scale and
     translation), ``theta = [[s, 0, cx], [0, s, cy]]``, with its side ``s`` (a fraction of the
     scene's) in ``[min_scale, max_scale]`` by a sigmoid, and its centre ``c = (1 - s) tanh(a +
-    u)`` strictly inside ``[-(1 - s), 1 - s]``: the glimpse can never leave the scene or shrink
-    to nothing, whatever the weights (an unbounded affine head collapsed in training). ``a``
+    u)`` strictly inside ``[-(1 - s), 1 - s]`` (with ``max_shift > 0``: ``anchor + max_shift
+    tanh(u)`` clipped to that range, so a glimpse only refines its anchor's position): the
+    glimpse can never leave the scene or shrink to nothing, whatever the weights (an unbounded
+    affine head collapsed in training). ``a``
     places the glimpse on its anchor (``glimpse_anchors``) at the initial scale; ``u`` and the
     scale's logit come from a small conv net on the view, sampled at the anchor, then two linear
     layers, the last zero-initialised (the glimpses start on their anchors at ``init_scale``).
     """
 
     def __init__(self, in_channels: int, count: int, init_scale: float, min_scale: float,
-                 max_scale: float, anchors: str = "grid", anchor_grid: int = 10, hidden: int = 32):
+                 max_scale: float, anchors: str = "grid", anchor_grid: int = 10, hidden: int = 32,
+                 max_shift: float = 0.0):
         super().__init__()
         if not 0.0 < min_scale <= init_scale <= max_scale <= 1.0:
             raise ValueError(f"need 0 < min_scale <= glimpse_scale <= max_scale <= 1, got "
@@ -141,6 +144,7 @@ class GlimpseHead(nn.Module):
             raise ValueError(f"anchors must be 'grid' or 'contrast', got {anchors!r}")
         self.count, self.anchors, self.anchor_grid = count, anchors, anchor_grid
         self.min_scale, self.max_scale, self.init_scale = min_scale, max_scale, init_scale
+        self.max_shift = float(max_shift)
         self.trunk = nn.Sequential(
             nn.Conv2d(in_channels, 8, 5, stride=2, padding=2), nn.ReLU(inplace=True),
             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True),
@@ -160,8 +164,13 @@ class GlimpseHead(nn.Module):
         glob = fmap.mean((-2, -1))[:, :, None].expand(-1, -1, k)
         u = self.out(self.mlp(torch.cat([local, glob], 1).transpose(1, 2)))  # (B, K, 3)
         s = self.min_scale + (self.max_scale - self.min_scale) * torch.sigmoid(u[..., 0])
-        a = torch.atanh((anchor / (1 - self.init_scale)).clamp(-0.999, 0.999))
-        centre = (1 - s)[..., None] * torch.tanh(a + u[..., 1:])  # (B, K, 2) as (x, y)
+        inside = (1 - s)[..., None]  # the centre's bound that keeps the glimpse in the scene
+        if self.max_shift:
+            shifted = anchor + self.max_shift * torch.tanh(u[..., 1:])
+            centre = torch.maximum(torch.minimum(shifted, inside), -inside)
+        else:
+            a = torch.atanh((anchor / (1 - self.init_scale)).clamp(-0.999, 0.999))
+            centre = inside * torch.tanh(a + u[..., 1:])  # (B, K, 2) as (x, y)
         zero = torch.zeros_like(s)
         rows = [torch.stack([s, zero, centre[..., 0]], -1), torch.stack([zero, s, centre[..., 1]], -1)]
         return torch.stack(rows, -2)
@@ -178,7 +187,8 @@ class STNGlimpse(AttentionModel):
         glimpse_scale: initial side of a glimpse as a fraction of the scene's; ``min_scale``,
             ``max_scale``: the bounds it can never leave (``GlimpseHead``).
         anchors: where the glimpses start, ``"grid"`` or ``"contrast"`` (``glimpse_anchors``,
-            ``anchor_grid`` cells a side).
+            ``anchor_grid`` cells a side). max_shift: 0 lets a glimpse go anywhere in the scene;
+            > 0 keeps its centre within this many scene half-widths of its anchor.
         read_scale: the patch read from the pyramid has ``read_scale * glimpse_size`` pixels
             over the glimpse's box.
         backbone: feature network name (``models.backbones.build_backbone``) or module.
@@ -202,6 +212,7 @@ class STNGlimpse(AttentionModel):
         max_scale: float = 1.0,
         anchors: str = "grid",
         anchor_grid: int = 10,
+        max_shift: float = 0.0,
         read_scale: float = 1.0,
         backbone: str | nn.Module = "small_cnn",
         in_channels: int = 3,
@@ -219,7 +230,7 @@ class STNGlimpse(AttentionModel):
         self.read_size = tuple(max(1, round(s * read_scale)) for s in glimpse_size)
         self.max_level = max_level
         self.head = GlimpseHead(in_channels, glimpses, glimpse_scale, min_scale, max_scale,
-                                anchors, anchor_grid, loc_hidden)
+                                anchors, anchor_grid, loc_hidden, max_shift)
         self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         self.classifier = nn.Linear(self.features.out_channels, num_classes)
 
@@ -250,8 +261,9 @@ def stn(**kwargs) -> STNGlimpse:
 
 # The Megapixel MNIST setting of bench/learning.py: 10 glimpses of a tenth of the canvas (50 px
 # of a 500 px canvas) read as 24 px at level 1 (the digit at 14 px, as ``ats_mnist``'s patches),
-# starting on the 10 cells of a 10 x 10 grid of the view with the most contrast, the feature
-# CNN of ``ats_mnist`` with its max pool and scaled unit features.
+# starting on the 10 cells of a 10 x 10 grid of the view with the most contrast and moving at
+# most one cell from there (free glimpses wandered off the digits: README), sides between 40
+# and 75 px, the feature CNN of ``ats_mnist`` with its max pool and scaled unit features.
 MNIST_SETTING = dict(
     in_channels=1,
     num_classes=10,
@@ -259,9 +271,10 @@ MNIST_SETTING = dict(
     glimpse_size=(24, 24),
     glimpses=10,
     glimpse_scale=0.1,
-    min_scale=0.04,
-    max_scale=0.3,
+    min_scale=0.08,
+    max_scale=0.15,
     anchors="contrast",
+    max_shift=0.1,
     backbone="small_cnn",
     backbone_kwargs={"widths": (16, 32, 64)},
     pool="max",

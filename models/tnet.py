@@ -122,6 +122,12 @@ class TNet(AttentionModel):
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         reinforce_weight: lambda of the REINFORCE term. level_weight: weight of the
             per-level classification terms (averaged over levels).
+        region_size: (h, w) pixels at which regions are read and processed (None: the view's
+            size, as the paper; the backbone is fully convolutional, so a region can be smaller
+            than the view when the view is not the backbone's cost-defining input).
+        level_heads: the per-level terms use a linear head of their own per level (False: the
+            final classifier, shared). With unit-scaled features, the shared classifier
+            fitted to the view alone slowed learning (README).
         sample_in_eval: sample locations at inference too (default: top-k).
         max_level: deepest pyramid level to read from (None: whatever the scene has).
         pool: "avg" or "max": global pooling of each region's feature map (max keeps a small
@@ -157,6 +163,8 @@ class TNet(AttentionModel):
         pool: str = "avg",
         feature_scale: float = 0.0,
         detach_location: bool = False,
+        level_heads: bool = False,
+        region_size: tuple[int, int] | None = None,
         location_prior: str = "none",
         prior_strength: float = 5.0,
     ):
@@ -171,6 +179,7 @@ class TNet(AttentionModel):
         if levels < 1 or not 1 <= locations <= grid * grid:
             raise ValueError(f"need levels >= 1 and 1 <= locations <= grid^2, got {levels}, {locations}")
         self.view_size = tuple(view_size)
+        self.region_size = tuple(region_size or view_size)
         self.levels, self.locations = levels, locations
         self.reinforce_weight, self.level_weight = reinforce_weight, level_weight
         self.sample_in_eval, self.max_level = sample_in_eval, max_level
@@ -182,6 +191,9 @@ class TNet(AttentionModel):
         self.position = PositionalEncoding(dim, levels)
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(dim, num_classes)
+        self.level_classifiers = (
+            nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(levels)) if level_heads else None
+        )
         self.register_buffer("baseline", torch.zeros(()))
 
     def _choose(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -218,15 +230,16 @@ class TNet(AttentionModel):
             child = sub_region(boxes.reshape(-1, 1, 4), self.candidates[chosen])  # (B * R, k, 4)
             boxes = child.reshape(b, -1, 4)
             boxes0 = to_level0(boxes, sizes)
-            lvl = read_level(boxes0, self.view_size, sizes, max_level=self.max_level)
-            patches = yield ReadRequest(boxes0, lvl, self.view_size)  # (B, R', C, h, w)
+            lvl = read_level(boxes0, self.region_size, sizes, max_level=self.max_level)
+            patches = yield ReadRequest(boxes0, lvl, self.region_size)  # (B, R', C, h, w)
             images = patches.flatten(0, 1)
             fmap, feat = self._embed(images, boxes.reshape(-1, 4), level)
             feats.append(feat.view(b, boxes.shape[1], -1))
             read.append(boxes0)
         all_feats = torch.cat(feats, dim=1)  # (B, N, D)
         logits = self.classifier(all_feats.mean(1))
-        level_logits = [self.classifier(f.mean(1)) for f in feats]
+        heads = self.level_classifiers or [self.classifier] * len(feats)
+        level_logits = [head(f.mean(1)) for head, f in zip(heads, feats, strict=True)]
         boxes_read = torch.cat(read, dim=1) if read else torch.zeros((b, 0, 4), dtype=torch.int64)
         weights = torch.full(boxes_read.shape[:2], 1.0 / all_feats.shape[1])
         return ModelOutput(
@@ -271,23 +284,26 @@ def tnet(**kwargs) -> TNet:
 
 
 # The Megapixel MNIST setting of bench/learning.py: two levels as the paper's ImageNet recipe
-# (the view, then 5 locations), candidates of a fifth of the scene every tenth (a 28 px digit
-# always lies whole inside one), read at the view's size (a 500 px canvas: 100 px regions at
-# 50 px, level 1, the digit at 14 px), the contrast prior on the location logits and the
-# feature CNN of ``ats_mnist``.
+# (the view, then 10 locations, as many as ATS's patches); candidates of a tenth of the scene
+# every twentieth (a 500 px canvas: 50 px regions every 25 px, so a 28 px digit lies whole inside
+# one) read as 24 px at level 1 (the digit at 13 px; ``ats_mnist``'s patches); the contrast prior
+# on the location logits, the feature CNN of ``ats_mnist`` with its max pool and scaled unit
+# features, REINFORCE on a detached feature map and per-level heads (measurements in the README).
 MNIST_SETTING = dict(
     in_channels=1,
     num_classes=10,
     view_size=(50, 50),
     levels=2,
-    locations=5,
-    grid=9,
+    locations=10,
+    grid=19,
     overlap=0.5,
+    region_size=(24, 24),
     backbone="small_cnn",
     backbone_kwargs={"widths": (16, 32, 64)},
     pool="max",
     feature_scale=16.0,
     detach_location=True,
+    level_heads=True,
     location_prior="contrast",
     prior_strength=5.0,
 )

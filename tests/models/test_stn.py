@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from models.memory import TensorPyramidSource
 from models.regions import to_level0
 from models.registry import create_model
-from models.stn import STNBlock, STNGlimpse, grid_bbox
+from models.stn import STNBlock, STNGlimpse, glimpse_anchors, grid_bbox
 from tests.models.tiny_nets import (
     RecordingSource,
     TinyConv,
@@ -103,7 +103,7 @@ def test_glimpses_stay_in_the_scene_when_training_pushes_them_out_and_shrinks_th
     """Gradient descent on "move right, shrink" with a huge step: the bounds hold (an unbounded
     affine head leaves the scene within a few steps)."""
     torch.manual_seed(0)
-    model = create_model("stn_mnist")
+    model = create_model("stn_mnist", max_shift=0.0, max_scale=0.5)  # free to go anywhere
     views = torch.rand(4, 1, 50, 50)
     opt = torch.optim.SGD(model.head.parameters(), lr=10.0)
     for _ in range(50):
@@ -115,6 +115,23 @@ def test_glimpses_stay_in_the_scene_when_training_pushes_them_out_and_shrinks_th
     boxes = _boxes_of(model, views)
     _assert_inside_and_not_empty(boxes, model.head.min_scale)
     assert float(boxes[..., 3].min()) > 0.9  # it did move to the right border
+
+
+def test_max_shift_keeps_each_glimpse_near_its_anchor_and_inside_the_scene():
+    torch.manual_seed(0)
+    model = create_model("stn", view_size=(50, 50), in_channels=1, glimpses=4, glimpse_scale=0.2,
+                         anchors="contrast", max_shift=0.1)
+    views = torch.rand(6, 1, 50, 50)
+    anchors = glimpse_anchors(views, 4, "contrast", 10)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.copy_(torch.randn_like(p) * 100)
+        theta = model.head(views)
+    shift = theta[..., :, 2] - anchors  # (B, K, 2) centre minus anchor, as (x, y)
+    inside = 1 - theta[..., 0, 0]
+    assert float(shift.abs().max()) <= 0.1 + 1e-6
+    assert (theta[..., :, 2].abs() <= inside[..., None] + 1e-6).all()
+    _assert_inside_and_not_empty(_boxes_of(model, views), model.head.min_scale)
 
 
 def test_contrast_anchors_start_the_glimpses_on_the_brightest_cells():

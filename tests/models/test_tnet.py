@@ -100,6 +100,18 @@ def test_only_the_chosen_regions_are_read_at_each_level():
     assert torch.allclose(out.weights, torch.full((2, 6), 1 / 7))
 
 
+def test_regions_are_read_at_region_size_from_the_level_that_serves_it():
+    """Half-size regions of 2048 px scenes are 1024 px: 256 px regions come from level 2, 512 px
+    ones from level 1 (the coarsest level that still has the region's resolution)."""
+    levels = {}
+    for side in (256, 512):
+        model = _model(levels=2, locations=2, region_size=(side, side)).eval()
+        _, rec, *_ = _forward(model, shapes=((2048, 2048), (2048, 2048)))
+        assert len(rec.requests) == 1 and rec.requests[0].size == (side, side)
+        levels[side] = rec.requests[0].level
+    assert levels == {256: 2, 512: 1}
+
+
 def test_sampling_in_training_is_seeded_and_topk_in_eval_is_deterministic():
     model = _model(levels=2, locations=1)
     a = _forward(model.train(), generator=torch.Generator().manual_seed(3))[1].requests[0].boxes
