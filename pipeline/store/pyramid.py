@@ -43,6 +43,12 @@ DEFAULT_CHUNK = 16
 DEFAULT_SHARD = 128
 DEFAULT_COARSEST = 256
 ZSTD_LEVEL = 3
+# The smallest side, in px, of a scene the ingest accepts: one inner chunk, and the smallest
+# patch any shipped config reads (jobs/configs/tiny.yaml: 16 px). A smaller image (a 1 x 1 px
+# thumbnail, a broken export) holds no patch worth of evidence; every patch read from it would
+# be mostly zero padding. Training also needs the levels its model reads (level 1 in every
+# shipped config: a long side above the pyramid's ``coarsest``), which the ingest cannot know.
+MIN_SCENE_SIDE = 16
 WRITE_CONCURRENCY = 16  # shard objects stored at once
 # 2: every level records its empty shards. A pyramid of format 1 is still readable, but the
 # ingest rewrites it (``pyramid_complete`` is False) and a reader refuses its absent shards.
