@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from pipeline.synth.demo import DEMO_SPEC
 from pipeline.train.config import TrainConfig, load_job_config
+from pipeline.train.driver import write_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,21 +60,26 @@ def make_data(train: int, val: int) -> str:
     return make_demo_data(DATA, spec, workers=2, say=say).manifest
 
 
-def ray_env() -> dict[str, str]:
+def ray_env(token: Path | None = None) -> dict[str, str]:
     """Environment of the head and the CLI: this venv first on PATH (so the job's ``python``
-    is ours), loopback only, token authentication on."""
+    is ours), loopback only, token authentication on, with the token file ``token`` (mode
+    0600, ``write_token_file``) when given."""
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Ray 2.60 protects a head's APIs with a token (kept by Ray in ~/.ray/auth_token); say so
-    # explicitly for both `ray start` and `ray job submit`, or the CLI does not send it.
+    # Ray 2.60 protects a head's APIs with a token; say so explicitly for both `ray start` and
+    # `ray job submit`, or the CLI does not send it. Ray's own default token file
+    # (~/.ray/auth_token) is written readable by every user (0644): use ours (0600).
     env.setdefault("RAY_AUTH_MODE", "token")
+    if token is not None:
+        env["RAY_AUTH_TOKEN_PATH"] = str(token)
     return env
 
 
-def start_head(temp_dir: Path) -> tuple[subprocess.Popen, str]:
-    """``ray start --head --block`` in its own process group; returns it and the job address."""
+def start_head(temp_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` in its own process group, with environment ``env``
+    (``ray_env``); returns it and the job address."""
     port, dashboard = free_port(), free_port()
     temp_dir.mkdir(parents=True, exist_ok=True)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -80,7 +87,7 @@ def start_head(temp_dir: Path) -> tuple[subprocess.Popen, str]:
            f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true"]
     say(f"starting a Ray head on 127.0.0.1:{port} (jobs API on port {dashboard})")
     log = open(temp_dir.parent / "ray_head.log", "w")  # noqa: SIM115 - lives as long as the head
-    head = subprocess.Popen(cmd, env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 180
@@ -112,7 +119,8 @@ def stop_head(head: subprocess.Popen) -> None:
     say("Ray head stopped")
 
 
-def submit(address: str, manifest: str, epochs: int | None, sets: list[str]) -> TrainConfig:
+def submit(address: str, manifest: str, epochs: int | None, sets: list[str],
+           env: dict[str, str]) -> TrainConfig:
     """``ray job submit`` the training job (its output streams through); returns its config.
 
     The job's result is then read where it is recorded, in MLflow (``find_run``), not parsed
@@ -134,7 +142,7 @@ def submit(address: str, manifest: str, epochs: int | None, sets: list[str]) -> 
            *[x for s in sets for x in ("--set", s)], "--register", REGISTER]
     say("submitting: " + " ".join(cmd[:8]) + " ... -- python jobs/train_fmow.py --config "
         + str(CONFIG.relative_to(ROOT)) + f" --register {REGISTER}")
-    status = subprocess.run(cmd, env=ray_env(), cwd=ROOT).returncode
+    status = subprocess.run(cmd, env=env, cwd=ROOT).returncode
     if status != 0:
         raise RuntimeError(f"the training job failed (ray job submit exited {status})")
     return config
@@ -206,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     manifest = make_data(args.train, args.val)
     say(f"data ready in {time.monotonic() - start:.0f} s")
-    head, address = start_head(ROOT / "ray_tmp" / "demo")
+    token = write_token_file(ROOT / "ray_tmp")
+    env = ray_env(token)
+    head, address = start_head(ROOT / "ray_tmp" / "demo", env)
     try:
-        config = submit(address, manifest, args.epochs, sets)
+        config = submit(address, manifest, args.epochs, sets, env)
     finally:
         stop_head(head)
+        shutil.rmtree(token.parent, ignore_errors=True)
     report(config, find_run(config))
     say(f"done in {time.monotonic() - start:.0f} s")
     return 0

@@ -253,6 +253,7 @@ def ingest_scene(
                 "skipped", manifest_row(info.attrs, info.uri, info.level_shapes, classes)
             )
         loaded = loader(task)
+        check_scene_size(loaded.image, task.source)
         attrs = scene_attrs(task, loaded)
         uri = pyramid.write_pyramid(dst, task.scene_id, loaded.image, attrs, coarsest=coarsest)
         shapes = [
@@ -268,6 +269,17 @@ def ingest_scene(
     except Exception as exc:  # noqa: BLE001 - one scene's failure must not stop the run
         reason = f"{type(exc).__name__} while ingesting {task.source}: {exc}"
         return Outcome("rejected", reject_row(task, "error", reason))
+
+
+def check_scene_size(image: np.ndarray, uri: str) -> None:
+    """``BadInput("too_small")`` naming ``uri`` when the (C, H, W) image is narrower or lower
+    than ``pipeline.store.pyramid.MIN_SCENE_SIDE`` px: training could not read it."""
+    from pipeline.store.pyramid import MIN_SCENE_SIDE
+
+    _, h, w = image.shape
+    if min(h, w) < MIN_SCENE_SIDE:
+        raise BadInput("too_small", f"image {uri} is {w}x{h} px, smaller than {MIN_SCENE_SIDE} px "
+                       "on a side (pipeline.store.pyramid.MIN_SCENE_SIDE): too small to train on")
 
 
 def _bad_path(task: SceneTask, exc: BadInput) -> str:
@@ -388,8 +400,11 @@ def _dedupe(tasks: Sequence[SceneTask]) -> tuple[list[SceneTask], list[Outcome]]
     return unique, duplicates
 
 
-def summary(report: IngestReport, manifest_uri: str | None = None) -> str:
-    """A few lines for people: counts, reject kinds, time, where the manifest is."""
+def summary(report: IngestReport, manifest_uri: str | None = None, show: int = 20) -> str:
+    """A few lines for people: counts, reject kinds, the first ``show`` rejected inputs with
+    their reasons (the rest are in the rejects table), time, where the manifest is."""
+    from pipeline.store.manifest import paths_for
+
     c = report.counts
     lines = [
         f"[ingest] done in {report.seconds:.1f} s: {sum(c.values())} scenes, "
@@ -399,6 +414,11 @@ def summary(report: IngestReport, manifest_uri: str | None = None) -> str:
     if report.reject_kinds:
         kinds = ", ".join(f"{k} {n}" for k, n in report.reject_kinds.items())
         lines.append(f"[ingest] rejects by kind: {kinds}")
+    lines += [f"[ingest] rejected {r['path']} ({r['kind']}): {r['reason']}"
+              for r in report.rejects[:show]]
+    if len(report.rejects) > show:
+        where = paths_for(manifest_uri).rejects_csv if manifest_uri else "the rejects table"
+        lines.append(f"[ingest] ... and {len(report.rejects) - show} more rejects: {where}")
     if manifest_uri:
         lines.append(f"[ingest] manifest: {manifest_uri}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ through ``pipeline.store.storage``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -199,10 +200,24 @@ def parse_fmow_json(data: bytes, category: str) -> FmowMeta:
         box_id=box.get("ID") if isinstance(box.get("ID"), int) else None,
         width=width,
         height=height,
-        gsd=float(doc["gsd"]) if isinstance(doc.get("gsd"), int | float) else None,
+        gsd=_gsd(doc.get("gsd")),
         timestamp=str(doc["timestamp"]) if doc.get("timestamp") is not None else None,
         utm=str(doc["utm"]) if doc.get("utm") is not None else None,
     )
+
+
+def _gsd(value: object) -> float | None:
+    """The ground sample distance in metres: a positive finite JSON number; absent or null:
+    None. Anything else (a string, even ``"0.5"``, like ``img_height``; NaN; <= 0) is
+    ``BadInput`` instead of a NaN in the manifest."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise BadInput("malformed_json",
+                       f"malformed JSON: gsd is {value!r}, not a positive number of metres")
+    return float(value)
 
 
 def _positive_int(doc: dict, key: str) -> int:
@@ -233,8 +248,13 @@ def _box_yxyx(xywh: object, height: int, width: int) -> tuple[int, int, int, int
 
 
 def read_fmow_json(uri: str, category: str) -> FmowMeta:
-    """Read and parse one JSON by URI; a missing file is a ``BadInput``."""
-    return parse_fmow_json(read_source(uri, "json"), category)
+    """Read and parse one JSON by URI; a missing or bad file is a ``BadInput`` whose reason
+    names it."""
+    data = read_source(uri, "json")
+    try:
+        return parse_fmow_json(data, category)
+    except BadInput as exc:
+        raise BadInput(exc.kind, f"{exc} in {uri}") from None
 
 
 def fmow_tasks(root_uri: str, walk: LayoutWalk) -> list[SceneTask]:

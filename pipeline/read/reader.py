@@ -32,6 +32,14 @@ level). zarr-python is not used for pixel reads because it re-reads the shard in
 read and spends ~0.45 ms of CPU per inner chunk (REFERENCE.md); the results are identical
 (tested).
 
+An absent shard object is read as fill value only when the level's empty-shard record
+(``pipeline.store.pyramid.encode_empty_shards``, written by the ingest) says the shard is empty.
+Any other absent shard, a deleted object or a 404 answered for a shard index, raises
+``MissingShardError`` naming the scene, level, shard and its chunks; it is never cached, so the
+next read asks the store again. Pyramids written before the record (format 1) have no way to
+tell an all-zero shard from a lost one: their present shards read as always, every absent one
+raises (the message says to re-ingest; the ingest rewrites older formats).
+
 Metadata and shard indexes are cached per scene in one LRU bounded in bytes. All I/O runs on a
 background event loop owned by the source and created on first use, so ``submit`` returns a
 ``concurrent.futures.Future`` that a training loop can wait on later; the object pickles as its
@@ -67,11 +75,18 @@ from pipeline.read.plan import (
 )
 from pipeline.read.settings import EXACT_READS, ReaderSettings
 from pipeline.store.counting import CountingStore, ReadCounters, RequestLog, StoreRequest
+from pipeline.store.pyramid import decode_empty_shards
 from pipeline.store.storage import open_store, parse_uri
 
 
 class ReadError(OSError):
     """A fetch or decode failed; the message names the scene, level, object key and range."""
+
+
+class MissingShardError(ReadError):
+    """A shard object is absent although the pyramid does not record it as empty (or has no
+    record): lost, or a 404 from the store. The message names the scene, level, shard, object
+    key and the shard's inner chunks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +116,9 @@ class LevelMeta:
     codec: Any  # zarr ShardingCodec
     chunk_spec: Any  # zarr ArraySpec of one inner chunk
     zstd_only: bool  # inner codecs are exactly (bytes, zstd): decode with numcodecs directly
+    # (sy, sx) of the shards the pyramid records as empty (no object, all fill value); None
+    # for a pyramid written before the record (then no absent shard may read as fill value)
+    empty_shards: frozenset[tuple[int, int]] | None = None
 
     def shard_object(self, shard: ShardKey) -> str:
         """Store key of a shard object."""
@@ -525,7 +543,9 @@ class ZarrPixelSource:
             store = self._store(locate(meta.uri)[0])
             buf = await self._get(store, key, SuffixByteRequest(meta.index_size), where)
             if buf is None:
-                return None, 64  # no object: the whole shard is fill value
+                if meta.empty_shards is not None and (shard.sy, shard.sx) in meta.empty_shards:
+                    return None, 64  # recorded empty: the whole shard is fill value
+                raise MissingShardError(_missing_shard(meta, shard, key))
             try:
                 # zarr's own index decoding (checks the crc32c); private but pinned (3.1.6)
                 index = await meta.codec._decode_shard_index(buf, (1, *meta.chunks_per_shard))
@@ -547,7 +567,8 @@ class ZarrPixelSource:
             self._prefetched.add((meta.uri, meta.level))
             gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
             every = [ShardKey(meta.level, sy, sx) for sy in range(gy) for sx in range(gx)]
-            await asyncio.gather(*(self._index(meta, sh) for sh in every))
+            # a shard that fails here fails only the read that needs it (asked again below)
+            await asyncio.gather(*(self._index(meta, sh) for sh in every), return_exceptions=True)
         keys = [("index", meta.uri, meta.level, sh.sy, sh.sx) for sh in shards]
         out = [self._cache.get(k) if k in self._cache else None for k in keys]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
@@ -582,6 +603,22 @@ def _where(meta: LevelMeta, key: str, r0: int, r1: int) -> str:
     return f"scene {meta.uri} level {meta.level} object {key} bytes [{r0}, {r1})"
 
 
+def _missing_shard(meta: LevelMeta, shard: ShardKey, key: str) -> str:
+    """The message of ``MissingShardError``: where, which chunks (inclusive ranges of inner
+    chunk rows and columns of the level), and why it is not read as fill value."""
+    (ny, nx), (_, ch, cw) = meta.chunks_per_shard, meta.chunk_shape
+    last_y = min((shard.sy + 1) * ny, -(-meta.shape[1] // ch)) - 1
+    last_x = min((shard.sx + 1) * nx, -(-meta.shape[2] // cw)) - 1
+    where = (f"scene {meta.uri} level {meta.level} shard ({shard.sy}, {shard.sx}) (object {key}, "
+             f"chunks ({shard.sy * ny}..{last_y}, {shard.sx * nx}..{last_x}))")
+    if meta.empty_shards is None:
+        return (f"{where} is missing, and the pyramid has no empty-shard record (written before "
+                "pipeline format 2), so it cannot be told from an all-zero shard: re-ingest the "
+                "scene (the ingest rewrites older formats); not read as zeros")
+    return (f"{where} is missing from the store although the pyramid records it as written "
+            "(deleted, or the store answered 404); not read as zeros")
+
+
 def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) -> LevelMeta:
     """Parse a level's ``zarr.json`` into what the reader needs; reject unsupported layouts."""
     from zarr.codecs import BytesCodec, ShardingCodec, ZstdCodec
@@ -607,14 +644,18 @@ def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) 
                            fill_value=metadata.fill_value, config=ArrayConfig.from_dict({}),
                            prototype=default_buffer_prototype())
     kinds = tuple(type(c) for c in codec.codecs)
+    shape = tuple(int(s) for s in metadata.shape)
+    record = (document.get("attributes") or {}).get("pipeline", {}).get("empty_shards")
+    grid = (-(-shape[1] // shard_shape[1]), -(-shape[2] // shard_shape[2]))
+    empty = None if record is None else decode_empty_shards(record, grid, where)
     return LevelMeta(
         uri=uri, level=level, key_prefix=key_prefix,
-        shape=tuple(int(s) for s in metadata.shape),
+        shape=shape,
         chunk_shape=chunk_shape, shard_shape=shard_shape, chunks_per_shard=per_shard,
         fill_value=int(metadata.fill_value),
         index_size=codec._shard_index_size((1, *per_shard)),
         metadata=metadata, codec=codec, chunk_spec=chunk_spec,
-        zstd_only=kinds == (BytesCodec, ZstdCodec),
+        zstd_only=kinds == (BytesCodec, ZstdCodec), empty_shards=empty,
     )
 
 

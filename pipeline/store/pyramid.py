@@ -7,6 +7,10 @@ Layout of a scene group ``<root>/<scene_id>``:
   ``models.memory.downsample2x``), down to the first level whose long side is ``<= coarsest``;
 - every array is sharded: shards of ``(C, shard, shard)`` objects holding inner chunks of
   ``(C, chunk, chunk)`` (all channels in one chunk) compressed with zstd; fill value 0;
+- every level records which of its shards are empty (all fill value, so no object is stored):
+  array attribute ``"pipeline": {"empty_shards": {"grid": [gy, gx], "bits": hex}}``
+  (``encode_empty_shards``). A reader may take an absent shard for fill value only when this
+  record says it is empty; any other absent shard was lost (deleted, or a 404 from the store);
 - group attributes: ``"ome"`` (OME-Zarr 0.5 ``multiscales`` with a scale and a translation per
   level, so that standard readers place every level on the level-0 pixel grid), ``"scene"``
   (the caller's free-form dict: label, source URI, fMoW boxes in level-0 pixels, gsd,
@@ -39,8 +43,16 @@ DEFAULT_CHUNK = 16
 DEFAULT_SHARD = 128
 DEFAULT_COARSEST = 256
 ZSTD_LEVEL = 3
+# The smallest side, in px, of a scene the ingest accepts: one inner chunk, and the smallest
+# patch any shipped config reads (jobs/configs/tiny.yaml: 16 px). A smaller image (a 1 x 1 px
+# thumbnail, a broken export) holds no patch worth of evidence; every patch read from it would
+# be mostly zero padding. Training also needs the levels its model reads (level 1 in every
+# shipped config: a long side above the pyramid's ``coarsest``), which the ingest cannot know.
+MIN_SCENE_SIDE = 16
 WRITE_CONCURRENCY = 16  # shard objects stored at once
-FORMAT_VERSION = 1
+# 2: every level records its empty shards. A pyramid of format 1 is still readable, but the
+# ingest rewrites it (``pyramid_complete`` is False) and a reader refuses its absent shards.
+FORMAT_VERSION = 2
 _MAX_UINT64 = 2**64 - 1
 # rows of a level processed at once while downsampling: bounds the uint16 temporaries
 _BAND_ROWS = 512
@@ -198,14 +210,16 @@ def write_pyramid(
             shards=(c, shard, shard), compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
             dimension_names=("c", "y", "x"),
         )
-        _write_shards(store, str(index), level, array.metadata, chunk, shard)
+        empty = _write_shards(store, str(index), level, array.metadata, chunk, shard)
+        array.update_attributes({"pipeline": {"empty_shards": encode_empty_shards(empty)}})
     group.update_attributes({"pipeline": {**pipeline_attrs, "complete": True}})
     return scene_uri
 
 
 def _write_shards(store: Any, path: str, level: np.ndarray, metadata: Any, chunk: int,
-                  shard: int) -> None:
-    """Encode and store every shard of ``level`` (C, H, W) as array ``path``.
+                  shard: int) -> np.ndarray:
+    """Encode and store every shard of ``level`` (C, H, W) as array ``path``; return the
+    (gy, gx) bool grid of the shards that were all zero, so not stored.
 
     zarr-python's own sharded write costs about 1 ms of CPU per inner chunk (90 s for a
     4,096 px scene at 16 px chunks), so the shards are built here with the same codecs, in the
@@ -218,13 +232,44 @@ def _write_shards(store: Any, path: str, level: np.ndarray, metadata: Any, chunk
     from zarr.core.sync import sync
 
     _, h, w = level.shape
+    empty = np.zeros((-(-h // shard), -(-w // shard)), dtype=bool)
     for y0 in range(0, h, shard):
         band = {}
         for x0 in range(0, w, shard):
             data = encode_shard(level[:, y0 : y0 + shard, x0 : x0 + shard], chunk, shard)
             key = f"{path}/{metadata.encode_chunk_key((0, y0 // shard, x0 // shard))}"
             band[key] = data
+            empty[y0 // shard, x0 // shard] = not data
         sync(_store_band(store, {k: cpu.Buffer.from_bytes(v) for k, v in band.items() if v}))
+    return empty
+
+
+def encode_empty_shards(empty: np.ndarray) -> dict[str, Any]:
+    """The JSON record of a level's empty shards from its (gy, gx) bool grid.
+
+    ``{"grid": [gy, gx], "bits": hex}``: bit ``sy * gx + sx`` (``np.packbits`` order, most
+    significant bit first, zero-padded to whole bytes) is set when shard (sy, sx) is all fill
+    value and has no object. Two hex characters per 8 shards: 1.3 KB for a 9,000 px level of
+    128 px shards, whatever the number of empty ones.
+    """
+    gy, gx = (int(n) for n in empty.shape)
+    return {"grid": [gy, gx], "bits": np.packbits(empty.ravel()).tobytes().hex()}
+
+
+def decode_empty_shards(record: Any, grid: tuple[int, int], where: str) -> frozenset[tuple[int, int]]:
+    """The ``(sy, sx)`` of every empty shard in ``record`` (``encode_empty_shards``), checked
+    against the level's shard grid ``(gy, gx)``; ``ValueError`` naming ``where`` if malformed."""
+    gy, gx = grid
+    try:
+        if [int(n) for n in record["grid"]] != [gy, gx]:
+            raise ValueError(f"grid {record['grid']}, the level has a {gy} x {gx} shard grid")
+        raw = np.frombuffer(bytes.fromhex(record["bits"]), dtype=np.uint8)
+        if len(raw) != -(-gy * gx // 8):
+            raise ValueError(f"{len(raw)} bytes of bits for {gy} x {gx} shards")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: empty-shard record {record!r} is malformed: {err}") from None
+    empty = np.unpackbits(raw)[: gy * gx].reshape(gy, gx)
+    return frozenset((int(sy), int(sx)) for sy, sx in np.argwhere(empty))
 
 
 async def _store_band(store: Any, objects: dict[str, Any]) -> None:
@@ -297,9 +342,12 @@ def read_group_attrs(scene_uri: str) -> dict[str, Any] | None:
 
 
 def pyramid_complete(root_uri: str, scene_id: str) -> bool:
-    """Whether ``scene_id`` under ``root_uri`` was written to the end by ``write_pyramid``."""
+    """Whether ``scene_id`` under ``root_uri`` was written to the end by ``write_pyramid`` in
+    the current format (``FORMAT_VERSION``); an older scene counts as incomplete, so that the
+    ingest rewrites it with its empty-shard record."""
     attrs = read_group_attrs(join_uri(root_uri, scene_id))
-    return bool(attrs and attrs.get("pipeline", {}).get("complete") is True)
+    facts = (attrs or {}).get("pipeline", {})
+    return facts.get("complete") is True and facts.get("format", 0) >= FORMAT_VERSION
 
 
 def open_pyramid(scene_uri: str) -> PyramidInfo:

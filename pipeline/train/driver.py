@@ -31,6 +31,9 @@ from pipeline.train.config import TrainConfig, save_config, to_dict
 WORK_TREE = Path(__file__).resolve().parents[2]
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: int | None = None) -> bool:
     """Connect to Ray, or start a private local instance on 127.0.0.1; True if started here.
 
@@ -38,22 +41,100 @@ def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: i
     cluster to join. Otherwise ``address="local"`` starts a new instance even if another one runs
     on this machine (other people's Ray instances are never joined by accident). Storage
     settings (``AWS_*``) reach the workers through the per-run config, not through this call.
+
+    The private instance listens on loopback only (``loopback_only``) and uses token
+    authentication with a fresh token in a file only its owner can read (``private_token``).
     """
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind loopback only
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus}
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus,
+                              "dashboard_host": LOOPBACK}
     if temp_dir is not None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
+    loopback_only()
+    private_token(temp_dir)
     ray.init(**kwargs)
     return True
+
+
+def loopback_only() -> None:
+    """Make the next private Ray instance bind every port to 127.0.0.1.
+
+    Ray binds its servers (GCS, raylet, driver and worker gRPC, the agents, the metrics
+    exporter) to the node address, or to every interface when that address is not loopback.
+    It takes the node address from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read once when
+    ``ray`` is first imported: a driver that imported ``ray.train`` before this call got the
+    machine's address (even ``ray.init(_node_ip_address="127.0.0.1")`` is turned back into it),
+    so both the variable (for the processes Ray starts) and the constant it set (for this one)
+    are set here.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def private_token(directory: str | Path | None = None) -> Path | None:
+    """Turn on Ray's token authentication for a private instance with a fresh random token in
+    ``<new 0700 dir>/auth_token`` (mode 0600, under ``directory`` or the system temp dir);
+    return its path, or None when the environment already decides (``RAY_AUTH_MODE`` other
+    than ``token``, ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` set).
+
+    Without this, Ray 2.60 keeps one token for every instance in ``~/.ray/auth_token``, written
+    with the default umask (0644: readable by every user of the machine). The variables set
+    here reach every process Ray starts. The file is removed when this process exits.
+    """
+    import atexit
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or (
+        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ):
+        return None
+    path = write_token_file(directory)
+    atexit.register(_remove_token, path.parent)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    _reload_ray_auth()
+    return path
+
+
+def write_token_file(directory: str | Path | None = None) -> Path:
+    """A fresh random Ray token (64 hex characters) in ``<new dir>/auth_token``: the directory
+    (under ``directory``, default the system temp dir) is mode 0700, the file 0600, created so
+    (``O_EXCL``, explicit mode) that no other user can read it at any moment."""
+    import secrets
+    import tempfile
+
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="ray-token-", dir=directory))  # mode 0700
+    path = folder / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    return path
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray see the new mode and token: Ray caches both on first use
+    (private API of the pinned Ray 2.60, as its own ``_enable_token_auth`` does)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _remove_token(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _say(message: str) -> None:

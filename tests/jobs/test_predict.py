@@ -112,3 +112,24 @@ def test_read_image_modes(tmp_path):
     wide = tmp_path / "w.png"
     Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(wide)
     assert predict.read_image(wide).tolist() == [[0, 64], [128, 255]]
+
+
+def test_predict_fails_on_a_scene_whose_shards_are_missing(registered, tmp_path, capsys):
+    """Deleted shards must not become zero pixels and a confident "dark" answer."""
+    from pipeline.store import storage
+    from pipeline.store.pyramid import write_pyramid
+
+    source, keys, labels = brightness_scenes()
+    assert labels[1] == 1  # a bright scene: every shard of every level holds pixels
+    uri = write_pyramid(str(tmp_path / "pyramids"), keys[1],
+                        source.pyramids[keys[1]][0].numpy(), {"label": 1}, coarsest=16)
+    shards = [u for u in storage.list_prefix(uri) if "/c/" in u]
+    assert len(shards) == 3  # levels 48, 24 and 12 px: one shard each
+    for shard in shards:
+        (tmp_path / "pyramids" / shard[len(str(tmp_path / "pyramids")) + 1 :]).unlink()
+    argv = ["--model", "models:/tiny-predict@champion", "--tracking-uri", registered,
+            "--compact", "--uri", uri]
+    assert predict.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert uri in captured.err and "is missing" in captured.err and "shard (0, 0)" in captured.err

@@ -120,12 +120,29 @@ def test_parse_json_list_single_object_and_labelled_box():
         (_doc([{"box": [1, 2, 0, 4], "category": "dam"}]), "bad_box"),
         (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], img_width=0), "malformed_json"),
         (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], img_height="400"), "malformed_json"),
+        (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], gsd="abc"), "malformed_json"),
+        (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], gsd="0.5"), "malformed_json"),
+        (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], gsd=float("nan")), "malformed_json"),
+        (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], gsd=-0.5), "malformed_json"),
+        (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], gsd=True), "malformed_json"),
+        (_doc([{"box": [1, 2, 3, 4], "category": "dam"}], gsd=[0.5]), "malformed_json"),
     ],
 )
 def test_parse_json_rejects_bad_documents_with_a_kind(data, kind):
     with pytest.raises(BadInput) as info:
         parse_fmow_json(data, "dam")
     assert info.value.kind == kind
+
+
+def test_a_gsd_that_is_not_a_positive_number_is_named_and_an_absent_one_is_none():
+    box = [{"box": [1, 2, 3, 4], "category": "dam"}]
+    with pytest.raises(BadInput, match=r"gsd is 'abc', not a positive number of metres"):
+        parse_fmow_json(_doc(box, gsd="abc"), "dam")
+    assert parse_fmow_json(_doc(box, gsd=None), "dam").gsd is None
+    doc = json.loads(_doc(box))
+    del doc["gsd"]
+    assert parse_fmow_json(json.dumps(doc).encode(), "dam").gsd is None
+    assert parse_fmow_json(_doc(box, gsd=2), "dam").gsd == 2.0
 
 
 def test_box_is_clipped_to_the_image():

@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.ingest import fmow
 from pipeline.ingest.engine import (
     BadInput,
+    IngestReport,
     LoadedScene,
     SceneTask,
     decode_image,
@@ -166,3 +167,58 @@ def test_json_size_that_disagrees_with_the_image_is_rejected(tmp_path):
     report = run_ingest(fmow.fmow_tasks(src, walk), fmow.load_fmow_scene, SMALL_CLASSES,
                         str(tmp_path / "pyr"), out=None)
     assert report.reject_kinds == {"size_mismatch": 1}
+
+
+def test_unreadable_scenes_are_rejected_named_and_listed_and_nothing_ingested_is_lost(tmp_path):
+    """A 1 x 1 px image (smaller than ``MIN_SCENE_SIDE``) and a non-numeric gsd are rejected
+    with the file named; the scenes already in the store stay, and the summary lists both."""
+    src, dst = str(tmp_path / "fmow"), str(tmp_path / "pyr")
+    make_sample(src, small_spec(train=4, val=0))
+    walk = fmow.walk_fmow(src)
+    tasks = fmow.fmow_tasks(src, walk)
+    first = run_ingest(tasks[:2], fmow.load_fmow_scene, SMALL_CLASSES, dst, out=None)
+    assert first.counts == {"written": 2, "skipped": 0, "rejected": 0}
+    tiny, stringy = walk.files[2], walk.files[3]
+    storage.write_bytes(storage.join_uri(src, tiny.image),
+                        _encode(np.full((1, 1, 3), 200, np.uint8), "JPEG"))
+    _edit_json(storage.join_uri(src, tiny.meta), img_width=1, img_height=1,
+               box=[0, 0, 1, 1])
+    _edit_json(storage.join_uri(src, stringy.meta), gsd="not a number")
+    report = run_ingest(tasks, fmow.load_fmow_scene, SMALL_CLASSES, dst, out=None)
+    assert report.counts == {"written": 0, "skipped": 2, "rejected": 2}
+    assert report.reject_kinds == {"malformed_json": 1, "too_small": 1}
+    rejects = {r["kind"]: r for r in report.rejects}
+    assert rejects["too_small"]["path"] == storage.join_uri(src, tiny.image)
+    assert storage.join_uri(src, tiny.image) in rejects["too_small"]["reason"]
+    assert "1x1 px" in rejects["too_small"]["reason"]
+    assert f"{pyramid.MIN_SCENE_SIDE} px" in rejects["too_small"]["reason"]
+    assert rejects["malformed_json"]["path"] == storage.join_uri(src, stringy.meta)
+    assert storage.join_uri(src, stringy.meta) in rejects["malformed_json"]["reason"]
+    assert "gsd is 'not a number'" in rejects["malformed_json"]["reason"]
+    assert all(pyramid.pyramid_complete(dst, t.scene_id) for t in tasks[:2])
+    assert not any(storage.exists(storage.join_uri(dst, t.scene_id)) for t in tasks[2:])
+    text = summary(report)
+    assert "2 rejected" in text
+    for reject in report.rejects:
+        assert f"[ingest] rejected {reject['path']} ({reject['kind']}): {reject['reason']}" in text
+
+
+def test_the_summary_lists_at_most_a_screenful_of_rejects():
+    rows = tuple({"scene_id": f"s{i}", "split": "train", "path": f"raw/{i}.jpg",
+                  "kind": "unreadable_image", "reason": f"cannot decode raw/{i}.jpg"}
+                 for i in range(25))
+    report = IngestReport((), rows, {"written": 0, "skipped": 0, "rejected": 25},
+                          {"unreadable_image": 25}, 1.0)
+    text = summary(report, "pyr/manifest.parquet")
+    assert text.count("[ingest] rejected raw/") == 20
+    assert "5 more rejects: pyr/manifest.rejects.csv" in text
+
+
+def _edit_json(uri: str, **changes) -> None:
+    doc = json.loads(storage.read_bytes(uri))
+    for key, value in changes.items():
+        if key == "box":
+            doc["bounding_boxes"][0]["box"] = value
+        else:
+            doc[key] = value
+    storage.write_bytes(uri, json.dumps(doc).encode())

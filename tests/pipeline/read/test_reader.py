@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -371,3 +372,72 @@ def test_turns_let_a_request_decode_only_after_every_earlier_one_and_skip_failed
         return order
 
     assert asyncio.run(run()) == [0, 1, 3]
+
+
+# --------------------------------------------------------------------------- missing shards
+
+
+def _delete(scene_uri: str, key: str) -> bytes:
+    """Delete object ``key`` of a scene on any store kind; return its bytes (to put back)."""
+    from zarr.core.sync import sync
+
+    data = storage.read_bytes(join_uri(scene_uri, key))
+    sync(storage.open_store(scene_uri, read_only=False).delete(key))
+    assert not storage.exists(join_uri(scene_uri, key))
+    return data
+
+
+def test_a_missing_shard_is_an_error_naming_it_and_is_not_cached(store_root):
+    img = np.maximum(textured(3, 128, 128), 1)  # every shard holds pixels: none is empty
+    uri = write_pyramid(store_root, "m", img, {}, chunk=CHUNK, shard=SHARD)
+    saved = _delete(uri, "0/c/0/1/0")  # level 0, shard (1, 0): rows 64-127, columns 0-63
+    request = ReadRequest(torch.tensor([[[70, 5, 90, 40]]]), 0, (20, 35))
+    source = ZarrPixelSource(record_requests=True)
+    for _ in range(2):  # the second read asks the store again: "missing" is never cached
+        with pytest.raises(reader.MissingShardError) as err:
+            source.read([uri], request)
+        message = str(err.value)
+        assert uri in message and "level 0" in message and "shard (1, 0)" in message
+        assert "0/c/0/1/0" in message and "chunks (4..7, 0..3)" in message
+    assert isinstance(err.value, ReadError)
+    assert len([r for r in source.requests() if r.kind == "index"]) == 2
+    storage.write_bytes(join_uri(uri, "0/c/0/1/0"), saved)  # back (a transient 404 ended)
+    out = source.read([uri], request)
+    np.testing.assert_array_equal(out[0, 0].numpy(), img[:, 70:90, 5:40] / np.float32(255))
+
+
+def test_a_missing_shard_elsewhere_does_not_fail_a_prefetching_read(tmp_path):
+    img = np.maximum(textured(3, 128, 128), 1)
+    uri = write_pyramid(str(tmp_path), "m", img, {}, chunk=CHUNK, shard=SHARD)
+    _delete(uri, "0/c/0/1/1")
+    source = ZarrPixelSource(prefetch_indexes=True)
+    out = source.read([uri], ReadRequest(torch.tensor([[[3, 3, 60, 60]]]), 0, (57, 57)))
+    np.testing.assert_array_equal(out[0, 0].numpy(), img[:, 3:60, 3:60] / np.float32(255))
+    with pytest.raises(reader.MissingShardError, match=r"shard \(1, 1\)"):
+        source.read([uri], ReadRequest(torch.tensor([[[100, 100, 110, 110]]]), 0, (10, 10)))
+
+
+def test_a_missing_shard_fails_the_view_too(tmp_path):
+    img = np.maximum(textured(3, 128, 128), 1)
+    uri = write_pyramid(str(tmp_path), "m", img, {}, coarsest=64, chunk=CHUNK, shard=SHARD)
+    _delete(uri, "1/c/0/0/0")  # the coarsest level (64 px) is one shard
+    with pytest.raises(reader.MissingShardError, match=r"level 1 shard \(0, 0\)"):
+        ZarrPixelSource().view([uri], (32, 32))
+
+
+def test_a_pyramid_without_the_empty_shard_record_reads_absent_shards_as_errors(tmp_path):
+    """Pyramids written before the record (format 1): a present shard reads as always, an
+    absent one cannot be told from a lost one, so it is an error that says to re-ingest."""
+    img = textured(3, 128, 128)
+    img[:, :64, :64] = 0  # shard (0, 0) of level 0 is empty: no object
+    uri = write_pyramid(str(tmp_path), "old", img, {}, chunk=CHUNK, shard=SHARD)
+    level = join_uri(uri, "0", "zarr.json")
+    document = json.loads(storage.read_bytes(level))
+    assert document["attributes"]["pipeline"]["empty_shards"]
+    del document["attributes"]["pipeline"]
+    storage.write_bytes(level, json.dumps(document).encode())
+    source = ZarrPixelSource()
+    out = source.read([uri], ReadRequest(torch.tensor([[[70, 70, 90, 90]]]), 0, (20, 20)))
+    np.testing.assert_array_equal(out[0, 0].numpy(), img[:, 70:90, 70:90] / np.float32(255))
+    with pytest.raises(reader.MissingShardError, match=r"shard \(0, 0\).*re-ingest"):
+        source.read([uri], ReadRequest(torch.tensor([[[0, 0, 10, 10]]]), 0, (10, 10)))

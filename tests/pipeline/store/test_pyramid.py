@@ -105,7 +105,7 @@ def test_crash_leaves_incomplete_and_rewrite_is_clean_and_identical(tmp_path, mo
     def crash_on_level_1(store, path, *args):
         if path == "1":
             raise OSError("disk full")
-        real(store, path, *args)
+        return real(store, path, *args)
 
     monkeypatch.setattr(pyramid, "_write_shards", crash_on_level_1)
     with pytest.raises(OSError, match="disk full"):
@@ -123,6 +123,49 @@ def test_crash_leaves_incomplete_and_rewrite_is_clean_and_identical(tmp_path, mo
         return {u[len(base):]: storage.read_bytes(u) for u in storage.list_prefix(base)}
 
     assert objects(root) == objects(clean)  # no stale shard of the bigger old scene
+
+
+def test_every_level_records_its_empty_shards_and_stores_only_the_others(tmp_path):
+    img = textured(3, 200, 150, seed=3)  # zero in rows 0-65, columns 0-36
+    uri = write_pyramid(str(tmp_path), "s", img, {}, coarsest=40, chunk=16, shard=32)
+    group = zarr.open_group(storage.open_store(uri, read_only=True), mode="r", zarr_format=3)
+    level, stored = img, set(storage.list_prefix(uri))
+    for index in range(open_pyramid(uri).num_levels):
+        if index:
+            level = pyramid.downsample2x(level)
+        gy, gx = -(-level.shape[1] // 32), -(-level.shape[2] // 32)
+        expected = {(sy, sx) for sy in range(gy) for sx in range(gx)
+                    if not level[:, sy * 32 : sy * 32 + 32, sx * 32 : sx * 32 + 32].any()}
+        record = group[str(index)].attrs["pipeline"]["empty_shards"]
+        assert pyramid.decode_empty_shards(record, (gy, gx), "here") == expected
+        for sy in range(gy):
+            for sx in range(gx):
+                key = join_uri(uri, str(index), "c", "0", str(sy), str(sx))
+                assert (key in stored) == ((sy, sx) not in expected)
+    assert pyramid.decode_empty_shards(group["0"].attrs["pipeline"]["empty_shards"], (7, 5),
+                                       "here") == {(0, 0), (1, 0)}
+
+
+def test_empty_shard_record_round_trip_and_rejects_a_wrong_grid():
+    empty = np.zeros((3, 11), dtype=bool)
+    empty[0, 0] = empty[2, 10] = empty[1, 7] = True
+    record = pyramid.encode_empty_shards(empty)
+    assert record == {"grid": [3, 11], "bits": "8000200080"}  # bits 0, 18, 32
+    assert pyramid.decode_empty_shards(record, (3, 11), "x") == {(0, 0), (1, 7), (2, 10)}
+    with pytest.raises(ValueError, match="scene s level 2: empty-shard record .* grid"):
+        pyramid.decode_empty_shards(record, (3, 12), "scene s level 2")
+    with pytest.raises(ValueError, match="scene s level 2: empty-shard record"):
+        pyramid.decode_empty_shards({"grid": [3, 11], "bits": "zz"}, (3, 11), "scene s level 2")
+
+
+def test_a_pyramid_of_an_older_format_counts_as_incomplete(tmp_path):
+    """Format 1 had no empty-shard record: the ingest rewrites such a scene, not skips it."""
+    uri = write_pyramid(str(tmp_path), "s", textured(3, 40, 40), {}, coarsest=40)
+    assert pyramid_complete(str(tmp_path), "s")
+    meta = join_uri(uri, "zarr.json")
+    storage.write_bytes(meta, storage.read_bytes(meta).replace(b'"format": 2', b'"format": 1'))
+    assert not pyramid_complete(str(tmp_path), "s")
+    assert open_pyramid(uri).complete  # still readable (see the reader's rule for old scenes)
 
 
 def test_missing_scene_is_not_complete(tmp_path):

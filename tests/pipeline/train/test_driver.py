@@ -1,0 +1,74 @@
+"""The driver's private Ray: it listens on loopback only, and its token file is 0600."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.sockets import is_loopback, listening, process_tree
+
+
+def test_listening_sees_a_socket_on_every_interface():
+    """The check itself: a socket bound to 0.0.0.0 is found and is not loopback."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        found = [x for x in listening([os.getpid()]) if x[3] == port]
+    assert found == [(os.getpid(), "tcp", "0.0.0.0", port)]
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and is_loopback("::ffff:127.0.0.1")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from /proc (Linux)")
+def test_private_ray_listens_on_loopback_only_and_its_token_file_is_0600(monkeypatch):
+    """Every port of the processes ``start_ray`` starts (GCS, raylet, agents, metrics, driver,
+    a worker) is bound to loopback, and the token file Ray uses is readable by its owner only.
+
+    Ray decides its default node address when it is first imported: a driver that imports
+    ``ray.train`` before ``start_ray`` runs got the machine's address (and a metrics port on
+    every interface). That is simulated here; on a machine with no interface but loopback the
+    first assertion cannot tell.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    from pipeline.train.driver import start_ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already connected in this process")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                 "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    temp_dir = tempfile.mkdtemp(prefix="r13-", dir="/tmp")  # Ray's socket paths stay < 107 bytes
+    started = False
+    try:
+        started = start_ray(temp_dir=temp_dir, num_cpus=1)
+        assert started
+
+        @ray.remote(num_cpus=1)
+        def worker_pid() -> int:
+            return os.getpid()
+
+        worker = ray.get(worker_pid.remote())
+        tree = process_tree(os.getpid())
+        assert worker in tree
+        sockets = listening(tree)
+        assert len({pid for pid, *_ in sockets}) >= 4, sockets  # GCS, raylet, agents, driver
+        exposed = [(*s, Path(f"/proc/{s[0]}/comm").read_text().strip()) for s in sockets
+                   if not is_loopback(s[2])]
+        assert exposed == [], "\n".join(map(str, exposed))
+        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+        assert os.environ.get("RAY_AUTH_MODE") == "token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600, token
+        assert stat.S_IMODE(token.parent.stat().st_mode) & 0o077 == 0, token.parent
+    finally:
+        if started:
+            ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
