@@ -277,19 +277,19 @@ def two_level(**kwargs) -> TwoLevelAttention:
 
 
 # The Megapixel MNIST setting of bench/learning.py: windows of an eighth of the canvas (62 px of
-# 500, every 31 px: a 28 px digit lies whole in one) ranked by the filter net plus the contrast
-# prior (the filter net sees the 30 with the most contrast), 10 kept and read as 30 px at level 1 (the digit at 13 px), the feature CNN of
-# ``ats_mnist`` for both networks, the filter net on 12 px cuts of the view.
+# 500, every 31 px: a 28 px digit lies whole in one); the filter net sees 10 px cuts of the view
+# of the 20 with the most contrast and ranks them with the contrast prior; 10 kept and read as
+# 24 px at level 1 (the digit at 11 px), the feature CNN of ``ats_mnist`` for both networks.
 MNIST_SETTING = dict(
     in_channels=1,
     num_classes=10,
     view_size=(50, 50),
-    patch_size=(30, 30),
+    patch_size=(24, 24),
     window_scales=(0.125,),
     window_stride=0.5,
     keep=10,
-    proposals=30,
-    filter_size=(12, 12),
+    proposals=20,
+    filter_size=(10, 10),
     backbone_kwargs={"widths": (16, 32, 64)},
     proposal_prior="contrast",
     prior_strength=5.0,
