@@ -85,13 +85,13 @@ def build_split(spec: MegapixelMNISTSpec, split: str, n: int, view: int) -> Spli
 
 # The soft-attention families as ATS's feature network (patches read at full resolution):
 # report name -> ATS keyword arguments. ``ats_mnist``'s own feature net is a (16, 32, 64)
-# ``small_cnn``; these add SE, CBAM or dasNet's gating to it, or replace it by the Residual
-# Attention Network's small feature extractor.
+# ``small_cnn``; these add SE, CBAM or dasNet's gating to it, or replace it by a Residual
+# Attention Network of the same widths (``residual_attention_patch``).
 _WIDTHS = {"widths": (16, 32, 64)}
 SOFT_FEATURE_NETS = {
     "ats_se": dict(feature_backbone_kwargs={**_WIDTHS, "se": True}),
     "ats_cbam": dict(feature_backbone_kwargs={**_WIDTHS, "cbam": True}),
-    "ats_residual_attention": dict(feature_backbone="residual_attention_small",
+    "ats_residual_attention": dict(feature_backbone="residual_attention_patch",
                                    feature_backbone_kwargs={}),
     "ats_dasnet": dict(feature_backbone="dasnet",
                        feature_backbone_kwargs={"backbone_kwargs": _WIDTHS, "passes": 2}),

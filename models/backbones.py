@@ -20,7 +20,7 @@ Names:
                      (3x3/1 without pool, 8x smaller), ``norm``.
     efficientnet_b0  EfficientNet-B0: MBConv blocks with their own SE (a quarter of the block's
                      input channels) and swish, 1x1 head to 1280 channels, 32x smaller output.
-    residual_attention_56/92/small
+    residual_attention_56/92/small/patch
                      the Residual Attention Network's feature extractor
                      (``models.residual_attention``; ``p``, ``t``, ``r``, ``activation``).
     dasnet           dasNet's gated CNN (``models.dasnet.GatedBackbone``): ``passes`` passes of
@@ -455,7 +455,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "efficientnet_b0": efficientnet_b0,
     **{
         name: _residual_attention(name)
-        for name in ("residual_attention_56", "residual_attention_92", "residual_attention_small")
+        for name in ("residual_attention_56", "residual_attention_92", "residual_attention_small",
+                     "residual_attention_patch")
     },
 }
 

@@ -19,6 +19,8 @@ Registered configurations (classifiers of the low-resolution view, no patch read
   the released prototxt has the units and that variant moves Attention-56 away from its
   figure, so the released structure is kept.
 - ``residual_attention_small``: three narrow stages for small views (tens of thousands of params).
+- ``residual_attention_patch``: two narrower stages, a feature net for small patches (backbone
+  only).
 ``build_residual_attention_backbone(name)`` gives the same networks without their classifier, as
 the feature network of the patch models (``models.backbones.build_backbone`` dispatches it).
 """
@@ -156,7 +158,8 @@ class RANConfig:
     """Architecture of a Residual Attention Network.
 
     Attributes:
-        stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "small" (3x3 conv, stride 1).
+        stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "small" (3x3 conv, stride 1) or
+            "patch" (3x3 conv, stride 2).
         stem_width: channels after the stem.
         widths: output channels of each attention stage (one residual unit enters each stage,
             the first at stride 1, the others at stride 2).
@@ -179,6 +182,9 @@ CONFIGS = {
     "residual_attention_56": RANConfig("imagenet", 64, (256, 512, 1024), (1, 1, 1), (3, 2, 1), 2048, 3),
     "residual_attention_92": RANConfig("imagenet", 64, (256, 512, 1024), (1, 2, 3), (3, 2, 1), 2048, 3),
     "residual_attention_small": RANConfig("small", 16, (32, 64, 128), (1, 1, 1), (2, 1, 1), 256, 1),
+    # a patch-sized feature net (24 px patches of the learning benchmark): a stride-2 stem, two
+    # stages of one attention module each, the widths and strides of ``small_cnn``'s (16, 32, 64)
+    "residual_attention_patch": RANConfig("patch", 16, (16, 32), (1, 1), (1, 1), 64, 1),
 }
 
 
@@ -197,8 +203,9 @@ class ResidualAttentionFeatures(nn.Module):
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
-        elif config.stem == "small":
-            self.stem = nn.Conv2d(in_channels, config.stem_width, 3, padding=1, bias=False)
+        elif config.stem in ("small", "patch"):
+            stride = 2 if config.stem == "patch" else 1
+            self.stem = nn.Conv2d(in_channels, config.stem_width, 3, stride=stride, padding=1, bias=False)
         else:
             raise ValueError(f"unknown stem {config.stem!r}")
         stages, c_in = [], config.stem_width

@@ -1,7 +1,8 @@
 """Convolutional block attention module (Woo et al., 2018) and its two gates.
 
 Both gates map (N, C, h, w) -> (N, C, h, w) by multiplying the input with gates in (0, 1), per
-sample (no batch statistics), so they never couple the scenes of a batch.
+sample (no batch statistics), so they never couple the scenes of a batch. Both start at exactly
+1/2 everywhere (zero-initialised output layers), a uniform scale, and learn from there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class ChannelGate(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
         )
+        # zero-initialised output: every gate starts at exactly 1/2, uniform, and learns from there
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def gate(self, x: Tensor) -> Tensor:
         """(N, C) channel gates in (0, 1)."""
@@ -42,6 +46,11 @@ class SpatialGate(nn.Module):
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"CBAM spatial kernel must be odd and >= 1, got {kernel}")
         self.conv = nn.Conv2d(2, 1, kernel_size=kernel, padding=kernel // 2)
+        # zero-initialised: the gate starts at exactly 1/2 everywhere. A random 7x7 conv on the
+        # channel mean and max gave a random spatial mask at initialisation that hid parts of
+        # the objects (ATS with CBAM learned late: 0.788 against 0.956 without; README)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
 
     def gate(self, x: Tensor) -> Tensor:
         """(N, 1, h, w) spatial gates in (0, 1)."""

@@ -39,6 +39,9 @@ def test_se_hidden_width_and_parameter_count():
 def test_cbam_applies_channel_then_spatial_gate():
     torch.manual_seed(0)
     cbam = CBAM(8, ratio=2, kernel=7)
+    with torch.no_grad():  # trained-like weights (they start at zero: gates of exactly 1/2)
+        for p in cbam.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
     x = torch.randn(2, 8, 6, 5)
     mlp = cbam.channel.mlp
     channel_gate = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))[:, :, None, None]
@@ -51,10 +54,19 @@ def test_cbam_applies_channel_then_spatial_gate():
     assert not torch.allclose(cbam(x), cbam.channel(cbam.spatial(x)), atol=1e-4)
 
 
+def test_cbam_starts_as_a_uniform_half():
+    x = torch.randn(3, 8, 6, 5)
+    assert torch.allclose(CBAM(8, ratio=2)(x), x * 0.25, atol=1e-7)
+
+
 def test_blocks_are_per_sample():
     """No batch statistics: a sample's output does not depend on the rest of the batch."""
     torch.manual_seed(1)
-    for block in (SEBlock(16), CBAM(16)):
+    cbam = CBAM(16)
+    with torch.no_grad():
+        for p in cbam.parameters():
+            p.copy_(torch.randn_like(p))
+    for block in (SEBlock(16), cbam):
         x = torch.randn(4, 16, 5, 5)
         assert torch.allclose(block(x)[1:2], block(x[1:2]), atol=1e-6)
 
