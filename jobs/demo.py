@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -106,16 +107,25 @@ def start_head(temp_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, s
 
 
 def stop_head(head: subprocess.Popen) -> None:
-    """Stop the head we started: SIGTERM to its process group, SIGKILL if it lingers."""
+    """Stop the head we started: SIGTERM to its process group, SIGKILL if it lingers, and wait
+    until every process it started (GCS, raylet, agents: listed by PID before the signal) is
+    gone, so that none still holds a port when the next Ray starts."""
+    import psutil
+
     if head.poll() is not None:
         return
+    try:
+        tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
     pgid = os.getpgid(head.pid)
     os.killpg(pgid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(pgid, signal.SIGKILL)
-        head.wait(timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    head.wait(timeout=10)
     say("Ray head stopped")
 
 

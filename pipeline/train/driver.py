@@ -32,6 +32,7 @@ WORK_TREE = Path(__file__).resolve().parents[2]
 
 
 LOOPBACK = "127.0.0.1"
+_OUR_TOKENS: set[str] = set()  # token files ``private_token`` wrote in this process
 
 
 def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: int | None = None) -> bool:
@@ -93,11 +94,15 @@ def private_token(directory: str | Path | None = None) -> Path | None:
     """
     import atexit
 
+    user_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or (
-        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        os.environ.get("RAY_AUTH_TOKEN") or (user_path and user_path not in _OUR_TOKENS)
     ):
         return None
+    # a path this process set for an earlier instance is replaced: its folder may be gone (a
+    # test's temp dir), and Ray's GCS then never starts ("timed out waiting for file")
     path = write_token_file(directory)
+    _OUR_TOKENS.add(str(path))
     atexit.register(_remove_token, path.parent)
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)

@@ -72,3 +72,27 @@ def test_private_ray_listens_on_loopback_only_and_its_token_file_is_0600(monkeyp
         if started:
             ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_second_private_instance_gets_a_fresh_token_when_the_first_ones_folder_is_gone(
+        tmp_path, monkeypatch):
+    """A token this process wrote for an earlier instance is not reused: its folder may have
+    been deleted (a test's temp dir), and Ray's GCS then never starts. A path the user set is
+    left alone."""
+    import shutil
+
+    from pipeline.train import driver
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setattr(driver, "_reload_ray_auth", lambda: None)
+    first = driver.private_token(tmp_path / "a")
+    shutil.rmtree(first.parent)
+    second = driver.private_token(tmp_path / "b")
+    assert second is not None and second != first and second.exists()
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(second)
+    user = tmp_path / "mine"
+    user.write_text("x" * 64)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(user))
+    assert driver.private_token(tmp_path / "c") is None
