@@ -107,26 +107,36 @@ def start_head(temp_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, s
 
 
 def stop_head(head: subprocess.Popen) -> None:
-    """Stop the head we started: SIGTERM to its process group, SIGKILL if it lingers, and wait
-    until every process it started (GCS, raylet, agents: listed by PID before the signal) is
-    gone, so that none still holds a port when the next Ray starts."""
-    import psutil
-
+    """Stop the head we started: SIGTERM to its process group (``ray start`` and the GCS,
+    raylet and agents it started), SIGKILL if it lingers, and wait until the whole group is
+    gone, so that no process of it still holds a port when the next Ray starts."""
     if head.poll() is not None:
         return
-    try:
-        tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
     pgid = os.getpgid(head.pid)
     os.killpg(pgid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=30)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=10)
-    head.wait(timeout=10)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(pgid, signal.SIGKILL)
+        head.wait(timeout=10)
+    if not _group_gone(pgid, timeout_s=30):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        _group_gone(pgid, timeout_s=10)
     say("Ray head stopped")
+
+
+def _group_gone(pgid: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for process group ``pgid`` to have no process left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def submit(address: str, manifest: str, epochs: int | None, sets: list[str],
