@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from models.backbones import build_backbone
 from models.layers import contrast_prior, pooled, scaled_unit
+from models.layers.pool import POOLS
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import read_level, to_level0, to_normalised
 from models.registry import register_model
@@ -224,7 +225,8 @@ class STNGlimpse(AttentionModel):
     ):
         super().__init__()
         self.pool, self.feature_scale = pool, float(feature_scale)
-        pooled(torch.zeros(1, 1, 1, 1), pool)  # reject an unknown pool now, not at the first step
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.view_size = tuple(view_size)
         self.glimpse_size = tuple(glimpse_size)
         self.read_size = tuple(max(1, round(s * read_scale)) for s in glimpse_size)
