@@ -48,7 +48,8 @@ class CountingProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port or 80
         self.latency_s = latency_s
         self._counts: Counter[str] = Counter()
-        self._bytes = 0
+        self._bytes = self._ok_bytes = 0
+        self._in_flight = self._most_in_flight = 0
         self._lock = threading.Lock()
         self._local = threading.local()
         self._server: ThreadingHTTPServer | None = None
@@ -60,20 +61,33 @@ class CountingProxy:
         with self._lock:
             return {**self._counts, "total": sum(self._counts.values())}
 
-    def response_bytes(self) -> int:
-        """Body bytes returned to clients so far."""
+    def response_bytes(self, *, ok_only: bool = False) -> int:
+        """Body bytes returned to clients so far (``ok_only``: of 2xx answers only, not the
+        error documents of 404s)."""
         with self._lock:
-            return self._bytes
+            return self._ok_bytes if ok_only else self._bytes
+
+    def most_in_flight(self) -> int:
+        """The most requests the proxy held at once (waiting out the latency or upstream)."""
+        with self._lock:
+            return self._most_in_flight
 
     def reset(self) -> None:
         with self._lock:
             self._counts.clear()
-            self._bytes = 0
+            self._bytes = self._ok_bytes = 0
+            self._most_in_flight = self._in_flight
 
-    def _record(self, method: str, nbytes: int) -> None:
+    def _enter(self, delta: int) -> None:
+        with self._lock:
+            self._in_flight += delta
+            self._most_in_flight = max(self._most_in_flight, self._in_flight)
+
+    def _record(self, method: str, nbytes: int, status: int) -> None:
         with self._lock:
             self._counts[method] += 1
             self._bytes += nbytes
+            self._ok_bytes += nbytes if 200 <= status < 300 else 0
 
     def start(self, port: int = 0) -> CountingProxy:
         proxy = self
@@ -107,6 +121,13 @@ class CountingProxy:
                     self.end_headers()
                     self.wfile.write(data)
                     return
+                proxy._enter(1)
+                try:
+                    self._relay(body)
+                finally:
+                    proxy._enter(-1)
+
+            def _relay(self, body: bytes) -> None:
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 conn = proxy._local  # one upstream connection per client connection (thread)
@@ -126,7 +147,7 @@ class CountingProxy:
                     upstream.close()
                     conn.c = None
                     raise
-                proxy._record(self.command, len(data))
+                proxy._record(self.command, len(data), response.status)
                 self.send_response(response.status, response.reason)
                 for k, v in response.getheaders():
                     if k.lower() not in _HOP_BY_HOP:

@@ -11,28 +11,39 @@ all count; no byte-range merging, no index prefetch) and reports:
   only (what a read costs once the scene's shard indexes are cached);
 - full / sample: the bytes of the whole level 0 (every shard object) over the bytes per sample.
 
-Each cell is the mean of ``--trials`` independent draws. The S3 endpoint is moto's server,
-started here on 127.0.0.1 and stopped by PID at the end. ``--zarr-baseline`` also reads the same
-patches through zarr-python (which re-reads shard indexes on every read) for comparison.
-``--sweep`` compares chunk / shard sizes on the local store (level 0 only), which is how the
-defaults were chosen.
+Each cell is the mean of ``--trials`` independent draws. The S3 endpoint is a real SeaweedFS
+(``pipeline.store.seaweed``), started here on 127.0.0.1 and stopped by PID at the end.
+``--zarr-baseline`` also reads the same patches through zarr-python (which re-reads shard
+indexes on every read) for comparison. ``--sweep`` compares chunk / shard sizes on the local
+store (level 0 only), which is how the defaults were chosen.
+
+``--tensorstore`` races the reader against tensorstore (``bench/tensorstore_read.py``) on the
+largest scene: ``--ts-trials`` draws of 16 random patches of each size, both cold (the reader's
+caches cleared, a fresh tensorstore context), the same patches, interleaved trial by trial (the
+order alternating), results checked pixel-identical. The reader runs with the training
+settings (``ReaderSettings``: ranges at most 16 KiB apart merged) in this process, without the
+index prefetch (which on a cold read asks for every shard index of the level). It reports, per
+store and patch size, the median wall time and process CPU per sample of each, and adds
+``"over_tensorstore": {"local_64": r, "local_128": r, "s3_64": r, "s3_128": r}`` (project
+median wall time over tensorstore's) to ``--json``; S3 also through the latency proxy
+(``--latency-ms``, default 20) as ``s3_20ms_64`` / ``s3_20ms_128``.
 
     .venv/bin/python bench/read_amplification.py            # table
     .venv/bin/python bench/read_amplification.py --json     # + one JSON object on the last line
+    .venv/bin/python bench/read_amplification.py --sizes 1024 8192 --tensorstore --json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +52,7 @@ import torch
 
 from models.protocol import ReadRequest
 from pipeline.read.reader import ZarrPixelSource
-from pipeline.read.settings import EXACT_READS
+from pipeline.read.settings import EXACT_READS, ReaderSettings
 from pipeline.store import pyramid, storage
 
 CHANNELS = 3
@@ -150,30 +161,27 @@ def zarr_baseline(scene_uri: str, side: int, patch: int, n: int, seed: int) -> d
 # ---------------------------------------------------------------------- S3 server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_s3(work: Path) -> tuple[object, dict[str, str]]:
+    """SeaweedFS on 127.0.0.1 with a ``bench-pyramids`` bucket; returns the server (``stop()``)
+    and the ``AWS_*`` variables that point a client at it."""
+    from pipeline.store.seaweed import start_seaweed
+
+    server = start_seaweed(work / "seaweed", access_key="bench", secret_key="bench-secret",
+                           buckets=["bench-pyramids"])
+    return server, {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "bench",
+                    "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1"}
 
 
-def start_moto(log_dir: Path) -> tuple[subprocess.Popen, str]:
-    """moto's S3 server on 127.0.0.1 as a child process; returns it and its endpoint."""
-    port = free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    log = open(log_dir / "moto.log", "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            return proc, endpoint
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {proc.returncode}") from None
-            time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError(f"moto_server did not answer on {endpoint}")
+def start_proxy(endpoint: str, latency_ms: float) -> tuple[subprocess.Popen, str]:
+    """``bench.http_proxy`` in its own process in front of ``endpoint``; (process, endpoint)."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.http_proxy", endpoint, "--latency-ms",
+                             str(latency_ms)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    line = proc.stdout.readline().strip()
+    if not line.startswith("http://127.0.0.1:"):
+        proc.kill()
+        raise RuntimeError(f"latency proxy did not start (said {line!r})")
+    return proc, line
 
 
 def copy_tree(src_uri: str, dst_uri: str) -> None:
@@ -243,6 +251,67 @@ def summary(rows: list[Row], sizes: list[int]) -> dict:
     }
 
 
+def versus_tensorstore(scene_uri: str, side: int, patch: int, n: int, trials: int,
+                       seed: int) -> dict:
+    """The reader against tensorstore on the same cold reads, interleaved (see the module
+    docstring): medians of wall ms and process CPU ms per sample, bytes and requests per
+    sample, and ``ratio`` = the reader's median wall time over tensorstore's."""
+    from bench.tensorstore_read import TensorstoreReader, kvstore_counters
+
+    settings = dataclasses.replace(ReaderSettings(), prefetch_indexes=False, process=False)
+    ours = ZarrPixelSource.from_settings(settings)
+    theirs = TensorstoreReader(scene_uri)
+    kind = "s3" if scene_uri.startswith("s3://") else "file"
+    rng = np.random.default_rng(seed + 7 * patch)
+    warm = random_boxes(n, patch, side, rng)  # imports, threads, HTTP clients: not timed
+    ours.read([scene_uri], ReadRequest(warm, 0, (patch, patch)))
+    theirs.read(warm, (patch, patch))
+    times: dict[str, list[tuple[float, float, int, int]]] = {"project": [], "tensorstore": []}
+
+    def run_ours(boxes: torch.Tensor) -> torch.Tensor:
+        ours.clear_cache()
+        ours.reset_counters()
+        out = ours.read([scene_uri], ReadRequest(boxes, 0, (patch, patch)))
+        c = ours.counters()
+        return out, c.requests, c.bytes
+
+    def run_theirs(boxes: torch.Tensor) -> torch.Tensor:
+        before = kvstore_counters(kind)
+        out = theirs.read(boxes, (patch, patch))
+        after = kvstore_counters(kind)
+        return out, after["requests"] - before["requests"], after["bytes"] - before["bytes"]
+
+    for trial in range(trials):
+        boxes = random_boxes(n, patch, side, rng)
+        order = [("project", run_ours), ("tensorstore", run_theirs)]
+        outs = {}
+        for name, run in order if trial % 2 == 0 else order[::-1]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            outs[name], requests, nbytes = run(boxes)
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0, requests,
+                                nbytes))
+        if not torch.equal(outs["project"], outs["tensorstore"]):
+            raise RuntimeError(f"{scene_uri} {patch} px trial {trial}: results differ")
+    ours.close()
+    med = {k: np.median(np.array(v, dtype=np.float64), axis=0) for k, v in times.items()}
+    out = {f"{k}_{f}": float(m[i] * (1e3 if i < 2 else 1))
+           for k, m in med.items()
+           for i, f in enumerate(("ms", "cpu_ms", "requests", "bytes"))}
+    out["ratio"] = float(med["project"][0] / med["tensorstore"][0])
+    out["cpu_ratio"] = float(med["project"][1] / med["tensorstore"][1])
+    return out
+
+
+def print_versus(cells: dict[str, dict]) -> None:
+    print(f"\n{'cell':<12} {'project ms':>10} {'ts ms':>7} {'ratio':>6} {'proj CPU':>8} "
+          f"{'ts CPU':>7} {'CPU ratio':>9} {'proj req':>8} {'ts req':>7} {'proj B':>8} {'ts B':>8}")
+    for name, c in cells.items():
+        print(f"{name:<12} {c['project_ms']:>10.1f} {c['tensorstore_ms']:>7.1f} {c['ratio']:>6.2f} "
+              f"{c['project_cpu_ms']:>8.1f} {c['tensorstore_cpu_ms']:>7.1f} {c['cpu_ratio']:>9.2f} "
+              f"{c['project_requests']:>8.0f} {c['tensorstore_requests']:>7.0f} "
+              f"{c['project_bytes']:>8.0f} {c['tensorstore_bytes']:>8.0f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -256,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", action="store_true",
                         help="let patches overlap (default: distinct, non-overlapping patches)")
     parser.add_argument("--zarr-baseline", action="store_true")
+    parser.add_argument("--tensorstore", action="store_true",
+                        help="race the reader against tensorstore on the largest scene")
+    parser.add_argument("--ts-trials", type=int, default=20, help="draws per tensorstore cell")
+    parser.add_argument("--latency-ms", type=float, default=20.0,
+                        help="added per request on the proxied S3 tensorstore cells (0: none)")
     parser.add_argument("--sweep", action="store_true", help="compare chunk/shard sizes")
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
@@ -263,63 +337,40 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="read-amp-"))
     work.mkdir(parents=True, exist_ok=True)
-    moto = None
+    stoppers: list = []
     saved_env: dict[str, str | None] = {}
     try:
         if args.sweep:
             sweep(work, args.sizes, args.patches, args.n, args.trials, args.seed, args.overlap)
             return 0
-        print(f"chunk {args.chunk} px, shard {args.shard} px, {args.n} patches per sample, "
-              f"{args.trials} trials; writing scenes of {args.sizes} px ...", flush=True)
-        scenes: dict[int, str] = {}
-        for side in args.sizes:
-            t0 = time.perf_counter()
-            image = synthetic_scene(side, args.seed + side)
-            scenes[side] = pyramid.write_pyramid(str(work / "local"), f"scene-{side}", image, {},
-                                                 chunk=args.chunk, shard=args.shard)
-            print(f"  {side} px: written in {time.perf_counter() - t0:.1f} s, level 0 "
-                  f"{level0_bytes(scenes[side]) / image.nbytes:.2f} of raw", flush=True)
-            del image
+        scenes = write_scenes(work, args)
         uris = {("local", s): u for s, u in scenes.items()}
-        if "s3" in args.stores:
-            moto, endpoint = start_moto(work)
-            env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-                   "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+        if "s3" in args.stores or args.tensorstore:
+            server, env = start_s3(work)
+            stoppers.append(server.stop)
             saved_env = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
-            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench-pyramids",
-                                                          method="PUT"), timeout=30).close()
             for side, uri in scenes.items():
                 uris[("s3", side)] = f"s3://bench-pyramids/scene-{side}"
                 copy_tree(uri, uris[("s3", side)])
-        rows = []
-        for store in args.stores:
-            for side in args.sizes:
-                full = level0_bytes(uris[(store, side)])
-                for patch in args.patches:
-                    rows.append(measure(store, uris[(store, side)], side, patch, args.n,
-                                        args.trials, args.seed, full, args.overlap))
+        rows = [measure(store, uris[(store, side)], side, patch, args.n, args.trials, args.seed,
+                        level0_bytes(uris[(store, side)]), args.overlap)
+                for store in args.stores for side in args.sizes for patch in args.patches]
         print()
         print_table(rows)
         result = summary(rows, args.sizes)
         if args.zarr_baseline:
-            side = max(args.sizes)
-            print(f"\nzarr-python on the same patches (local, {side} px, one slice per patch):")
-            result["zarr_baseline"] = {}
-            for patch in args.patches:
-                base = zarr_baseline(scenes[side], side, patch, args.n, args.seed)
-                ours = next(r for r in rows if (r.store, r.side, r.patch) == ("local", side, patch))
-                result["zarr_baseline"][str(patch)] = base
-                print(f"  {patch} px: {base['bytes_per_patch']:.0f} B/patch "
-                      f"({base['index_bytes_per_patch']:.0f} of them index), "
-                      f"{base['requests_per_patch']:.2f} req/patch, {base['ms_per_sample']:.1f} "
-                      f"ms/sample; this reader: {ours.bytes_per_patch:.0f} B/patch, "
-                      f"{ours.requests_per_patch:.2f} req/patch, {ours.ms_per_sample:.1f} ms/sample")
+            result["zarr_baseline"] = zarr_baselines(scenes, rows, args)
         print(f"\namplification (worst) {result['amplification']:.2f}   "
               f"bytes/sample {result['sizes'][1]}/{result['sizes'][0]}: "
               f"{result['bytes_per_sample_8k_over_1k']:.3f} (data only "
               f"{result['data_bytes_per_sample_8k_over_1k']:.3f})   "
               f"full read / sample at {result['sizes'][1]}: {result['full_read_over_sample_8k']:.0f}x")
+        if args.tensorstore:
+            cells = tensorstore_cells(uris, args, stoppers)
+            print_versus(cells)
+            result["versus_tensorstore"] = cells
+            result["over_tensorstore"] = {k: round(c["ratio"], 3) for k, c in cells.items()}
         if args.json:
             print(json.dumps(result))
         return 0
@@ -329,14 +380,66 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if moto is not None:
-            moto.terminate()
-            try:
-                moto.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                moto.kill()
+        for stop in reversed(stoppers):
+            stop()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def write_scenes(work: Path, args: argparse.Namespace) -> dict[int, str]:
+    """A synthetic scene of every ``--sizes`` side written as a local pyramid: {side: uri}."""
+    print(f"chunk {args.chunk} px, shard {args.shard} px, {args.n} patches per sample, "
+          f"{args.trials} trials; writing scenes of {args.sizes} px ...", flush=True)
+    scenes: dict[int, str] = {}
+    for side in args.sizes:
+        t0 = time.perf_counter()
+        image = synthetic_scene(side, args.seed + side)
+        scenes[side] = pyramid.write_pyramid(str(work / "local"), f"scene-{side}", image, {},
+                                             chunk=args.chunk, shard=args.shard)
+        print(f"  {side} px: written in {time.perf_counter() - t0:.1f} s, level 0 "
+              f"{level0_bytes(scenes[side]) / image.nbytes:.2f} of raw", flush=True)
+    return scenes
+
+
+def zarr_baselines(scenes: dict[int, str], rows: list[Row], args: argparse.Namespace) -> dict:
+    side = max(args.sizes)
+    print(f"\nzarr-python on the same patches (local, {side} px, one slice per patch):")
+    out = {}
+    for patch in args.patches:
+        base = zarr_baseline(scenes[side], side, patch, args.n, args.seed)
+        ours = next(r for r in rows if (r.store, r.side, r.patch) == ("local", side, patch))
+        out[str(patch)] = base
+        print(f"  {patch} px: {base['bytes_per_patch']:.0f} B/patch "
+              f"({base['index_bytes_per_patch']:.0f} of them index), "
+              f"{base['requests_per_patch']:.2f} req/patch, {base['ms_per_sample']:.1f} "
+              f"ms/sample; this reader: {ours.bytes_per_patch:.0f} B/patch, "
+              f"{ours.requests_per_patch:.2f} req/patch, {ours.ms_per_sample:.1f} ms/sample")
+    return out
+
+
+def tensorstore_cells(uris: dict, args: argparse.Namespace, stoppers: list) -> dict[str, dict]:
+    """``versus_tensorstore`` on the largest scene: local, S3, and S3 through the latency
+    proxy (both clients pointed at it, then back)."""
+    side = max(args.sizes)
+    print(f"\nproject reader vs tensorstore: {side} px scene, {args.n} patches, "
+          f"{args.ts_trials} interleaved cold trials per cell ...", flush=True)
+    cells = {}
+    for store in ("local", "s3"):
+        for patch in args.patches:
+            cells[f"{store}_{patch}"] = versus_tensorstore(
+                uris[(store, side)], side, patch, args.n, args.ts_trials, args.seed)
+    if args.latency_ms > 0:
+        endpoint = os.environ["AWS_ENDPOINT_URL"]
+        proxy, proxied = start_proxy(endpoint, args.latency_ms)
+        stoppers.append(proxy.kill)
+        os.environ["AWS_ENDPOINT_URL"] = proxied
+        try:
+            for patch in args.patches:
+                cells[f"s3_{args.latency_ms:g}ms_{patch}"] = versus_tensorstore(
+                    uris[("s3", side)], side, patch, args.n, args.ts_trials, args.seed)
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = endpoint
+    return cells
 
 
 if __name__ == "__main__":

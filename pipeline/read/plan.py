@@ -149,14 +149,11 @@ def shard_entries(plan: ChunkPlan, indexes: Sequence[np.ndarray | None]) -> np.n
     (``ABSENT`` in both where it has no bytes); ``indexes[s]`` is the index of shard ``s``:
     (..., ny, nx, 2) uint64, or None when its object does not exist."""
     ny, nx = plan.chunks_per_shard
-    entries = np.full((len(plan.cyx), 2), ABSENT, dtype=np.uint64)
-    for s, index in enumerate(indexes):
-        if index is None:
-            continue
-        rows = np.flatnonzero(plan.shard_of == s)
-        local = plan.cyx[rows] % (ny, nx)
-        entries[rows] = np.asarray(index).reshape(ny, nx, 2)[local[:, 0], local[:, 1]]
-    return entries
+    absent = np.full((ny * nx, 2), ABSENT, dtype=np.uint64)
+    tables = np.stack([absent if index is None else np.asarray(index, np.uint64).reshape(-1, 2)
+                       for index in indexes]) if len(indexes) else absent[None]
+    local = plan.cyx % (ny, nx)
+    return tables[plan.shard_of, local[:, 0] * nx + local[:, 1]].reshape(-1, 2)
 
 
 def plan_byte_ranges(plan: ChunkPlan, indexes: Sequence[np.ndarray | None],

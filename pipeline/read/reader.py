@@ -50,8 +50,8 @@ settings only (no loop, store or cache), so it can be sent to Ray workers. Its d
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from models.protocol import ReadRequest, level_shape, resize_patches
+from pipeline.read.layout import ChunkDecodeError, ChunkDecoder, LevelMeta, decode_index, level_meta
 from pipeline.read.plan import (
     ChunkPlan,
     RangePlan,
@@ -74,9 +75,9 @@ from pipeline.read.plan import (
     plan_chunks,
 )
 from pipeline.read.settings import EXACT_READS, ReaderSettings
-from pipeline.store.counting import CountingStore, ReadCounters, RequestLog, StoreRequest
-from pipeline.store.pyramid import decode_empty_shards
-from pipeline.store.storage import open_store, parse_uri
+from pipeline.store.counting import ReadCounters, RequestLog, StoreRequest
+from pipeline.store.ranges import Range, RangeStore, open_ranges
+from pipeline.store.storage import parse_uri
 
 
 class ReadError(OSError):
@@ -97,32 +98,6 @@ class SceneMeta:
     root: str
     prefix: str
     level_paths: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class LevelMeta:
-    """Array facts of one level needed to plan, fetch and decode."""
-
-    uri: str
-    level: int
-    key_prefix: str
-    shape: tuple[int, int, int]
-    chunk_shape: tuple[int, int, int]
-    shard_shape: tuple[int, int, int]
-    chunks_per_shard: tuple[int, int]
-    fill_value: int
-    index_size: int
-    metadata: Any  # zarr ArrayV3Metadata
-    codec: Any  # zarr ShardingCodec
-    chunk_spec: Any  # zarr ArraySpec of one inner chunk
-    zstd_only: bool  # inner codecs are exactly (bytes, zstd): decode with numcodecs directly
-    # (sy, sx) of the shards the pyramid records as empty (no object, all fill value); None
-    # for a pyramid written before the record (then no absent shard may read as fill value)
-    empty_shards: frozenset[tuple[int, int]] | None = None
-
-    def shard_object(self, shard: ShardKey) -> str:
-        """Store key of a shard object."""
-        return f"{self.key_prefix}/{self.metadata.encode_chunk_key((0, shard.sy, shard.sx))}"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -241,11 +216,11 @@ class ZarrPixelSource:
                    record_requests=record_requests)
 
     def _reset_loop_state(self) -> None:
-        self._stores: dict[str, CountingStore] = {}
+        self._stores: dict[str, RangeStore] = {}
         self._cache = ByteLRU(self.cache_bytes)
         self._inflight: dict[Any, asyncio.Future] = {}
         self._semaphore: asyncio.Semaphore | None = None
-        self._zstd: Any = None  # zstandard.ZstdDecompressor, not thread-safe: loop thread only
+        self._decoder = ChunkDecoder()  # not thread-safe: used on the loop thread only
         self._turns = Turns()
         self._prefetched: set[tuple[str, int]] = set()  # (scene, level) whose indexes were asked
 
@@ -347,7 +322,7 @@ class ZarrPixelSource:
             scenes = [await self._finish_scene(f, request.size) for f in fetched]
         finally:
             self._turns.mark(ticket)
-        return torch.stack(scenes)
+        return stack_scenes(scenes)
 
     async def view_async(self, keys: Sequence[str], size: tuple[int, int]) -> Tensor:
         """``view`` as a coroutine on this source's loop."""
@@ -374,21 +349,21 @@ class ZarrPixelSource:
         """The CPU half: decode, crop every region, resize: (K, C, *size) float32 in [0, 1]."""
         if fetched.ranges is None:
             return torch.zeros((0, fetched.meta.shape[0], *size))
-        tiles = await self._decode_level(fetched)
+        tiles = self._decode_level(fetched)
         return resize_crops([tiles.crop(r) for r in fetched.chunks.regions.tolist()], size)
 
     async def _view_scene(self, uri: str, size: tuple[int, int]) -> Tensor:
         """The whole scene at the coarsest level with both sides >= ``size`` (level 0 if
         none), resized to ``size``: (C, *size) float32 in [0, 1]."""
+        shape0 = (await self._level(uri, 0)).shape  # with the group in one round trip
         scene = await self._scene(uri)
-        shape0 = (await self._level(uri, 0)).shape
         shapes = [level_shape(shape0[1:], lv) for lv in range(len(scene.level_paths))]
         level = next((lv for lv in reversed(range(len(shapes)))
                       if shapes[lv][0] >= size[0] and shapes[lv][1] >= size[1]), 0)
         meta = await self._level(uri, level)
         region = np.array([[0, 0, *meta.shape[1:]]], dtype=np.int64)
         chunks = plan_chunks(region, level, meta.shape, meta.chunk_shape, meta.shard_shape)
-        tiles = await self._decode_level(await self._fetch_chunks(meta, chunks))
+        tiles = self._decode_level(await self._fetch_chunks(meta, chunks))
         pixels = tiles.crop(region[0].tolist())
         return resize_patches(torch.from_numpy(pixels)[None].float() / 255.0, size)[0]
 
@@ -396,87 +371,72 @@ class ZarrPixelSource:
         """Execute a chunk plan: the shard indexes (cached), the byte-range plan (pure), then
         one request per range (none per shard)."""
         shards = [ShardKey(meta.level, sy, sx) for sy, sx in chunks.shards.tolist()]
-        ranges = plan_byte_ranges(chunks, await self._indexes(meta, shards), self.max_gap)
+        store = self._store(locate(meta.uri)[0])
+        gap = 0 if store.immediate else self.max_gap  # a local pread costs no round trip
+        ranges = plan_byte_ranges(chunks, await self._indexes(meta, shards), gap)
         objects = {s: meta.shard_object(shards[s]) for s in set(ranges.shard.tolist())}
         keys = tuple(objects[s] for s in ranges.shard.tolist())
         requests = list(zip(keys, ranges.start.tolist(), ranges.end.tolist(), strict=True))
-        data = await self._get_ranges(self._store(locate(meta.uri)[0]), meta, requests)
+        data = await self._get_ranges(store, meta, requests)
         return FetchedLevel(meta, chunks, ranges, keys, tuple(data))
 
-    async def _decode_level(self, fetched: FetchedLevel) -> Tiles:
+    def _decode_level(self, fetched: FetchedLevel) -> Tiles:
         """Decode every fetched range into one ``Tiles`` (chunks without bytes: fill value),
-        and count the chunks."""
+        in one batch over all requests, and count the chunks."""
         meta, cyx, ranges = fetched.meta, fetched.chunks.cyx, fetched.ranges
         tiles = Tiles(meta, cyx)
         tiles.data[ranges.fill] = meta.fill_value
-        bounds = ranges.bounds.tolist()
-        base = np.repeat(ranges.start, np.diff(ranges.bounds))  # each chunk's request start
-        starts = (ranges.chunk_start - base).tolist()
-        ends = (ranges.chunk_end - base).tolist()
-        for r, (key, data) in enumerate(zip(fetched.keys, fetched.data, strict=True)):
-            lo, hi = bounds[r], bounds[r + 1]
-            rows = ranges.rows[lo:hi]
-            parts = [data[s:e] for s, e in zip(starts[lo:hi], ends[lo:hi], strict=True)]
+        if len(ranges.rows):
+            sizes = np.array([len(d) for d in fetched.data], dtype=np.int64)
+            joined_at = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # request r's offset
+            per_chunk = np.diff(ranges.bounds)
+            shift = np.repeat(joined_at - ranges.start, per_chunk)
             try:
-                arrays = await self._decode_parts(meta, parts)
-            except Exception as err:
-                names = ", ".join(f"({cy}, {cx})" for cy, cx in cyx[rows].tolist())
-                r0 = int(ranges.start[r])
-                where = _where(meta, key, r0, r0 + len(data))
-                raise ReadError(f"{where}: decoding chunks {names}: {err}") from err
-            for row, array in zip(rows.tolist(), arrays, strict=True):
-                tiles.data[row] = array
-        self._log.add_chunks(len(cyx), len(cyx) * math.prod(meta.chunk_shape))
+                tiles.data[ranges.rows] = self._decoder.decode(
+                    meta, b"".join(fetched.data), ranges.chunk_start + shift,
+                    ranges.chunk_end + shift)
+            except ChunkDecodeError as err:
+                raise self._decode_error(fetched, err) from err
+        self._log.add_chunks(len(cyx), len(cyx) * meta.chunk_nbytes)
         return tiles
 
-    async def _get_ranges(self, store: CountingStore, meta: LevelMeta,
+    @staticmethod
+    def _decode_error(fetched: FetchedLevel, err: ChunkDecodeError) -> ReadError:
+        """A ``ReadError`` naming the object, request range and chunk that failed to decode."""
+        meta, ranges = fetched.meta, fetched.ranges
+        r = int(np.searchsorted(ranges.bounds, err.item, side="right")) - 1
+        cy, cx = fetched.chunks.cyx[ranges.rows[err.item]].tolist()
+        r0 = int(ranges.start[r])
+        where = _where(meta, fetched.keys[r], r0, int(ranges.end[r]))
+        return ReadError(f"{where}: decoding chunk ({cy}, {cx}): {err}")
+
+    async def _get_ranges(self, store: RangeStore, meta: LevelMeta,
                           ranges: list[tuple[str, int, int]]) -> list[np.ndarray]:
         """The bytes of every (key, start, end) as uint8 arrays, each checked for its length.
 
         A local directory is read with ``pread`` on this loop's thread: a page-cache read of a
-        few KB takes microseconds, while a thread hop per range (zarr's ``LocalStore``) costs
-        far more and contends for the GIL. Other stores get one task per range, at most
-        ``concurrency`` in flight.
+        few KB takes microseconds, less than a task or a thread hop per range. Other stores get
+        one request per range, at most ``concurrency`` in flight.
         """
-        from zarr.abc.store import RangeByteRequest
-
-        if store.local_root is not None:
+        if store.immediate:
             out = []
-            for key, r0, r1 in ranges:
+            for key, group in itertools.groupby(ranges, key=lambda r: r[0]):
+                spans = [(r0, r1) for _, r0, r1 in group]
                 try:
-                    out.append(store.read_local(key, r0, r1))
-                except OSError as err:
-                    raise ReadError(f"{_where(meta, key, r0, r1)}: read failed: {err!r}") from err
+                    out.extend(store.read_ranges_now(key, spans))
+                except Exception as err:
+                    where = _where(meta, key, spans[0][0], spans[-1][1])
+                    raise ReadError(f"{where}: GET {key} failed: {err!r}") from err
         else:
-            out = await asyncio.gather(*(
-                self._get(store, key, RangeByteRequest(r0, r1), _where(meta, key, r0, r1))
-                for key, r0, r1 in ranges))
+            out = await self._get_batch(store, [(key, (r0, r1)) for key, r0, r1 in ranges],
+                                        lambda i: _where(meta, *ranges[i]))
         arrays = []
         for (key, r0, r1), buf in zip(ranges, out, strict=True):
             if buf is None or len(buf) != r1 - r0:
-                got = "nothing" if buf is None else f"{len(buf)} bytes"
+                got = "nothing (the object is gone)" if buf is None else f"{len(buf)} bytes"
                 raise ReadError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, got {got}")
-            arrays.append(np.frombuffer(buf, np.uint8) if isinstance(buf, bytes) else buf.as_numpy_array())
+            arrays.append(np.frombuffer(buf, np.uint8))
         return arrays
-
-    async def _decode_parts(self, meta: LevelMeta, parts: list[np.ndarray]) -> list[np.ndarray]:
-        """Each encoded inner chunk of ``parts`` decoded: (C, ch, cw) uint8 arrays."""
-        if meta.zstd_only:
-            # one decompression context reused on this loop's thread: ~3.5 us per 16 px chunk
-            # against ~32 us for numcodecs, which sets up a new context on every call
-            if self._zstd is None:
-                import zstandard
-
-                self._zstd = zstandard.ZstdDecompressor()
-            nbytes = math.prod(meta.chunk_shape)
-            return [np.frombuffer(self._zstd.decompress(p, max_output_size=nbytes),
-                                  dtype=np.uint8).reshape(meta.chunk_shape) for p in parts]
-        from zarr.core.buffer import cpu
-
-        decoded = await meta.codec.codec_pipeline.decode(
-            [(cpu.Buffer.from_bytes(p.tobytes()), meta.chunk_spec) for p in parts]
-        )
-        return [d.as_numpy_array().astype(np.uint8, copy=False) for d in decoded]
 
     # ------------------------------------------------------------------ cached metadata
 
@@ -501,10 +461,9 @@ class ZarrPixelSource:
         async def load() -> tuple[SceneMeta, int]:
             root, prefix = locate(uri)
             key = _key(prefix, "zarr.json")
-            buf = await self._get(self._store(root), key, None, f"scene {uri} group metadata")
-            if buf is None:
+            raw = await self._get(self._store(root), key, None, f"scene {uri} group metadata")
+            if raw is None:
                 raise FileNotFoundError(f"no pyramid group at {uri} (no {key} in {root})")
-            raw = buf.to_bytes()
             attrs = json.loads(raw).get("attributes", {})
             if attrs.get("pipeline", {}).get("complete") is not True:
                 raise ValueError(f"scene {uri} is incomplete (its pyramid write did not finish)")
@@ -518,85 +477,160 @@ class ZarrPixelSource:
         return await self._cached(("scene", uri), load)
 
     async def _level(self, uri: str, level: int) -> LevelMeta:
-        scene = await self._scene(uri)
-        if not 0 <= level < len(scene.level_paths):
-            raise ValueError(f"scene {uri!r} has {len(scene.level_paths)} levels, asked for {level}")
+        """A level's metadata (cached). On a scene's first read the group's and the level's
+        ``zarr.json`` are asked for at once, the level's path guessed as the writer names it
+        (``str(level)``): one round trip instead of two; a wrong guess (another writer's
+        paths) costs one more request, then the group's path is read."""
+        if ("level", uri, level) in self._cache:
+            return self._cache.get(("level", uri, level))
 
         async def load() -> tuple[LevelMeta, int]:
+            root, prefix = locate(uri)
+            guessed = _key(prefix, str(level))
+            where = f"scene {uri} level {level} metadata"
+            if ("scene", uri) in self._cache:
+                scene, raw = self._cache.get(("scene", uri)), None
+            else:
+                scene, raw = await asyncio.gather(self._scene(uri), self._get(
+                    self._store(root), _key(guessed, "zarr.json"), None, where))
+            if not 0 <= level < len(scene.level_paths):
+                raise ValueError(f"scene {uri!r} has {len(scene.level_paths)} levels, asked for {level}")
             key_prefix = _key(scene.prefix, scene.level_paths[level])
-            key = _key(key_prefix, "zarr.json")
-            where = f"scene {uri} level {level} metadata {key}"
-            buf = await self._get(self._store(scene.root), key, None, where)
-            if buf is None:
-                raise FileNotFoundError(f"{where}: missing")
-            raw = buf.to_bytes()
+            if raw is None or key_prefix != guessed:
+                raw = await self._get(self._store(root), _key(key_prefix, "zarr.json"), None, where)
+            if raw is None:
+                raise FileNotFoundError(f"{where} {_key(key_prefix, 'zarr.json')}: missing")
             return level_meta(uri, level, key_prefix, json.loads(raw)), len(raw)
 
         return await self._cached(("level", uri, level), load)
 
-    async def _index(self, meta: LevelMeta, shard: ShardKey) -> np.ndarray | None:
-        async def load() -> tuple[np.ndarray | None, int]:
-            from zarr.abc.store import SuffixByteRequest
+    def _shard_index(self, meta: LevelMeta, shard: ShardKey, key: str,
+                     data: bytes | None) -> tuple[np.ndarray | None, int]:
+        """A shard's index table (and its cache cost in bytes) from the bytes read for it;
+        None for a shard recorded empty; ``MissingShardError`` for any other absent shard."""
+        if data is None:
+            if meta.empty_shards is not None and (shard.sy, shard.sx) in meta.empty_shards:
+                return None, 64  # recorded empty: the whole shard is fill value
+            raise MissingShardError(_missing_shard(meta, shard, key))
+        try:
+            table = decode_index(meta, data)
+        except ValueError as err:
+            raise ReadError(f"scene {meta.uri} level {meta.level} shard index of {key}: {err}") from err
+        return table, table.nbytes
 
+    async def _index(self, meta: LevelMeta, shard: ShardKey) -> np.ndarray | None:
+        """The index of one shard (cached); read once even when asked concurrently."""
+        async def load() -> tuple[np.ndarray | None, int]:
             key = meta.shard_object(shard)
             where = f"scene {meta.uri} level {meta.level} shard index of {key}"
-            store = self._store(locate(meta.uri)[0])
-            buf = await self._get(store, key, SuffixByteRequest(meta.index_size), where)
-            if buf is None:
-                if meta.empty_shards is not None and (shard.sy, shard.sx) in meta.empty_shards:
-                    return None, 64  # recorded empty: the whole shard is fill value
-                raise MissingShardError(_missing_shard(meta, shard, key))
-            try:
-                # zarr's own index decoding (checks the crc32c); private but pinned (3.1.6)
-                index = await meta.codec._decode_shard_index(buf, (1, *meta.chunks_per_shard))
-            except Exception as err:
-                raise ReadError(f"{where}: {err}") from err
-            table = index.offsets_and_lengths
-            return table, table.nbytes
+            data = await self._get(self._store(locate(meta.uri)[0]), key, (-meta.index_size, None),
+                                   where)
+            return self._shard_index(meta, shard, key, data)
 
-        return await self._cached(("index", meta.uri, meta.level, shard.sy, shard.sx), load)
+        return await self._cached(_index_key(meta, shard), load)
+
+    def _index_now(self, store: RangeStore, meta: LevelMeta, shard: ShardKey) -> np.ndarray | None:
+        """``_index`` from an ``immediate`` store: read and cached now, no task."""
+        cache_key = _index_key(meta, shard)
+        if cache_key in self._cache:
+            return self._cache.get(cache_key)
+        key = meta.shard_object(shard)
+        where = f"scene {meta.uri} level {meta.level} shard index of {key}"
+        table, nbytes = self._shard_index(
+            meta, shard, key, self._get_now(store, key, (-meta.index_size, None), where))
+        self._cache.put(cache_key, table, nbytes)
+        return table
 
     async def _indexes(self, meta: LevelMeta, shards: list[ShardKey]) -> list:
-        """``_index`` of every shard: cached ones directly, the others loaded concurrently.
+        """``_index`` of every shard: cached ones directly, the others read now (a local or
+        memory store) or concurrently.
 
         With ``prefetch_indexes``, the first read of a level of a scene asks for the index of
         every shard of that level at once, so later reads of the scene need one round trip
         (chunks) instead of two (index, then chunks) whenever attention moves to a new shard.
         """
+        store = self._store(locate(meta.uri)[0])
         if self.prefetch_indexes and (meta.uri, meta.level) not in self._prefetched:
             self._prefetched.add((meta.uri, meta.level))
             gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
             every = [ShardKey(meta.level, sy, sx) for sy in range(gy) for sx in range(gx)]
             # a shard that fails here fails only the read that needs it (asked again below)
             await asyncio.gather(*(self._index(meta, sh) for sh in every), return_exceptions=True)
-        keys = [("index", meta.uri, meta.level, sh.sy, sh.sx) for sh in shards]
+        if store.immediate:
+            return [self._index_now(store, meta, sh) for sh in shards]
+        keys = [_index_key(meta, sh) for sh in shards]
         out = [self._cache.get(k) if k in self._cache else None for k in keys]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
-        if missing:
+        if missing and hasattr(store, "read_batch"):
+            for i, index in zip(missing, await self._index_batch(store, meta,
+                                                                 [shards[i] for i in missing]),
+                                strict=True):
+                out[i] = index
+        elif missing:
             loaded = await asyncio.gather(*(self._index(meta, shards[i]) for i in missing))
             for i, index in zip(missing, loaded, strict=True):
                 out[i] = index
         return out
 
+    async def _index_batch(self, store: RangeStore, meta: LevelMeta,
+                           shards: list[ShardKey]) -> list[np.ndarray | None]:
+        """The indexes of ``shards`` (none cached) read in one batch, then cached."""
+        objects = [meta.shard_object(sh) for sh in shards]
+        data = await self._get_batch(
+            store, [(key, (-meta.index_size, None)) for key in objects],
+            lambda i: f"scene {meta.uri} level {meta.level} shard index of {objects[i]}")
+        out = []
+        for shard, key, raw in zip(shards, objects, data, strict=True):
+            table, nbytes = self._shard_index(meta, shard, key, raw)
+            self._cache.put(_index_key(meta, shard), table, nbytes)
+            out.append(table)
+        return out
+
     # ------------------------------------------------------------------ stores
 
-    def _store(self, root: str) -> CountingStore:
+    def _store(self, root: str) -> RangeStore:
         store = self._stores.get(root)
         if store is None:
-            store = CountingStore(open_store(root, read_only=True), self._log)
+            store = open_ranges(root, self._log, concurrency=self.concurrency)
             self._stores[root] = store
         return store
 
-    async def _get(self, store: CountingStore, key: str, byte_range: Any, where: str) -> Any:
-        from zarr.core.buffer import default_buffer_prototype
+    def _get_now(self, store: RangeStore, key: str, byte_range: Range, where: str) -> bytes | None:
+        """``_get`` from an ``immediate`` store, on this thread."""
+        try:
+            return store.read_now(key, byte_range)
+        except Exception as err:
+            raise ReadError(f"{where}: GET {key} failed: {err!r}") from err
 
+    async def _get_batch(self, store: RangeStore, requests: list[tuple[str, Range]],
+                         where: Callable[[int], str]) -> list[bytes | None]:
+        """``_get`` of every ``(key, range)``: in one batch where the store has one
+        (``read_batch``: one wake-up of this loop for all), else one task each."""
+        if not hasattr(store, "read_batch"):
+            return await asyncio.gather(*(self._get(store, key, r, where(i))
+                                          for i, (key, r) in enumerate(requests)))
+        try:
+            return await store.read_batch(requests)
+        except Exception as err:
+            raise ReadError(f"{where(0)} (one of a batch of {len(requests)} requests): "
+                            f"GET failed: {err!r}") from err
+
+    async def _get(self, store: RangeStore, key: str, byte_range: Range, where: str) -> bytes | None:
+        """The bytes of ``byte_range`` of ``key`` (None if missing), at most ``concurrency``
+        requests in flight; any failure is a ``ReadError`` naming ``where``."""
+        if store.immediate:
+            return self._get_now(store, key, byte_range, where)
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.concurrency)
         async with self._semaphore:
             try:
-                return await store.get(key, default_buffer_prototype(), byte_range)
+                return await store.read(key, byte_range)
             except Exception as err:
                 raise ReadError(f"{where}: GET {key} failed: {err!r}") from err
+
+
+def _index_key(meta: LevelMeta, shard: ShardKey) -> tuple:
+    return ("index", meta.uri, meta.level, shard.sy, shard.sx)
 
 
 def _where(meta: LevelMeta, key: str, r0: int, r1: int) -> str:
@@ -617,46 +651,6 @@ def _missing_shard(meta: LevelMeta, shard: ShardKey, key: str) -> str:
                 "scene (the ingest rewrites older formats); not read as zeros")
     return (f"{where} is missing from the store although the pyramid records it as written "
             "(deleted, or the store answered 404); not read as zeros")
-
-
-def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) -> LevelMeta:
-    """Parse a level's ``zarr.json`` into what the reader needs; reject unsupported layouts."""
-    from zarr.codecs import BytesCodec, ShardingCodec, ZstdCodec
-    from zarr.codecs.sharding import ShardingCodecIndexLocation
-    from zarr.core.array_spec import ArrayConfig, ArraySpec
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.metadata.v3 import ArrayV3Metadata
-
-    where = f"scene {uri} level {level}"
-    metadata = ArrayV3Metadata.from_dict(document)
-    codec = metadata.codecs[0] if metadata.codecs else None
-    if len(metadata.shape) != 3 or str(metadata.data_type.to_native_dtype()) != "uint8":
-        raise ValueError(f"{where}: expected a (C, H, W) uint8 array, got {metadata.shape} "
-                         f"{metadata.data_type}")
-    if not isinstance(codec, ShardingCodec) or codec.index_location != ShardingCodecIndexLocation.end:
-        raise ValueError(f"{where}: expected a sharded array with the index at the end")
-    shard_shape = tuple(int(s) for s in metadata.chunk_grid.chunk_shape)
-    chunk_shape = tuple(int(s) for s in codec.chunk_shape)
-    if chunk_shape[0] != metadata.shape[0] or shard_shape[0] != metadata.shape[0]:
-        raise ValueError(f"{where}: chunks must span all {metadata.shape[0]} channels")
-    per_shard = (shard_shape[1] // chunk_shape[1], shard_shape[2] // chunk_shape[2])
-    chunk_spec = ArraySpec(shape=chunk_shape, dtype=metadata.data_type,
-                           fill_value=metadata.fill_value, config=ArrayConfig.from_dict({}),
-                           prototype=default_buffer_prototype())
-    kinds = tuple(type(c) for c in codec.codecs)
-    shape = tuple(int(s) for s in metadata.shape)
-    record = (document.get("attributes") or {}).get("pipeline", {}).get("empty_shards")
-    grid = (-(-shape[1] // shard_shape[1]), -(-shape[2] // shard_shape[2]))
-    empty = None if record is None else decode_empty_shards(record, grid, where)
-    return LevelMeta(
-        uri=uri, level=level, key_prefix=key_prefix,
-        shape=shape,
-        chunk_shape=chunk_shape, shard_shape=shard_shape, chunks_per_shard=per_shard,
-        fill_value=int(metadata.fill_value),
-        index_size=codec._shard_index_size((1, *per_shard)),
-        metadata=metadata, codec=codec, chunk_spec=chunk_spec,
-        zstd_only=kinds == (BytesCodec, ZstdCodec), empty_shards=empty,
-    )
 
 
 class Turns:
@@ -705,15 +699,29 @@ class Turns:
 def resize_crops(crops: list[np.ndarray], size: tuple[int, int]) -> Tensor:
     """(N, C, *size) float32 in [0, 1] from N uint8 (C, h, w) crops: one ``resize_patches``
     call per distinct crop shape (a box maps to one of at most four shapes at a level), with
-    the same result as resizing each crop alone."""
+    the same result as resizing each crop alone.
+
+    The uint8 -> float32 / 255 step is done by numpy, bit for bit what torch computes (exact
+    conversion, then one correctly rounded division) but on this thread only: torch would split
+    it over its OpenMP team, and under load (a busy core: the training loop, an object store)
+    waiting for that team costs 10-20 ms per read.
+    """
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, crop in enumerate(crops):
         by_shape.setdefault(crop.shape, []).append(i)
-    out = torch.empty((len(crops), crops[0].shape[0], *size))
-    for idx in by_shape.values():
-        group = torch.from_numpy(np.stack([crops[i] for i in idx])).float() / 255.0
-        out[idx] = resize_patches(group, size)
-    return out
+    out = np.empty((len(crops), crops[0].shape[0], *size), dtype=np.float32)
+    for shape, idx in by_shape.items():
+        group = np.divide(np.stack([crops[i] for i in idx]), np.float32(255.0), dtype=np.float32)
+        if tuple(shape[-2:]) != tuple(size):
+            group = resize_patches(torch.from_numpy(group), size).numpy()
+        out[idx] = group
+    return torch.from_numpy(out)
+
+
+def stack_scenes(scenes: list[Tensor]) -> Tensor:
+    """``torch.stack`` of the scenes' (K, C, h, w) results, copied by numpy on this thread
+    (see ``resize_crops``)."""
+    return torch.from_numpy(np.stack([s.numpy() for s in scenes]))
 
 
 class Tiles:

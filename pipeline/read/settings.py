@@ -25,7 +25,9 @@ class ReaderSettings:
         cache_bytes: bound of the metadata and shard-index LRU cache, in bytes.
         max_gap: merge the byte ranges of two chunks of a shard into one request when at most
             this many bytes lie between them (fewer requests for a few more bytes: worth it
-            when requests cost latency); 0 merges only chunks stored back to back.
+            when requests cost latency); 0 merges only chunks stored back to back. Object
+            stores only: a local or memory store always reads exact chunk ranges (a ``pread``
+            costs no round trip).
         process: run the reader in a child process (``pipeline.read.process``), so that its
             CPU does not share the training loop's GIL.
         prefetch_indexes: on the first read of a scene's level, fetch every shard index of

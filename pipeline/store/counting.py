@@ -1,4 +1,6 @@
-"""A zarr store wrapper that counts requests and bytes, so reads can be asserted exactly.
+"""Request counting: the log of every read (``RequestLog``), and a zarr store wrapper that
+counts requests and bytes (``CountingStore``, for zarr-python's own reads in benches and
+tests; the reader counts through ``pipeline.store.ranges``), so reads can be asserted exactly.
 
 Every ``get`` is classified by what it fetches:
 - ``metadata``: a ``zarr.json`` key;
@@ -10,7 +12,6 @@ Bytes are those returned (0 for a missing key).
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, fields
 from typing import Any
@@ -53,13 +54,19 @@ class ReadCounters:
         return ReadCounters(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
-def classify(key: str, byte_range: ByteRequest | None) -> str:
-    """The kind of a request (see the module docstring)."""
+def kind_of(key: str, byte_range: tuple[int, int | None] | None) -> str:
+    """The kind of a request for ``byte_range`` of ``key``: ``(start, end)``, ``(-n, None)``
+    for a suffix of ``n`` bytes, or None for the whole object (see the module docstring)."""
     if key == "zarr.json" or key.endswith("/zarr.json"):
         return "metadata"
-    if isinstance(byte_range, SuffixByteRequest):
+    if byte_range is not None and byte_range[1] is None and (byte_range[0] or 0) < 0:
         return "index"
     return "chunk"
+
+
+def classify(key: str, byte_range: ByteRequest | None) -> str:
+    """The kind of a zarr store request (see the module docstring)."""
+    return kind_of(key, _range_of(byte_range))
 
 
 class RequestLog:
@@ -84,6 +91,18 @@ class RequestLog:
             t[f"{request.kind}_bytes"] += request.nbytes
             if self.record:
                 self._requests.append(request)
+
+    def add_many(self, requests: list[StoreRequest]) -> None:
+        """``add`` of several requests under one lock."""
+        with self._lock:
+            t = self._totals
+            for request in requests:
+                t["requests"] += 1
+                t["bytes"] += request.nbytes
+                t[f"{request.kind}_requests"] += 1
+                t[f"{request.kind}_bytes"] += request.nbytes
+            if self.record:
+                self._requests.extend(requests)
 
     def add_chunks(self, chunks: int, pixels: int) -> None:
         with self._lock:
@@ -115,24 +134,8 @@ class CountingStore(WrapperStore):
     with the key as the wrapped store sees it."""
 
     def __init__(self, store: Any, log: RequestLog | None = None):
-        from zarr.storage import LocalStore
-
         super().__init__(store)
         self.log = log if log is not None else RequestLog()
-        self.local_root = str(store.root) if isinstance(store, LocalStore) else None
-
-    def read_local(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of ``key`` read straight from disk (``pread``, no thread hop),
-        counted like a ``get``; only for a wrapped ``LocalStore`` (``local_root`` set).
-        Raises ``FileNotFoundError`` if the object is missing."""
-        fd = os.open(os.path.join(self.local_root, key), os.O_RDONLY)
-        try:
-            data = os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
-        self.log.add(StoreRequest(classify(key, RangeByteRequest(start, end)), key, start, end,
-                                  len(data)))
-        return data
 
     def _with_store(self, store: Any) -> CountingStore:
         return type(self)(store, self.log)

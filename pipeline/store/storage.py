@@ -156,6 +156,12 @@ def _s3_store(bucket: str, prefix: str) -> Any:
     return _s3_store_cached(bucket, prefix, tuple(sorted(_env_key().items())))
 
 
+def s3_client(bucket: str, prefix: str = "") -> Any:
+    """The obstore ``S3Store`` of ``bucket`` (keys relative to ``prefix``), configured from the
+    ``AWS_*`` environment and shared by every caller with the same settings (one HTTP client)."""
+    return _s3_store(bucket, prefix)
+
+
 def _env_key() -> dict[str, str]:
     keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -277,6 +283,20 @@ def list_prefix(uri: str) -> list[str]:
     for batch in obstore.list(_s3_store(parsed.root, ""), pre, chunk_size=1000):
         out.extend(f"s3://{parsed.root}/{meta['path']}" for meta in batch)
     return sorted(out)
+
+
+def delete_object(uri: str) -> None:
+    """Delete the one object at ``uri``; nothing happens when there is none."""
+    parsed = parse_uri(uri)
+    if parsed.scheme == "file":
+        Path(parsed.root).unlink(missing_ok=True)
+        return
+    if parsed.scheme == "memory":
+        _memory_dict(parsed.root).pop(parsed.path, None)
+        return
+    import obstore
+
+    obstore.delete(_s3_store(parsed.root, ""), parsed.path)
 
 
 def delete_prefix(uri: str) -> None:

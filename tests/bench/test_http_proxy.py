@@ -23,3 +23,31 @@ def test_proxy_counts_and_delays_s3_requests(s3_server, monkeypatch):
     assert counts["PUT"] == 1 and counts["GET"] == 1 and counts["total"] == 2
     assert elapsed >= 0.05
     assert proxy.response_bytes() >= 1000
+
+
+def test_the_readers_s3_requests_are_exactly_those_the_server_sees_and_bounded(s3_server,
+                                                                              monkeypatch, tmp_path):
+    """Counted on the wire: every request the reader counts reaches the server once (none
+    merged or split below it), bytes included, and no more than ``concurrency`` at a time."""
+    import torch
+
+    from models.protocol import ReadRequest
+    from pipeline.read.reader import ZarrPixelSource
+    from tests.pipeline.scenes import random_boxes, write_scenes
+
+    bucket = s3_server.new_bucket("wire")
+    scenes = write_scenes(f"{bucket}/pyr", [(301, 517), (200, 150)])
+    request = ReadRequest(random_boxes(2, 24, 301, 517, seed=3), 0, (16, 16))
+    with CountingProxy(s3_server.endpoint, latency_s=0.02) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        for concurrency, max_gap in ((3, 0), (64, 4096)):
+            proxy.reset()
+            source = ZarrPixelSource(concurrency=concurrency, max_gap=max_gap)
+            out = source.read(list(scenes), request)
+            counts, counted = proxy.counts(), source.counters()
+            assert counts == {"GET": counted.requests, "total": counted.requests}
+            assert proxy.response_bytes(ok_only=True) == counted.bytes
+            assert 1 < proxy.most_in_flight() <= concurrency
+            source.close()
+    memory = ZarrPixelSource().read(list(scenes), request)
+    assert torch.equal(out, memory)

@@ -1,0 +1,222 @@
+"""The on-store layout of one pyramid level, as the reader needs it: pure parsing, no I/O.
+
+``level_meta`` reads a level's ``zarr.json`` (zarr v3 array metadata, a JSON document whose
+format is the zarr v3 specification, not a zarr-python object) into a ``LevelMeta``, and rejects
+any layout the reader cannot read with a message naming the scene and level. ``decode_index``
+turns the bytes at the end of a shard object into its (1, ny, nx, 2) table of inner chunks'
+``(offset, nbytes)``, checking its crc32c. ``decode_chunk`` decodes one inner chunk.
+
+The layout read is the one ``pipeline.store.pyramid`` writes, and zarr-python writes with the
+same settings (a test reads an array zarr wrote): a (C, H, W) uint8 array, one
+``sharding_indexed`` codec with the index at the end (``bytes`` + ``crc32c`` index codecs),
+inner chunks spanning all channels, inner codecs ``bytes`` then optionally ``zstd``, and the
+``default`` chunk key encoding. Nothing here imports zarr, so the reader follows zarr's
+releases without relying on its private helpers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.read.plan import ShardKey
+from pipeline.store.pyramid import decode_empty_shards
+
+CRC_BYTES = 4  # the crc32c the index codecs append to a shard index
+
+
+@dataclass(frozen=True, slots=True)
+class LevelMeta:
+    """Array facts of one level needed to plan, fetch and decode.
+
+    Attributes:
+        uri: the scene's group URI; ``level``: the level number.
+        key_prefix: the level's store key prefix (``prefix/level_path``).
+        shape / chunk_shape / shard_shape: (C, H, W) of the level, an inner chunk, a shard.
+        chunks_per_shard: (ny, nx) inner chunks per shard.
+        fill_value: the value of pixels never written.
+        index_size: bytes of a shard index, crc32c included (``16 * ny * nx + 4``).
+        index_crc: whether the index ends with a crc32c (checked on decode).
+        zstd: whether inner chunks are zstd-compressed (else raw ``bytes``).
+        separator: the chunk key separator (``/`` or ``.``).
+        empty_shards: (sy, sx) of the shards the pyramid records as empty (no object, all fill
+            value); None for a pyramid written before the record (then no absent shard may read
+            as fill value).
+    """
+
+    uri: str
+    level: int
+    key_prefix: str
+    shape: tuple[int, int, int]
+    chunk_shape: tuple[int, int, int]
+    shard_shape: tuple[int, int, int]
+    chunks_per_shard: tuple[int, int]
+    fill_value: int
+    index_size: int
+    index_crc: bool
+    zstd: bool
+    separator: str = "/"
+    empty_shards: frozenset[tuple[int, int]] | None = None
+
+    def shard_object(self, shard: ShardKey) -> str:
+        """Store key of a shard object (``default`` chunk key encoding)."""
+        s = self.separator
+        return f"{self.key_prefix}/c{s}0{s}{shard.sy}{s}{shard.sx}"
+
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes of one decoded inner chunk."""
+        return math.prod(self.chunk_shape)
+
+
+def _named(codec: Any) -> tuple[str, dict]:
+    if isinstance(codec, str):
+        return codec, {}
+    return codec.get("name", ""), codec.get("configuration") or {}
+
+
+def _inner_codecs(codecs: list, where: str) -> bool:
+    """Whether the inner codecs compress with zstd; rejects anything but bytes[+zstd]."""
+    names = [_named(c) for c in codecs]
+    if not names or names[0][0] != "bytes" or names[0][1].get("endian", "little") != "little":
+        raise ValueError(f"{where}: inner codecs {codecs} must start with little-endian 'bytes'")
+    rest = [n for n, _ in names[1:]]
+    if rest not in ([], ["zstd"]):
+        raise ValueError(f"{where}: unsupported inner codecs {rest} (this reader decodes the "
+                         "'bytes' and 'zstd' codecs that pipeline.store.pyramid writes)")
+    return rest == ["zstd"]
+
+
+def _index_crc(codecs: list, where: str) -> bool:
+    names = [_named(c)[0] for c in codecs]
+    if names not in (["bytes"], ["bytes", "crc32c"]):
+        raise ValueError(f"{where}: unsupported shard index codecs {names}")
+    return names == ["bytes", "crc32c"]
+
+
+def _separator(encoding: Any, where: str) -> str:
+    name, config = _named(encoding or "default")
+    if name != "default":
+        raise ValueError(f"{where}: unsupported chunk key encoding {name!r}")
+    return config.get("separator", "/")
+
+
+def _sharding(document: dict[str, Any], where: str) -> dict[str, Any]:
+    codecs = document.get("codecs") or []
+    name, config = _named(codecs[0]) if len(codecs) == 1 else ("", {})
+    if name != "sharding_indexed" or config.get("index_location", "end") != "end":
+        raise ValueError(f"{where}: expected one sharding_indexed codec with the index at the end, "
+                         f"got {[_named(c)[0] for c in codecs]}")
+    return config
+
+
+def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) -> LevelMeta:
+    """Parse a level's ``zarr.json`` document into a ``LevelMeta``; ``ValueError`` naming the
+    scene and level for any layout this reader does not read."""
+    where = f"scene {uri} level {level}"
+    if document.get("zarr_format") != 3 or document.get("node_type") != "array":
+        raise ValueError(f"{where}: not a zarr v3 array")
+    shape = tuple(int(s) for s in document.get("shape", ()))
+    if len(shape) != 3 or document.get("data_type") != "uint8":
+        raise ValueError(f"{where}: expected a (C, H, W) uint8 array, got {list(shape)} "
+                         f"{document.get('data_type')}")
+    grid_name, grid = _named(document.get("chunk_grid") or {})
+    if grid_name != "regular":
+        raise ValueError(f"{where}: unsupported chunk grid {grid_name!r}")
+    sharding = _sharding(document, where)
+    shard_shape = tuple(int(s) for s in grid["chunk_shape"])
+    chunk_shape = tuple(int(s) for s in sharding["chunk_shape"])
+    if chunk_shape[0] != shape[0] or shard_shape[0] != shape[0]:
+        raise ValueError(f"{where}: chunks must span all {shape[0]} channels")
+    if any(s % c for s, c in zip(shard_shape[1:], chunk_shape[1:], strict=True)):
+        raise ValueError(f"{where}: shard {shard_shape} is not a whole number of chunks {chunk_shape}")
+    per_shard = (shard_shape[1] // chunk_shape[1], shard_shape[2] // chunk_shape[2])
+    crc = _index_crc(sharding.get("index_codecs") or [], where)
+    record = (document.get("attributes") or {}).get("pipeline", {}).get("empty_shards")
+    grid_shards = (-(-shape[1] // shard_shape[1]), -(-shape[2] // shard_shape[2]))
+    return LevelMeta(
+        uri=uri, level=level, key_prefix=key_prefix, shape=shape, chunk_shape=chunk_shape,
+        shard_shape=shard_shape, chunks_per_shard=per_shard,
+        fill_value=int(document.get("fill_value") or 0),
+        index_size=16 * math.prod(per_shard) + (CRC_BYTES if crc else 0), index_crc=crc,
+        zstd=_inner_codecs(sharding.get("codecs") or [], where),
+        separator=_separator(document.get("chunk_key_encoding"), where),
+        empty_shards=None if record is None else decode_empty_shards(record, grid_shards, where),
+    )
+
+
+def decode_index(meta: LevelMeta, data: bytes) -> np.ndarray:
+    """The (1, ny, nx, 2) uint64 ``(offset, nbytes)`` table of a shard from the last
+    ``meta.index_size`` bytes of its object (``2**64 - 1`` in both for an absent chunk);
+    ``ValueError`` if the length or the crc32c is wrong."""
+    if len(data) != meta.index_size:
+        raise ValueError(f"shard index of {len(data)} bytes, expected {meta.index_size}")
+    table = data[: len(data) - CRC_BYTES] if meta.index_crc else data
+    if meta.index_crc:
+        import google_crc32c
+
+        stored = int.from_bytes(data[-CRC_BYTES:], "little")
+        if google_crc32c.value(table) != stored:
+            raise ValueError("shard index crc32c mismatch (the shard object is corrupt)")
+    return np.frombuffer(table, dtype="<u8").reshape(1, *meta.chunks_per_shard, 2)
+
+
+class ChunkDecodeError(ValueError):
+    """Inner chunk ``item`` (its position in the batch) did not decode."""
+
+    def __init__(self, item: int, why: str):
+        super().__init__(why)
+        self.item = item
+
+
+class ChunkDecoder:
+    """Decodes inner chunks of one level into (n, C, ch, cw) uint8 arrays.
+
+    zstd chunks are decoded in one call over the whole batch (zstandard's
+    ``multi_decompress_to_buffer``, in C: ~3.7 us per 16 px chunk against ~7.5 us for a Python
+    loop of one reused context, and ~32 us for numcodecs, which sets up a context per call).
+    Not thread-safe (one zstd context): one per thread.
+    """
+
+    def __init__(self) -> None:
+        self._zstd: Any = None
+
+    def decode(self, meta: LevelMeta, data: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The n chunks stored at ``data[starts[i]:ends[i]]``: (n, C, ch, cw) uint8.
+        ``ChunkDecodeError`` names the first chunk that does not decode to a whole chunk."""
+        n, nbytes = len(starts), meta.chunk_nbytes
+        if not meta.zstd:
+            if np.any(ends - starts != nbytes):
+                item = int(np.flatnonzero(ends - starts != nbytes)[0])
+                raise ChunkDecodeError(item, f"inner chunk of {int(ends[item] - starts[item])} "
+                                             f"bytes, expected {nbytes}")
+            flat = np.frombuffer(data, np.uint8)
+            take = starts.astype(np.int64)[:, None] + np.arange(nbytes)
+            return flat[take].reshape(n, *meta.chunk_shape)
+        import zstandard
+
+        if self._zstd is None:
+            self._zstd = zstandard.ZstdDecompressor()
+        segments = np.stack([starts, ends - starts], 1).astype("<u8").tobytes()
+        sizes = np.full(n, nbytes, dtype="<u8").tobytes()
+        try:
+            out = self._zstd.multi_decompress_to_buffer(
+                zstandard.BufferWithSegments(data, segments), decompressed_sizes=sizes, threads=0)
+        except zstandard.ZstdError as err:
+            item = _failed_item(str(err))
+            raise ChunkDecodeError(item, f"zstd: {err}") from err
+        raw = b"".join([segment.tobytes() for segment in out])
+        if len(raw) != n * nbytes:
+            raise ChunkDecodeError(0, f"{len(raw)} bytes decoded for {n} chunks of {nbytes}")
+        return np.frombuffer(raw, np.uint8).reshape(n, *meta.chunk_shape)
+
+
+def _failed_item(message: str) -> int:
+    """The item zstandard names in ``error decompressing item N: ...`` (0 if none)."""
+    import re
+
+    found = re.search(r"item (\d+)", message)
+    return int(found.group(1)) if found else 0

@@ -1,0 +1,225 @@
+"""Counted byte reads from one store root: whole objects, byte ranges and suffixes, no zarr.
+
+``open_ranges(root_uri, log)`` gives a ``RangeStore`` for a local directory, ``s3://bucket``
+(tensorstore's S3 key-value store, many reads per event-loop wake-up) or ``memory://name``.
+Every read is recorded in a ``pipeline.store.counting.RequestLog`` with its kind (``metadata``
+for ``zarr.json``, ``index`` for a suffix, ``chunk`` otherwise), its range and the bytes
+returned, so the reader's requests and bytes can be asserted exactly.
+
+A range is ``(start, end)`` (half-open), ``(-n, None)`` for the last ``n`` bytes, or None for
+the whole object. A read returns ``bytes``; a missing object reads as None (and counts as a
+request of 0 bytes).
+
+Local and memory stores read synchronously (``immediate``): a page-cache ``pread`` of a few KB
+takes microseconds, less than scheduling a task for it, so the reader calls ``read_now`` on its
+event loop's thread. S3 reads are coroutines (``read``, ``read_batch``), many in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any
+
+from pipeline.store import storage
+from pipeline.store.counting import RequestLog, StoreRequest, kind_of
+
+Range = tuple[int, int | None] | None
+
+
+class RangeStore:
+    """Reads of one store root; subclasses implement ``_fetch`` or ``_fetch_now``."""
+
+    immediate = False  # True: ``read_now`` may be called (synchronous, cheap)
+
+    def __init__(self, root: str, log: RequestLog):
+        self.root, self.log = root, log
+
+    def _count(self, key: str, byte_range: Range, data: bytes | None) -> bytes | None:
+        start, end = byte_range if byte_range is not None else (None, None)
+        nbytes = 0 if data is None else len(data)
+        self.log.add(StoreRequest(kind_of(key, byte_range), key, start, end, nbytes))
+        return data
+
+    def read_now(self, key: str, byte_range: Range = None) -> bytes | None:
+        """The bytes of ``key`` in ``byte_range`` (None if the object is missing), now."""
+        return self._count(key, byte_range, self._fetch_now(key, byte_range))
+
+    def read_ranges_now(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | None]:
+        """``read_now`` of several ``(start, end)`` ranges of one object (one request each)."""
+        return [self.read_now(key, r) for r in ranges]
+
+    async def read(self, key: str, byte_range: Range = None) -> bytes | None:
+        """``read_now`` as a coroutine (the only way for stores that are not ``immediate``)."""
+        if self.immediate:
+            return self.read_now(key, byte_range)
+        return self._count(key, byte_range, await self._fetch(key, byte_range))
+
+    def _fetch_now(self, key: str, byte_range: Range) -> bytes | None:
+        raise NotImplementedError(f"{type(self).__name__} reads asynchronously only")
+
+    async def _fetch(self, key: str, byte_range: Range) -> bytes | None:
+        raise NotImplementedError
+
+
+def _slice(data: bytes, byte_range: Range) -> bytes:
+    if byte_range is None:
+        return data
+    start, end = byte_range
+    if end is None:  # suffix
+        return data[max(len(data) + start, 0):]
+    return data[start:end]
+
+
+class LocalRanges(RangeStore):
+    """A local directory: ``pread`` on the caller's thread."""
+
+    immediate = True
+
+    def read_ranges_now(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | None]:
+        """One ``open`` for all the ranges of an object, one ``pread`` (and request) each."""
+        try:
+            fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return [self._count(key, r, None) for r in ranges]
+        try:
+            out = [os.pread(fd, r1 - r0, r0) for r0, r1 in ranges]
+        finally:
+            os.close(fd)
+        kind = kind_of(key, ranges[0]) if ranges else "chunk"
+        self.log.add_many([StoreRequest(kind, key, r0, r1, len(data))
+                           for (r0, r1), data in zip(ranges, out, strict=True)])
+        return out
+
+    def _fetch_now(self, key: str, byte_range: Range) -> bytes | None:
+        try:
+            fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            if byte_range is None:
+                size, offset = os.fstat(fd).st_size, 0
+            elif byte_range[1] is None:  # suffix of -start bytes
+                total = os.fstat(fd).st_size
+                offset = max(total + byte_range[0], 0)
+                size = total - offset
+            else:
+                offset, size = byte_range[0], byte_range[1] - byte_range[0]
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+
+class MemoryRanges(RangeStore):
+    """A ``memory://`` store (tests): slices of the stored objects."""
+
+    immediate = True
+
+    def _fetch_now(self, key: str, byte_range: Range) -> bytes | None:
+        try:
+            data = storage.read_bytes(storage.join_uri(self.root, key))
+        except FileNotFoundError:
+            return None
+        return _slice(data, byte_range)
+
+
+class S3Ranges(RangeStore):
+    """An ``s3://bucket[/prefix]`` root through tensorstore's S3 key-value store (C++: its own
+    HTTP connection pool, request signing and retries, none of it holding the GIL).
+
+    ``read_batch`` issues many reads at once and wakes the caller's event loop once, when the
+    last one is done: about 0.2 ms of CPU per request, against ~0.4 ms for one awaited obstore
+    request each (the wake-up per request costs as much as the request). Each read is one GET
+    with a ``Range`` header: tensorstore merges nothing at this level, so the counts stay exact.
+    Endpoint, region and credentials come from the standard ``AWS_*`` variables.
+    """
+
+    def __init__(self, root: str, log: RequestLog, *, concurrency: int = 64):
+        import tensorstore as ts
+
+        super().__init__(root, log)
+        self._kv = ts.KvStore.open(s3_kvstore_spec(root), context=ts.Context({
+            "s3_request_concurrency": {"limit": concurrency},
+            "s3_request_retries": {"max_retries": 5, "initial_delay": "0.1s", "max_delay": "2s"},
+        })).result()
+
+    def _start(self, key: str, byte_range: Range) -> Any:
+        if byte_range is None:
+            return self._kv.read(key)
+        start, end = byte_range
+        return self._kv.read(key, byte_range=slice(start, end))
+
+    async def _fetch(self, key: str, byte_range: Range) -> bytes | None:
+        return (await self._fetch_batch([(key, byte_range)]))[0]
+
+    async def _fetch_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
+        futures = [self._start(key, byte_range) for key, byte_range in requests]
+        await _all_done(futures)
+        return [None if (r := f.result()).state == "missing" else r.value for f in futures]
+
+    async def read_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
+        """``read`` of every ``(key, range)``, all in flight at once (tensorstore bounds how
+        many go out together), each counted."""
+        out = await self._fetch_batch(requests)
+        self.log.add_many([StoreRequest(kind_of(key, r), key, *(r or (None, None)),
+                                        0 if data is None else len(data))
+                           for (key, r), data in zip(requests, out, strict=True)])
+        return out
+
+
+async def _all_done(futures: list[Any]) -> None:
+    """Wait, on the running event loop, until every tensorstore future is done: one wake-up
+    for the batch (its callbacks run on tensorstore's threads)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def finished(_: Any) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    if not futures:
+        return
+    for future in futures:
+        future.add_done_callback(finished)
+    try:
+        await done
+    except asyncio.CancelledError:
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def s3_kvstore_spec(root: str) -> dict[str, Any]:
+    """tensorstore's kvstore spec of ``s3://bucket[/prefix]`` from the ``AWS_*`` variables
+    (endpoint, region; credentials from the environment when set there, else tensorstore's
+    default chain: profile files, instance metadata)."""
+    parsed = storage.parse_uri(root)
+    spec: dict[str, Any] = {
+        "driver": "s3", "bucket": parsed.root,
+        "path": f"{parsed.path.strip('/')}/" if parsed.path.strip("/") else "",
+        "aws_region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        spec["endpoint"] = endpoint
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        spec["aws_credentials"] = {"type": "environment"}
+    return spec
+
+
+def open_ranges(root_uri: str, log: RequestLog, *, concurrency: int = 64) -> RangeStore:
+    """The ``RangeStore`` of ``root_uri`` (a local directory, ``s3://bucket[/prefix]`` or
+    ``memory://name``); keys are relative to it. ``concurrency``: most S3 requests in flight."""
+    parsed = storage.parse_uri(root_uri)
+    if parsed.scheme == "file":
+        return LocalRanges(parsed.root, log)
+    if parsed.scheme == "memory":
+        return MemoryRanges(root_uri, log)
+    return S3Ranges(root_uri, log, concurrency=concurrency)
