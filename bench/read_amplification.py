@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         uris = {("local", s): u for s, u in scenes.items()}
         if "s3" in args.stores or args.tensorstore:
             server, env = start_s3(work)
-            stoppers.append(server.stop)
+            stoppers.append(lambda: server.stop(timeout_s=2))  # throwaway data: no need to wait
             saved_env = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             for side, uri in scenes.items():

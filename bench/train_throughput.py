@@ -2,7 +2,7 @@
 (c) as pyramids behind an S3 endpoint with ~20 ms added per request; same model, data and steps.
 
     python bench/train_throughput.py [--config jobs/configs/fmow_demo_ats.yaml] [--manifest URI]
-        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--no-moto]
+        [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--object-server]
         [--without-read-ahead] [--set KEY=VALUE] [--json]
 
 Every setting runs the per-worker loop of ``pipeline.train.loop`` (one process, no Ray: this
@@ -13,17 +13,15 @@ rotates from round to round, so that the machine's changing load falls on all of
 differ only in where the attended patches come from:
   (a) ``memory``: ``TensorPyramidSource`` over every level of every scene loaded into RAM;
   (b) ``local``: ``ZarrPixelSource`` over the local pyramids;
-  (c) ``s3``: ``ZarrPixelSource`` over ``s3://`` copies of the pyramids served by
-      ``bench/object_server.py`` (S3's GET-object protocol, signed requests from obstore as
-      against AWS), which waits ``--latency-ms`` before answering each request (metadata,
-      shard index or chunk range alike) and costs the client's machine a fraction of a
-      millisecond of CPU per request, as a remote object store would;
+  (c) ``s3``: ``ZarrPixelSource`` over ``s3://`` copies of the pyramids in a real SeaweedFS
+      (``pipeline.store.seaweed``), behind ``bench.http_proxy``, which waits ``--latency-ms``
+      before forwarding each request (metadata, shard index or chunk range alike), as a remote
+      object store would answer later;
   (c') ``s3_no_read_ahead`` (with ``--without-read-ahead``): (c) with ``data.read_ahead``
       off, so every step starts by waiting for its first read;
-  (d) ``s3_moto`` (unless ``--no-moto``): the same through moto's S3 server, the one the tests
-      use, behind ``bench.http_proxy`` adding the same latency. moto spends ~6 ms of CPU per
-      request on the same 2 cores as the training loop, so this row measures moto's CPU as much
-      as the data path; it is printed for comparison.
+  (d) ``s3_object_server`` (with ``--object-server``): the same through
+      ``bench/object_server.py``, a light S3 GET server that waits the same latency itself
+      (no proxy hop), for comparison with earlier figures.
 The servers run in their own processes on 127.0.0.1 (their CPU still counts: same cores).
 Also printed: bytes read per sample against a full-resolution CNN that must read every level-0
 shard of a scene (compressed bytes in the store, and raw uint8 bytes).
@@ -110,29 +108,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto(latency_s: float):
-    """moto's S3 server and the latency proxy, each in its own process on 127.0.0.1 (so that
-    neither shares a GIL with the training loop it serves); sets ``AWS_*`` to the server.
-    Returns (server process, proxy process, server endpoint, proxy endpoint)."""
+def start_seaweed_behind_proxy(work: Path, latency_s: float):
+    """SeaweedFS with a ``bench-train`` bucket and the latency proxy in front of it, each in
+    its own process on 127.0.0.1; sets ``AWS_*`` to the server. Returns (server, proxy
+    process, server endpoint, proxy endpoint)."""
     import subprocess
-    import urllib.request
 
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    _wait_http(endpoint, server, "moto_server")
-    _aws_env(endpoint)
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench-train", method="PUT"),
-                           timeout=30).close()
+    from pipeline.store.seaweed import start_seaweed
+
+    server = start_seaweed(work / "seaweed", access_key="bench", secret_key="bench",
+                           buckets=["bench-train"])
+    _aws_env(server.endpoint)
     pport = _free_port()
-    proxy = subprocess.Popen([sys.executable, "-m", "bench.http_proxy", endpoint,
+    proxy = subprocess.Popen([sys.executable, "-m", "bench.http_proxy", server.endpoint,
                               "--latency-ms", str(latency_s * 1000), "--port", str(pport)],
                              cwd=ROOT, stdout=subprocess.DEVNULL)
     proxy_endpoint = f"http://127.0.0.1:{pport}"
     _wait_http(proxy_endpoint, proxy, "latency proxy")
-    return server, proxy, endpoint, proxy_endpoint
+    return server, proxy, server.endpoint, proxy_endpoint
 
 
 def start_object_server(root: Path, latency_s: float):
@@ -248,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gap", type=int, default=None, help="override reader.max_gap")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other config override, as for jobs/train_fmow.py")
-    parser.add_argument("--no-moto", dest="moto", action="store_false",
-                        help="skip setting (d), moto's server")
+    parser.add_argument("--object-server", action="store_true",
+                        help="add setting (d): bench/object_server.py instead of SeaweedFS")
     parser.add_argument("--without-read-ahead", action="store_true",
                         help="add a row: setting (c) with data.read_ahead off, side by side")
     parser.add_argument("--json", action="store_true")
@@ -288,38 +281,43 @@ def main(argv: list[str] | None = None) -> int:
     s3_keys = np.array([f"s3://bench-train/pyr/{os.path.relpath(k, root)}" for k in keys])
     settings = [Setting("memory", memory_source(list(keys)), keys),
                 Setting("local", split.source_factory(), keys)]
-    processes = []
+    processes, stoppers = [], []
     with tempfile.TemporaryDirectory(prefix="bench-objects-") as objects:
         try:
-            for k in keys:  # the object server's bucket is a directory: copy the files in
-                shutil.copytree(str(k), f"{objects}/bench-train/pyr/{os.path.relpath(k, root)}")
-            server, endpoint = start_object_server(Path(objects), args.latency_ms / 1000)
-            processes.append(server)
-            _aws_env(endpoint)
+            server, proxy, server_endpoint, endpoint = start_seaweed_behind_proxy(
+                Path(objects), args.latency_ms / 1000)
+            stoppers.append(lambda: server.stop(timeout_s=2))  # throwaway data: no need to wait
+            processes.append(proxy)
+            for k, s3k in zip(keys, s3_keys, strict=True):  # uploaded directly, no latency
+                copy_scene(str(k), str(s3k))
             settings.append(Setting("s3", split.source_factory(), s3_keys, endpoint))
             if args.without_read_ahead:
                 settings.append(Setting("s3_no_read_ahead", split.source_factory(), s3_keys,
                                         endpoint, read_ahead=False))
-            if args.moto:
-                server, proxy, _, proxy_endpoint = start_moto(args.latency_ms / 1000)
-                processes += [proxy, server]
-                for k, s3k in zip(keys, s3_keys, strict=True):  # upload to moto, no latency
-                    copy_scene(str(k), str(s3k))
-                settings.append(Setting("s3_moto", split.source_factory(), s3_keys, proxy_endpoint))
+            if args.object_server:
+                for k in keys:  # the object server's bucket is a directory: copy the files in
+                    shutil.copytree(str(k), f"{objects}/files/bench-train/pyr/{os.path.relpath(k, root)}")
+                obj, obj_endpoint = start_object_server(Path(objects) / "files", args.latency_ms / 1000)
+                processes.append(obj)
+                settings.append(Setting("s3_object_server", split.source_factory(), s3_keys,
+                                        obj_endpoint))
             results = measure(settings, views, sizes, labels, config, args.epochs)
             served = proxy_counts(endpoint)["total"]
         finally:
             for proc in processes:
                 stop(proc)
+            for stop_server in stoppers:
+                stop_server()
 
     sps = {k: v["train/samples_per_s"] for k, v in results.items()}
     read = results["local"]["train/bytes_per_sample"]
     ratio = sps["s3"] / sps["memory"]
-    moto = f"; moto / memory {sps['s3_moto'] / sps['memory']:.2f}" if "s3_moto" in sps else ""
+    extra = (f"; object server / memory {sps['s3_object_server'] / sps['memory']:.2f}"
+            if "s3_object_server" in sps else "")
     if "s3_no_read_ahead" in sps:
-        moto += f"; s3 without read ahead / memory {sps['s3_no_read_ahead'] / sps['memory']:.2f}"
-    print(f"\ns3 / memory samples per second: {ratio:.2f} (target >= 0.70); local / memory "
-          f"{sps['local'] / sps['memory']:.2f}{moto}; S3 requests served {served} (incl. warm-up)")
+        extra += f"; s3 without read ahead / memory {sps['s3_no_read_ahead'] / sps['memory']:.2f}"
+    print(f"\ns3 / memory samples per second: {ratio:.2f} (target >= 0.90); local / memory "
+          f"{sps['local'] / sps['memory']:.2f}{extra}; S3 requests served {served} (incl. warm-up)")
     print(f"bytes per sample: read {read:,.0f} vs full-resolution CNN {full.mean():,.0f} compressed "
           f"({full.mean() / max(read, 1):.0f}x) / {raw.mean():,.0f} raw uint8 "
           f"({raw.mean() / max(read, 1):.0f}x)")

@@ -29,7 +29,7 @@ def test_three_settings_and_the_json_line(tiny_manifest, capsys, monkeypatch):
                 "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(key, "unset")  # the bench sets its own; restored after the test
     code = load_bench().main(["--manifest", tiny_manifest, "--scenes", "4",
-                              "--epochs", "1", "--latency-ms", "5", "--no-moto",
+                              "--epochs", "1", "--latency-ms", "5",
                               "--without-read-ahead", "--set", "data.batch_size=2", "--json"])
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
