@@ -49,5 +49,4 @@ def test_the_readers_s3_requests_are_exactly_those_the_server_sees_and_bounded(s
             assert proxy.response_bytes(ok_only=True) == counted.bytes
             assert 1 < proxy.most_in_flight() <= concurrency
             source.close()
-    memory = ZarrPixelSource().read(list(scenes), request)
-    assert torch.equal(out, memory)
+        assert torch.equal(out, ZarrPixelSource().read(list(scenes), request))
