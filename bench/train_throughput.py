@@ -16,7 +16,8 @@ differ only in where the attended patches come from:
   (c) ``s3``: ``ZarrPixelSource`` over ``s3://`` copies of the pyramids in a real SeaweedFS
       (``pipeline.store.seaweed``), behind ``bench.http_proxy``, which waits ``--latency-ms``
       before forwarding each request (metadata, shard index or chunk range alike), as a remote
-      object store would answer later;
+      object store would answer later. Both run on this machine's cores; ``--store-nice N``
+      lowers their priority, a nearer stand-in for a store whose CPU is elsewhere;
   (c') ``s3_no_read_ahead`` (with ``--without-read-ahead``): (c) with ``data.read_ahead``
       off, so every step starts by waiting for its first read;
   (d) ``s3_object_server`` (with ``--object-server``): the same through
@@ -108,10 +109,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_seaweed_behind_proxy(work: Path, latency_s: float):
+def start_seaweed_behind_proxy(work: Path, latency_s: float, nice: int = 0):
     """SeaweedFS with a ``bench-train`` bucket and the latency proxy in front of it, each in
-    its own process on 127.0.0.1; sets ``AWS_*`` to the server. Returns (server, proxy
-    process, server endpoint, proxy endpoint)."""
+    its own process on 127.0.0.1; sets ``AWS_*`` to the server. ``nice``: their scheduling
+    priority (0: the same as the training loop's). Returns (server, proxy process, server
+    endpoint, proxy endpoint)."""
     import subprocess
 
     from pipeline.store.seaweed import start_seaweed
@@ -125,6 +127,9 @@ def start_seaweed_behind_proxy(work: Path, latency_s: float):
                              cwd=ROOT, stdout=subprocess.DEVNULL)
     proxy_endpoint = f"http://127.0.0.1:{pport}"
     _wait_http(proxy_endpoint, proxy, "latency proxy")
+    if nice:
+        os.setpriority(os.PRIO_PGRP, server.pid, nice)  # weed leads its own process group
+        os.setpriority(os.PRIO_PROCESS, proxy.pid, nice)
     return server, proxy, server.endpoint, proxy_endpoint
 
 
@@ -241,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gap", type=int, default=None, help="override reader.max_gap")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other config override, as for jobs/train_fmow.py")
+    parser.add_argument("--store-nice", type=int, default=0,
+                        help="run SeaweedFS and the proxy at this nice level (they stand for a "
+                             "remote store, whose CPU a real worker would not share; 0: same "
+                             "priority as training)")
     parser.add_argument("--object-server", action="store_true",
                         help="add setting (d): bench/object_server.py instead of SeaweedFS")
     parser.add_argument("--without-read-ahead", action="store_true",
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-objects-") as objects:
         try:
             server, proxy, server_endpoint, endpoint = start_seaweed_behind_proxy(
-                Path(objects), args.latency_ms / 1000)
+                Path(objects), args.latency_ms / 1000, args.store_nice)
             stoppers.append(lambda: server.stop(timeout_s=2))  # throwaway data: no need to wait
             processes.append(proxy)
             for k, s3k in zip(keys, s3_keys, strict=True):  # uploaded directly, no latency
@@ -331,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "full_resolution_bytes_per_sample": float(full.mean()),
             "full_resolution_raw_bytes_per_sample": float(raw.mean()),
             "latency_ms": args.latency_ms,
+            "store_nice": args.store_nice,
             "scenes": len(keys),
         }))
     return 0
