@@ -78,7 +78,8 @@ class SeaweedServer:
         """SIGTERM the process group, SIGKILL it after ``timeout_s`` seconds; idempotent.
 
         A graceful stop takes ~15 s (the filer waits that long for its own gRPC streams to
-        close), so callers that throw the data away may pass a small ``timeout_s``.
+        close), so callers that throw the data away pass ``timeout_s=0``: SIGKILL at once
+        (the test session does).
         """
         if self._process.poll() is None:
             _signal_group(self.pid, signal.SIGTERM)
