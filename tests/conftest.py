@@ -24,4 +24,4 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-from tests.s3 import s3_server  # noqa: E402,F401  (one moto server per session, for every package)
+from tests.s3 import s3_server  # noqa: E402,F401  (one S3 server per session, SeaweedFS by default)

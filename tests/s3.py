@@ -6,8 +6,19 @@ and stops it at the end. ``s3_server.new_bucket()`` creates a fresh bucket and r
 ``s3://`` URI, so tests never share state. Registered for every test package by
 ``tests/conftest.py``.
 
-The back-end is chosen by ``TEST_S3_BACKEND``: ``moto`` (default; moto's threaded server, a mock
-costing ~6 ms of CPU per request) or ``seaweed`` (a real SeaweedFS, ``pipeline.store.seaweed``).
+The back-end is chosen by ``TEST_S3_BACKEND``: ``seaweed`` (default; a real SeaweedFS,
+``pipeline.store.seaweed``) or ``moto`` (opt-in: moto's threaded server, a mock costing ~6 ms of
+CPU per request, which hides the reader's own behaviour). No test needs moto: every S3 test
+passes on SeaweedFS (bucket names, list-after-write, range reads, request counts through the
+counting proxy), so moto is kept only to compare against it.
+
+The session's SeaweedFS is killed, not drained, when the session ends: its graceful stop takes
+~15 s (the filer waits for its own gRPC streams) to protect data that a test session throws
+away. SIGKILL of its own process group (weed is one process; ``stop`` signals the group only
+while the process is unreaped, so the id cannot be someone else's) and removal of the Unix
+sockets it left in ``/tmp`` leave nothing running; its data directory, with ``weed.log`` for
+a failed test's post-mortem, is under pytest's ``tmp_path_factory`` and goes with pytest's own
+retention of old base directories.
 
 ``seaweed_server`` gives SeaweedFS whatever the back-end: the same interface, one server per
 session (shared with ``s3_server`` when that is SeaweedFS too), but function scope: it exports
@@ -35,7 +46,7 @@ _AWS_ENV = {
     "AWS_REGION": "us-east-1",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-BACKENDS = ("moto", "seaweed")
+BACKENDS = ("seaweed", "moto")  # the first is the default
 
 
 @dataclass(frozen=True)
@@ -77,8 +88,8 @@ _SEAWEED: dict[str, SeaweedS3Server] = {}
 
 
 def _session_seaweed(request: pytest.FixtureRequest) -> SeaweedS3Server:
-    """The session's SeaweedFS, started on first use and stopped when the session ends
-    (SIGKILLed after 2 s: the data is thrown away, no need for its 15 s graceful drain)."""
+    """The session's SeaweedFS, started on first use and killed when the session ends
+    (``stop(timeout_s=0)``: SIGKILL at once; the module docstring says why that is safe)."""
     if "server" not in _SEAWEED:
         from pipeline.store.seaweed import start_seaweed
 
@@ -86,14 +97,14 @@ def _session_seaweed(request: pytest.FixtureRequest) -> SeaweedS3Server:
         server = start_seaweed(data, access_key=_AWS_ENV["AWS_ACCESS_KEY_ID"],
                                secret_key=_AWS_ENV["AWS_SECRET_ACCESS_KEY"])
         _SEAWEED["server"] = SeaweedS3Server(server.endpoint, server)
-        request.config.add_cleanup(lambda: _SEAWEED.pop("server").server.stop(timeout_s=2))
+        request.config.add_cleanup(lambda: _SEAWEED.pop("server").server.stop(timeout_s=0))
     return _SEAWEED["server"]
 
 
 @pytest.fixture(scope="session")
 def s3_server(request: pytest.FixtureRequest) -> Iterator[S3Server]:
     """An S3 server on 127.0.0.1 (``TEST_S3_BACKEND``) with ``AWS_*`` exported; restored after."""
-    backend = os.environ.get("TEST_S3_BACKEND", "moto")
+    backend = os.environ.get("TEST_S3_BACKEND", BACKENDS[0])
     if backend not in BACKENDS:
         raise ValueError(f"TEST_S3_BACKEND={backend!r}: use one of {BACKENDS}")
     if backend == "seaweed":

@@ -30,7 +30,10 @@ land in more distinct shards, each needing its index once.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,8 +231,14 @@ def _write_shards(store: Any, path: str, level: np.ndarray, metadata: Any, chunk
     checks that the bytes equal zarr's own. One band of shards is encoded, then stored
     concurrently, so memory stays near one band of compressed shards.
     """
-    from zarr.core.buffer import cpu
-    from zarr.core.sync import sync
+    return _run_sync(_write_level(store, path, level, metadata, chunk, shard))
+
+
+async def _write_level(store: Any, path: str, level: np.ndarray, metadata: Any, chunk: int,
+                       shard: int) -> np.ndarray:
+    """``_write_shards`` on one event loop: encode a band (blocking: nothing else runs on this
+    loop), then await its stores before the next band."""
+    from zarr.buffer import cpu
 
     _, h, w = level.shape
     empty = np.zeros((-(-h // shard), -(-w // shard)), dtype=bool)
@@ -240,8 +249,26 @@ def _write_shards(store: Any, path: str, level: np.ndarray, metadata: Any, chunk
             key = f"{path}/{metadata.encode_chunk_key((0, y0 // shard, x0 // shard))}"
             band[key] = data
             empty[y0 // shard, x0 // shard] = not data
-        sync(_store_band(store, {k: cpu.Buffer.from_bytes(v) for k, v in band.items() if v}))
+        await _store_band(store, {k: cpu.Buffer.from_bytes(v) for k, v in band.items() if v})
     return empty
+
+
+def _run_sync(coro: Any) -> Any:
+    """Run ``coro`` (zarr store calls) to completion from synchronous code; return its result.
+
+    zarr's public API has no sync wrapper for a store's async methods (``zarr.core.sync`` is
+    private), so each call gets a fresh loop (``asyncio.run``; once per level, not per shard).
+    zarr's stores keep no state bound to a loop: ``LocalStore`` works in threads,
+    ``ObjectStore`` in obstore's own runtime, ``MemoryStore`` in a dict. A caller already inside
+    a running loop (async code, a notebook) gets the fresh loop in a helper thread instead,
+    since ``asyncio.run`` refuses to nest.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1, thread_name_prefix="pyramid-store") as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def encode_empty_shards(empty: np.ndarray) -> dict[str, Any]:
@@ -273,8 +300,6 @@ def decode_empty_shards(record: Any, grid: tuple[int, int], where: str) -> froze
 
 
 async def _store_band(store: Any, objects: dict[str, Any]) -> None:
-    import asyncio
-
     limit = asyncio.Semaphore(WRITE_CONCURRENCY)
 
     async def put(key: str, buf: Any) -> None:
@@ -295,7 +320,6 @@ def encode_shard(block: np.ndarray, chunk: int, shard: int) -> bytes:
     """
     import google_crc32c
     from numcodecs.zstd import Zstd
-    from zarr.core.indexing import _morton_order
 
     c, bh, bw = block.shape
     n = shard // chunk
@@ -306,7 +330,7 @@ def encode_shard(block: np.ndarray, chunk: int, shard: int) -> bytes:
     index = np.full((1, n, n, 2), _MAX_UINT64, dtype="<u8")
     codec = Zstd(level=ZSTD_LEVEL, checksum=False)
     parts, offset = [], 0
-    for _, cy, cx in _morton_order((1, n, n)):
+    for cy, cx in morton_order(n):
         if cy >= ny or cx >= nx:
             continue
         inner = chunks[cy, cx]
@@ -323,13 +347,32 @@ def encode_shard(block: np.ndarray, chunk: int, shard: int) -> bytes:
     return b"".join(parts) + index_bytes + crc
 
 
+@functools.lru_cache(maxsize=16)
+def morton_order(n: int) -> tuple[tuple[int, int], ...]:
+    """The ``(cy, cx)`` of an ``n`` x ``n`` grid of inner chunks in the order zarr's sharding
+    codec lays them out in a shard: Morton (Z) order of the chunks-per-shard shape
+    ``(1, n, n)``, where the size-1 channel axis has no bits and, at every bit, y's bit comes
+    below x's; when ``n`` is not a power of two, the codes that fall outside the grid are
+    skipped. (zarr's own helper is private; a test checks the bytes equal zarr's write.)"""
+    bits = (n - 1).bit_length()
+
+    def code(yx: tuple[int, int]) -> int:
+        cy, cx = yx
+        return sum((((cy >> b) & 1) << 2 * b) | (((cx >> b) & 1) << (2 * b + 1))
+                   for b in range(bits))
+
+    return tuple(sorted(((cy, cx) for cy in range(n) for cx in range(n)), key=code))
+
+
 def _mark_incomplete(store: Any) -> None:
     """Delete the group's ``zarr.json`` before anything else: a crash while replacing a
     complete scene must not leave it looking complete."""
-    from zarr.core.sync import sync
 
-    if sync(store.exists("zarr.json")):
-        sync(store.delete("zarr.json"))
+    async def unmark() -> None:
+        if await store.exists("zarr.json"):
+            await store.delete("zarr.json")
+
+    _run_sync(unmark())
 
 
 def read_group_attrs(scene_uri: str) -> dict[str, Any] | None:

@@ -78,7 +78,8 @@ class SeaweedServer:
         """SIGTERM the process group, SIGKILL it after ``timeout_s`` seconds; idempotent.
 
         A graceful stop takes ~15 s (the filer waits that long for its own gRPC streams to
-        close), so callers that throw the data away may pass a small ``timeout_s``.
+        close), so callers that throw the data away pass ``timeout_s=0``: SIGKILL at once
+        (the test session does).
         """
         if self._process.poll() is None:
             _signal_group(self.pid, signal.SIGTERM)
@@ -99,9 +100,17 @@ class SeaweedServer:
         return _tail(self.log_path, lines)
 
     def make_bucket(self, name: str) -> None:
-        """Create bucket ``name`` (3-63 characters) with a signed S3 ``PUT``; no-op if it exists."""
+        """Create bucket ``name`` (3-63 characters) with a signed S3 ``PUT``; no-op if it exists.
+
+        Raises:
+            ValueError: the server refuses the name (``InvalidBucketName``): no retry helps.
+            RuntimeError: any other failure (the filer may not be ready yet).
+        """
         access, secret = self._credentials
         status, body = _signed_put(f"{self.endpoint}/{name}", access, secret)
+        if b"<Code>InvalidBucketName</Code>" in body:
+            raise ValueError(f"SeaweedFS at {self.endpoint} refuses bucket name {name!r} "
+                             "(S3 rules: 3-63 characters, lower case, digits, '-' and '.')")
         if status != 200 and b"BucketAlreadyOwnedByYou" not in body:
             raise RuntimeError(f"creating bucket {name} on {self.endpoint}: HTTP {status} {body[:300]!r}")
 
@@ -154,6 +163,8 @@ def start_seaweed(
 
     Raises:
         RuntimeError: weed exited or did not serve S3 in time; names the ports and the log tail.
+        ValueError: a name in ``buckets`` is not a valid bucket name (at once, not at the
+            timeout; the server is stopped).
     """
     data_dir = Path(data_dir).absolute()
     (data_dir / "config").mkdir(parents=True, exist_ok=True)  # empty: no stray *.toml is read

@@ -235,7 +235,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         tmp.replace(path)  # atomic: a reader never sees half a file
         return
     if parsed.scheme == "memory":
-        from zarr.core.buffer import cpu
+        from zarr.buffer import cpu
 
         _memory_dict(parsed.root)[parsed.path] = cpu.Buffer.from_bytes(bytes(data))
         return

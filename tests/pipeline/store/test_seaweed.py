@@ -54,6 +54,11 @@ def test_write_list_and_range_read_through_storage(seaweed_server: SeaweedS3Serv
     assert storage.list_prefix(f"{bucket}/a") == []
 
 
+def test_an_invalid_bucket_name_fails_at_once(seaweed_server: SeaweedS3Server):  # noqa: F811
+    with pytest.raises(ValueError, match="refuses bucket name 'ab'"):
+        seaweed_server.server.make_bucket("ab")
+
+
 def test_start_with_buckets_then_stop_leaves_no_process(tmp_path):
     server = start_seaweed(tmp_path / "sw", access_key="ak-test", secret_key="sk-test",
                            buckets=("made-at-start",), log_path=tmp_path / "weed.log")
@@ -70,7 +75,7 @@ def test_start_with_buckets_then_stop_leaves_no_process(tmp_path):
         with pytest.raises(Exception, match="(?i)signature|denied|403"):
             obstore.get(wrong, "k").bytes()
     finally:
-        server.stop(timeout_s=2)
+        server.stop(timeout_s=0)  # the kill the test session uses (a 2 s grace also ends in it)
     assert _group_members(server.pid) == []
     assert not Path(f"/proc/{server.pid}").exists()
     assert not [p for port in server.ports.values() for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]

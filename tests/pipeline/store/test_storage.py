@@ -1,4 +1,4 @@
-"""Storage by URI: the same behaviour on files, memory and S3 (moto on 127.0.0.1)."""
+"""Storage by URI: the same behaviour on files, memory and S3 (``tests/s3.py``: SeaweedFS on 127.0.0.1)."""
 
 from __future__ import annotations
 
