@@ -129,8 +129,12 @@ def group_by_shard(level: int, regions: np.ndarray, cyx: np.ndarray,
                    per_shard: tuple[int, int]) -> ChunkPlan:
     """The ``ChunkPlan`` of chunks ``cyx`` ((N, 2) int64, any order) touched by ``regions``."""
     cyx = np.asarray(cyx, dtype=np.int64).reshape(-1, 2)
-    shards, shard_of = np.unique(cyx // per_shard, axis=0, return_inverse=True)
-    return ChunkPlan(level, regions, cyx, tuple(per_shard), shards.astype(np.int64).reshape(-1, 2),
+    sy, sx = (cyx // per_shard).T
+    width = int(sx.max()) + 1 if len(sx) else 1
+    # unique on a linear id (row-major, the order np.unique(axis=0) gives): 3x faster
+    linear, shard_of = np.unique(sy * width + sx, return_inverse=True)
+    shards = np.stack([linear // width, linear % width], 1).astype(np.int64)
+    return ChunkPlan(level, regions, cyx, tuple(per_shard), shards.reshape(-1, 2),
                      shard_of.reshape(-1).astype(np.int64))
 
 
