@@ -20,7 +20,8 @@ store (level 0 only), which is how the defaults were chosen.
 ``--tensorstore`` races the reader against tensorstore (``bench/tensorstore_read.py``) on the
 largest scene: ``--ts-trials`` draws of 16 random patches of each size, both cold (the reader's
 caches cleared, a fresh tensorstore context), the same patches, interleaved trial by trial (the
-order alternating), results checked pixel-identical. The reader runs with the training
+order alternating, 50 ms idle before each read so that neither's background threads run into
+the other's time), results checked pixel-identical. The reader runs with the training
 settings (``ReaderSettings``: ranges at most 16 KiB apart merged) in this process, without the
 index prefetch (which on a cold read asks for every shard index of the level). It reports, per
 store and patch size, the median wall time and process CPU per sample of each, and adds
@@ -286,6 +287,7 @@ def versus_tensorstore(scene_uri: str, side: int, patch: int, n: int, trials: in
         order = [("project", run_ours), ("tensorstore", run_theirs)]
         outs = {}
         for name, run in order if trial % 2 == 0 else order[::-1]:
+            time.sleep(0.05)  # let the other's background threads (tensorstore's) go idle
             t0, c0 = time.perf_counter(), time.process_time()
             outs[name], requests, nbytes = run(boxes)
             times[name].append((time.perf_counter() - t0, time.process_time() - c0, requests,
