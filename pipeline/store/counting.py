@@ -83,14 +83,7 @@ class RequestLog:
             self._requests: list[StoreRequest] = []
 
     def add(self, request: StoreRequest) -> None:
-        with self._lock:
-            t = self._totals
-            t["requests"] += 1
-            t["bytes"] += request.nbytes
-            t[f"{request.kind}_requests"] += 1
-            t[f"{request.kind}_bytes"] += request.nbytes
-            if self.record:
-                self._requests.append(request)
+        self.add_many([request])
 
     def add_many(self, requests: list[StoreRequest]) -> None:
         """``add`` of several requests under one lock."""
