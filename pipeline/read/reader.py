@@ -529,17 +529,26 @@ class ZarrPixelSource:
 
         return await self._cached(_index_key(meta, shard), load)
 
-    def _index_now(self, store: RangeStore, meta: LevelMeta, shard: ShardKey) -> np.ndarray | None:
-        """``_index`` from an ``immediate`` store: read and cached now, no task."""
-        cache_key = _index_key(meta, shard)
-        if cache_key in self._cache:
-            return self._cache.get(cache_key)
-        key = meta.shard_object(shard)
-        where = f"scene {meta.uri} level {meta.level} shard index of {key}"
-        table, nbytes = self._shard_index(
-            meta, shard, key, self._get_now(store, key, (-meta.index_size, None), where))
-        self._cache.put(cache_key, table, nbytes)
-        return table
+    def _indexes_now(self, store: RangeStore, meta: LevelMeta,
+                     shards: list[ShardKey]) -> list[np.ndarray | None]:
+        """``_indexes`` from an ``immediate`` store: the uncached ones read (one batch) and
+        cached now, no task."""
+        keys = [_index_key(meta, sh) for sh in shards]
+        out = [self._cache.get(k) if k in self._cache else None for k in keys]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if not missing:
+            return out
+        objects = [meta.shard_object(shards[i]) for i in missing]
+        try:
+            data = store.read_suffixes_now(objects, meta.index_size)
+        except Exception as err:
+            where = f"scene {meta.uri} level {meta.level} shard indexes of {objects[0]}..."
+            raise ReadError(f"{where}: GET failed: {err!r}") from err
+        for i, key, raw in zip(missing, objects, data, strict=True):
+            table, nbytes = self._shard_index(meta, shards[i], key, raw)
+            self._cache.put(keys[i], table, nbytes)
+            out[i] = table
+        return out
 
     async def _indexes(self, meta: LevelMeta, shards: list[ShardKey]) -> list:
         """``_index`` of every shard: cached ones directly, the others read now (a local or
@@ -557,7 +566,7 @@ class ZarrPixelSource:
             # a shard that fails here fails only the read that needs it (asked again below)
             await asyncio.gather(*(self._index(meta, sh) for sh in every), return_exceptions=True)
         if store.immediate:
-            return [self._index_now(store, meta, sh) for sh in shards]
+            return self._indexes_now(store, meta, shards)
         keys = [_index_key(meta, sh) for sh in shards]
         out = [self._cache.get(k) if k in self._cache else None for k in keys]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]

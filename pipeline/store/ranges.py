@@ -50,6 +50,10 @@ class RangeStore:
         """``read_now`` of several ``(start, end)`` ranges of one object (one request each)."""
         return [self.read_now(key, r) for r in ranges]
 
+    def read_suffixes_now(self, keys: list[str], n: int) -> list[bytes | None]:
+        """``read_now`` of the last ``n`` bytes of each object (one request each)."""
+        return [self.read_now(key, (-n, None)) for key in keys]
+
     async def read(self, key: str, byte_range: Range = None) -> bytes | None:
         """``read_now`` as a coroutine (the only way for stores that are not ``immediate``)."""
         if self.immediate:
@@ -90,6 +94,24 @@ class LocalRanges(RangeStore):
         kind = kind_of(key, ranges[0]) if ranges else "chunk"
         self.log.add_many([StoreRequest(kind, key, r0, r1, len(data))
                            for (r0, r1), data in zip(ranges, out, strict=True)])
+        return out
+
+    def read_suffixes_now(self, keys: list[str], n: int) -> list[bytes | None]:
+        """The last ``n`` bytes of each object (shard indexes), counted in one batch."""
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError):
+                out.append(None)
+                continue
+            try:
+                total = os.fstat(fd).st_size
+                out.append(os.pread(fd, min(n, total), max(total - n, 0)))
+            finally:
+                os.close(fd)
+        self.log.add_many([StoreRequest("index", key, -n, None, 0 if d is None else len(d))
+                           for key, d in zip(keys, out, strict=True)])
         return out
 
     def _fetch_now(self, key: str, byte_range: Range) -> bytes | None:
