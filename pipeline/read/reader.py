@@ -752,10 +752,9 @@ class Tiles:
         y0, x0, y1, x1 = region
         c, h, w = self.meta.shape
         _, ch, cw = self.meta.chunk_shape
-        out = np.zeros((c, y1 - y0, x1 - x0), dtype=np.uint8)
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
         if sy1 <= sy0 or sx1 <= sx0:
-            return out
+            return np.zeros((c, y1 - y0, x1 - x0), dtype=np.uint8)
         oy, ox = self.origin.tolist()
         cy0, cx0, cy1, cx1 = sy0 // ch, sx0 // cw, (sy1 - 1) // ch + 1, (sx1 - 1) // cw + 1
         idx = self.lookup[cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox]
@@ -763,7 +762,9 @@ class Tiles:
             raise KeyError(f"region {tuple(region)} needs chunks that were not fetched")
         ny, nx = idx.shape
         mosaic = self.data[idx].transpose(2, 0, 3, 1, 4).reshape(c, ny * ch, nx * cw)
-        out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = mosaic[
-            :, sy0 - cy0 * ch : sy1 - cy0 * ch, sx0 - cx0 * cw : sx1 - cx0 * cw
-        ]
+        inside = mosaic[:, sy0 - cy0 * ch : sy1 - cy0 * ch, sx0 - cx0 * cw : sx1 - cx0 * cw]
+        if (sy0, sx0, sy1, sx1) == (y0, x0, y1, x1):
+            return inside  # wholly inside the level: the mosaic's view, no padding copy
+        out = np.zeros((c, y1 - y0, x1 - x0), dtype=np.uint8)
+        out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = inside
         return out
