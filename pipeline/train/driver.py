@@ -190,6 +190,20 @@ def full_scene_bytes(manifest: Any, split: str) -> float:
     return float((rows["height"] * rows["width"] * rows["channels"]).mean())
 
 
+def quiet_ray_output() -> Any:
+    """One line per epoch and per dataset: Ray Data's progress bars off, and Ray Train's patch
+    of ``print`` on its workers off (it logs every printed line as well, and with Ray's own
+    stream wrapper on stdout each line came out twice). The variable is read from the driver's
+    environment and passed on to the controller and the workers by Ray Train. Returns the
+    current Ray Data context."""
+    import ray.data
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    return context
+
+
 def run_training(
     config: TrainConfig,
     *,
@@ -253,8 +267,7 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
               num_cpus=max(os.cpu_count() or 1, math.ceil(workers * config.scaling.cpus_per_worker) + 1))
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # one line per dataset is enough
+    context = quiet_ray_output()
     # each rank's dataset keeps its rows' order, so the seeded local shuffle sees one order
     context.execution_options.preserve_order = True
     env = data.reader_env()
