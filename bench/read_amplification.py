@@ -269,14 +269,14 @@ def versus_tensorstore(scene_uri: str, side: int, patch: int, n: int, trials: in
     theirs.read(warm, (patch, patch))
     times: dict[str, list[tuple[float, float, int, int]]] = {"project": [], "tensorstore": []}
 
-    def run_ours(boxes: torch.Tensor) -> torch.Tensor:
+    def run_ours(boxes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         ours.clear_cache()
         ours.reset_counters()
         out = ours.read([scene_uri], ReadRequest(boxes, 0, (patch, patch)))
         c = ours.counters()
         return out, c.requests, c.bytes
 
-    def run_theirs(boxes: torch.Tensor) -> torch.Tensor:
+    def run_theirs(boxes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         before = kvstore_counters(kind)
         out = theirs.read(boxes, (patch, patch))
         after = kvstore_counters(kind)

@@ -20,23 +20,18 @@ import numpy as np
 from torch import Tensor
 
 from pipeline.read.reader import resize_crops
-from pipeline.store.storage import parse_uri
+from pipeline.store.ranges import s3_kvstore_spec
+from pipeline.store.storage import join_uri, parse_uri
 
 
 def kvstore_spec(scene_uri: str, level: int = 0) -> dict:
-    """tensorstore's kvstore spec of a level's array directory."""
+    """tensorstore's kvstore spec of a level's array directory (S3: the reader's own spec)."""
     parsed = parse_uri(scene_uri)
     if parsed.scheme == "file":
         return {"driver": "file", "path": os.path.join(parsed.root, str(level))}
     if parsed.scheme != "s3":
         raise ValueError(f"tensorstore comparison supports local and s3:// scenes, not {scene_uri}")
-    spec = {"driver": "s3", "bucket": parsed.root, "path": f"{parsed.path}/{level}/",
-            "aws_region": os.environ.get("AWS_REGION", "us-east-1"),
-            "aws_credentials": {"type": "environment"}}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        spec["endpoint"] = endpoint
-    return spec
+    return s3_kvstore_spec(join_uri(scene_uri, str(level)))
 
 
 class TensorstoreReader:

@@ -373,7 +373,7 @@ class ZarrPixelSource:
         shards = [ShardKey(meta.level, sy, sx) for sy, sx in chunks.shards.tolist()]
         store = self._store(locate(meta.uri)[0])
         gap = 0 if store.immediate else self.max_gap  # a local pread costs no round trip
-        ranges = plan_byte_ranges(chunks, await self._indexes(meta, shards), gap)
+        ranges = plan_byte_ranges(chunks, await self._indexes(store, meta, shards), gap)
         objects = {s: meta.shard_object(shards[s]) for s in set(ranges.shard.tolist())}
         keys = tuple(objects[s] for s in ranges.shard.tolist())
         requests = list(zip(keys, ranges.start.tolist(), ranges.end.tolist(), strict=True))
@@ -529,65 +529,48 @@ class ZarrPixelSource:
 
         return await self._cached(_index_key(meta, shard), load)
 
-    def _indexes_now(self, store: RangeStore, meta: LevelMeta,
-                     shards: list[ShardKey]) -> list[np.ndarray | None]:
-        """``_indexes`` from an ``immediate`` store: the uncached ones read (one batch) and
-        cached now, no task."""
-        keys = [_index_key(meta, sh) for sh in shards]
-        out = [self._cache.get(k) if k in self._cache else None for k in keys]
-        missing = [i for i, k in enumerate(keys) if k not in self._cache]
-        if not missing:
-            return out
-        objects = [meta.shard_object(shards[i]) for i in missing]
-        try:
-            data = store.read_suffixes_now(objects, meta.index_size)
-        except Exception as err:
-            where = f"scene {meta.uri} level {meta.level} shard indexes of {objects[0]}..."
-            raise ReadError(f"{where}: GET failed: {err!r}") from err
-        for i, key, raw in zip(missing, objects, data, strict=True):
-            table, nbytes = self._shard_index(meta, shards[i], key, raw)
-            self._cache.put(keys[i], table, nbytes)
-            out[i] = table
-        return out
-
-    async def _indexes(self, meta: LevelMeta, shards: list[ShardKey]) -> list:
-        """``_index`` of every shard: cached ones directly, the others read now (a local or
-        memory store) or concurrently.
+    async def _indexes(self, store: RangeStore, meta: LevelMeta, shards: list[ShardKey]) -> list:
+        """``_index`` of every shard: cached ones directly, the others in one batch (read now
+        from a local or memory store, all in flight at once on S3), or one task each.
 
         With ``prefetch_indexes``, the first read of a level of a scene asks for the index of
         every shard of that level at once, so later reads of the scene need one round trip
         (chunks) instead of two (index, then chunks) whenever attention moves to a new shard.
+        ``store``: the scene's store.
         """
-        store = self._store(locate(meta.uri)[0])
         if self.prefetch_indexes and (meta.uri, meta.level) not in self._prefetched:
             self._prefetched.add((meta.uri, meta.level))
             gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
             every = [ShardKey(meta.level, sy, sx) for sy in range(gy) for sx in range(gx)]
             # a shard that fails here fails only the read that needs it (asked again below)
             await asyncio.gather(*(self._index(meta, sh) for sh in every), return_exceptions=True)
-        if store.immediate:
-            return self._indexes_now(store, meta, shards)
         keys = [_index_key(meta, sh) for sh in shards]
         out = [self._cache.get(k) if k in self._cache else None for k in keys]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
-        if missing and hasattr(store, "read_batch"):
-            for i, index in zip(missing, await self._index_batch(store, meta,
-                                                                 [shards[i] for i in missing]),
-                                strict=True):
-                out[i] = index
-        elif missing:
+        if not missing:
+            return out
+        if store.immediate or store.batched:
+            loaded = await self._index_batch(store, meta, [shards[i] for i in missing])
+        else:
             loaded = await asyncio.gather(*(self._index(meta, shards[i]) for i in missing))
-            for i, index in zip(missing, loaded, strict=True):
-                out[i] = index
+        for i, index in zip(missing, loaded, strict=True):
+            out[i] = index
         return out
 
     async def _index_batch(self, store: RangeStore, meta: LevelMeta,
                            shards: list[ShardKey]) -> list[np.ndarray | None]:
         """The indexes of ``shards`` (none cached) read in one batch, then cached."""
         objects = [meta.shard_object(sh) for sh in shards]
-        data = await self._get_batch(
-            store, [(key, (-meta.index_size, None)) for key in objects],
-            lambda i: f"scene {meta.uri} level {meta.level} shard index of {objects[i]}")
+        where = f"scene {meta.uri} level {meta.level} shard indexes of {objects[0]}..."
+        if store.immediate:
+            try:
+                data = store.read_suffixes_now(objects, meta.index_size)
+            except Exception as err:
+                raise ReadError(f"{where}: GET failed: {err!r}") from err
+        else:
+            data = await self._get_batch(
+                store, [(key, (-meta.index_size, None)) for key in objects],
+                lambda i: f"scene {meta.uri} level {meta.level} shard index of {objects[i]}")
         out = []
         for shard, key, raw in zip(shards, objects, data, strict=True):
             table, nbytes = self._shard_index(meta, shard, key, raw)
@@ -615,7 +598,7 @@ class ZarrPixelSource:
                          where: Callable[[int], str]) -> list[bytes | None]:
         """``_get`` of every ``(key, range)``: in one batch where the store has one
         (``read_batch``: one wake-up of this loop for all), else one task each."""
-        if not hasattr(store, "read_batch"):
+        if not store.batched:
             return await asyncio.gather(*(self._get(store, key, r, where(i))
                                           for i, (key, r) in enumerate(requests)))
         try:

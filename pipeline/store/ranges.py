@@ -32,15 +32,21 @@ class RangeStore:
     """Reads of one store root; subclasses implement ``_fetch`` or ``_fetch_now``."""
 
     immediate = False  # True: ``read_now`` may be called (synchronous, cheap)
+    batched = False  # True: ``read_batch`` reads many at once (one wake-up of the caller)
 
     def __init__(self, root: str, log: RequestLog):
         self.root, self.log = root, log
 
-    def _count(self, key: str, byte_range: Range, data: bytes | None) -> bytes | None:
-        start, end = byte_range if byte_range is not None else (None, None)
-        nbytes = 0 if data is None else len(data)
-        self.log.add(StoreRequest(kind_of(key, byte_range), key, start, end, nbytes))
+    def _count_many(self, requests: list[tuple[str, Range]],
+                    data: list[bytes | None]) -> list[bytes | None]:
+        """Record each ``(key, range)`` request with the bytes it returned; return ``data``."""
+        self.log.add_many([StoreRequest(kind_of(key, r), key, *(r or (None, None)),
+                                        0 if d is None else len(d))
+                           for (key, r), d in zip(requests, data, strict=True)])
         return data
+
+    def _count(self, key: str, byte_range: Range, data: bytes | None) -> bytes | None:
+        return self._count_many([(key, byte_range)], [data])[0]
 
     def read_now(self, key: str, byte_range: Range = None) -> bytes | None:
         """The bytes of ``key`` in ``byte_range`` (None if the object is missing), now."""
@@ -51,8 +57,10 @@ class RangeStore:
         return [self.read_now(key, r) for r in ranges]
 
     def read_suffixes_now(self, keys: list[str], n: int) -> list[bytes | None]:
-        """``read_now`` of the last ``n`` bytes of each object (one request each)."""
-        return [self.read_now(key, (-n, None)) for key in keys]
+        """The last ``n`` bytes of each object (shard indexes): one request each, counted in
+        one batch."""
+        requests: list[tuple[str, Range]] = [(key, (-n, None)) for key in keys]
+        return self._count_many(requests, [self._fetch_now(k, r) for k, r in requests])
 
     async def read(self, key: str, byte_range: Range = None) -> bytes | None:
         """``read_now`` as a coroutine (the only way for stores that are not ``immediate``)."""
@@ -83,36 +91,16 @@ class LocalRanges(RangeStore):
 
     def read_ranges_now(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | None]:
         """One ``open`` for all the ranges of an object, one ``pread`` (and request) each."""
+        requests: list[tuple[str, Range]] = [(key, r) for r in ranges]
         try:
             fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
-            return [self._count(key, r, None) for r in ranges]
+            return self._count_many(requests, [None] * len(ranges))
         try:
-            out = [os.pread(fd, r1 - r0, r0) for r0, r1 in ranges]
+            out: list[bytes | None] = [os.pread(fd, r1 - r0, r0) for r0, r1 in ranges]
         finally:
             os.close(fd)
-        kind = kind_of(key, ranges[0]) if ranges else "chunk"
-        self.log.add_many([StoreRequest(kind, key, r0, r1, len(data))
-                           for (r0, r1), data in zip(ranges, out, strict=True)])
-        return out
-
-    def read_suffixes_now(self, keys: list[str], n: int) -> list[bytes | None]:
-        """The last ``n`` bytes of each object (shard indexes), counted in one batch."""
-        out: list[bytes | None] = []
-        for key in keys:
-            try:
-                fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
-            except (FileNotFoundError, NotADirectoryError):
-                out.append(None)
-                continue
-            try:
-                total = os.fstat(fd).st_size
-                out.append(os.pread(fd, min(n, total), max(total - n, 0)))
-            finally:
-                os.close(fd)
-        self.log.add_many([StoreRequest("index", key, -n, None, 0 if d is None else len(d))
-                           for key, d in zip(keys, out, strict=True)])
-        return out
+        return self._count_many(requests, out)
 
     def _fetch_now(self, key: str, byte_range: Range) -> bytes | None:
         try:
@@ -157,6 +145,8 @@ class S3Ranges(RangeStore):
     Endpoint, region and credentials come from the standard ``AWS_*`` variables.
     """
 
+    batched = True
+
     def __init__(self, root: str, log: RequestLog, *, concurrency: int = 64):
         import tensorstore as ts
 
@@ -183,11 +173,7 @@ class S3Ranges(RangeStore):
     async def read_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
         """``read`` of every ``(key, range)``, all in flight at once (tensorstore bounds how
         many go out together), each counted."""
-        out = await self._fetch_batch(requests)
-        self.log.add_many([StoreRequest(kind_of(key, r), key, *(r or (None, None)),
-                                        0 if data is None else len(data))
-                           for (key, r), data in zip(requests, out, strict=True)])
-        return out
+        return self._count_many(requests, await self._fetch_batch(requests))
 
 
 async def _all_done(futures: list[Any]) -> None:

@@ -156,12 +156,6 @@ def _s3_store(bucket: str, prefix: str) -> Any:
     return _s3_store_cached(bucket, prefix, tuple(sorted(_env_key().items())))
 
 
-def s3_client(bucket: str, prefix: str = "") -> Any:
-    """The obstore ``S3Store`` of ``bucket`` (keys relative to ``prefix``), configured from the
-    ``AWS_*`` environment and shared by every caller with the same settings (one HTTP client)."""
-    return _s3_store(bucket, prefix)
-
-
 def _env_key() -> dict[str, str]:
     keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
