@@ -10,7 +10,7 @@ they were signed.
 
 It runs on one asyncio event loop in a thread of its own (``python -m bench.http_proxy``: a
 process of its own): the added latency is an ``asyncio.sleep``, not a blocked thread, so the
-proxy costs the machine about 0.1-0.2 ms of CPU per request, where a thread-per-connection
+proxy costs the machine about 0.35 ms of CPU per request, where a thread-per-connection
 server cost ~0.9 ms and took that CPU from the training loop it was measuring.
 """
 
