@@ -160,6 +160,29 @@ def locate(scene_uri: str) -> tuple[str, str]:
     return parsed.root_uri(), parsed.path
 
 
+def reads_by_scene(requests: Sequence[StoreRequest],
+                   uris: Sequence[str]) -> dict[str, ReadCounters]:
+    """Requests and bytes by kind of ``requests`` (a recording reader's ``requests()``), per
+    scene of ``uris`` (``chunks`` and ``pixels`` are not split: 0).
+
+    A request belongs to the scene whose key prefix (``locate``) its store key lies under;
+    requests under none of them are left out. ``ValueError`` when two scenes share a prefix
+    (the same path in two buckets), since their requests could not be told apart.
+    """
+    prefixes = {locate(uri)[1]: uri for uri in uris}
+    if len(prefixes) != len(set(uris)):
+        raise ValueError(f"scenes share a key prefix, their reads cannot be split: {sorted(uris)}")
+    logs = {uri: RequestLog() for uri in uris}
+    for request in requests:
+        parts = request.key.split("/")
+        for i in range(len(parts) - 1, 0, -1):  # the longest scene prefix first
+            uri = prefixes.get("/".join(parts[:i]))
+            if uri is not None:
+                logs[uri].add(request)
+                break
+    return {uri: log.counters() for uri, log in logs.items()}
+
+
 def _key(prefix: str, *parts: str) -> str:
     return "/".join(p for p in (prefix, *parts) if p)
 

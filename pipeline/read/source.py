@@ -25,17 +25,20 @@ from pipeline.read.settings import ReaderSettings
 
 @dataclass(frozen=True, slots=True)
 class ZarrSourceFactory:
-    """Picklable recipe for a reader: ``factory()`` -> a ``PixelSource`` with ``settings``.
+    """Picklable recipe for a reader: ``factory()`` -> a ``PixelSource`` with ``settings``;
+    ``record_requests`` keeps every store request for ``requests()`` (e.g. bytes per scene).
 
     ``settings.process``: the source is a ``ProcessPixelSource`` whose child builds the same
     reader in process; otherwise a ``ZarrPixelSource``.
     """
 
     settings: ReaderSettings = ReaderSettings()
+    record_requests: bool = False
 
     def in_process(self) -> ZarrSourceFactory:
         """The same reader without a child process (for short-lived users such as view tasks)."""
-        return ZarrSourceFactory(dataclasses.replace(self.settings, process=False))
+        return ZarrSourceFactory(dataclasses.replace(self.settings, process=False),
+                                 self.record_requests)
 
     def __call__(self) -> PixelSource:
         """A new reader of ``settings`` (its loop, caches or child process start on first use)."""
@@ -44,7 +47,7 @@ class ZarrSourceFactory:
 
         if self.settings.process:  # the same reader, built in a child process
             return ProcessPixelSource(self.in_process())
-        return ZarrPixelSource.from_settings(self.settings)
+        return ZarrPixelSource.from_settings(self.settings, record_requests=self.record_requests)
 
 
 def split_rows(manifest: Any, split: str, limit: int = 0) -> dict[str, np.ndarray]:

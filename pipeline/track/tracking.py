@@ -553,6 +553,56 @@ def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
             os.environ[NO_PICKLE_ENV] = previous
 
 
+def load_predictor(model_uri: str, tracking_uri: str | None = None):
+    """The ``pipeline.track.packaging.Predictor`` inside a registered model (``load_pyfunc``,
+    so nothing is unpickled): for callers that read scenes themselves (batch inference)."""
+    return load_pyfunc(model_uri, tracking_uri).unwrap_python_model().predictor
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A model URI pinned to what it named when it was resolved.
+
+    Attributes:
+        requested: the URI as given (``models:/NAME@alias``, ``models:/NAME/3``, ...).
+        uri: ``models:/NAME/VERSION`` for a registered model (an alias moved later does not
+            change what this URI loads), else ``requested`` unchanged.
+        name: the registered model's name, or None.
+        version: the version number as a string, or None (not a registered model).
+    """
+
+    requested: str
+    uri: str
+    name: str | None = None
+    version: str | None = None
+
+
+def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ModelRef:
+    """Pin ``models:/NAME@alias`` and ``models:/NAME/VERSION`` to one registered version;
+    other URIs (``models:/<model id>``, ``runs:/...``) come back unpinned.
+
+    Raises ``LookupError`` naming the model when the alias or version does not exist.
+    """
+    from mlflow.exceptions import MlflowException
+
+    rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+    if rest is None or not ("@" in rest or rest.rpartition("/")[2].isdigit()):
+        return ModelRef(model_uri, model_uri)
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = alias_version(tracking_uri, name, alias)
+        if version is None:
+            where = tracking_uri or default_tracking_uri()
+            raise LookupError(f"no registered model {name}@{alias} at {where}")
+    else:
+        name, _, version = rest.rpartition("/")
+        try:
+            mlflow_client(tracking_uri).get_model_version(name, version)
+        except MlflowException as err:
+            raise LookupError(f"no registered model {name} version {version}: {err}") from err
+    return ModelRef(model_uri, f"models:/{name}/{version}", name, str(version))
+
+
 @functools.cache
 def _pyfunc_model_class() -> type:
     import mlflow.pyfunc
