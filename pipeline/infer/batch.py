@@ -31,6 +31,7 @@ the scene alone.
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +60,7 @@ PREDICTION_SCHEMA = pa.schema([
 
 ROW = "row"  # manifest position: carried through Ray Data to restore the order
 ENV_PREFIXES = ("AWS_", "MLFLOW_")  # storage and registry settings the actors need
+MAX_BLOCKS = 1000  # Ray Data blocks of manifest rows at most (see ``block_rows``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,19 +308,27 @@ class ScenePredictor:
 # --------------------------------------------------------------------------- on the driver
 
 
+def block_rows(n: int, batch_size: int, max_blocks: int = MAX_BLOCKS) -> int:
+    """Rows per Ray Data block: one batch, or whole batches enough to stay under
+    ``max_blocks`` blocks (tiny objects cost the object store more than they balance)."""
+    return batch_size * max(1, math.ceil(n / (batch_size * max_blocks)))
+
+
 def prediction_dataset(job: PreparedJob) -> Any:
-    """The lazy ``ray.data.Dataset`` of predictions: blocks of ``batch_size`` manifest rows
-    mapped by ``ScenePredictor`` on an actor pool of ``concurrency`` (fewer for fewer blocks)."""
+    """The lazy ``ray.data.Dataset`` of predictions: blocks of whole batches of manifest rows
+    (``block_rows``) mapped by ``ScenePredictor`` on an actor pool of ``concurrency`` (fewer
+    for fewer blocks), ``batch_size`` scenes per call."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # progress: ``collect``
     spec, rows = job.spec, job.rows
-    blocks = [rows.slice(i, spec.batch_size) for i in range(0, rows.num_rows, spec.batch_size)]
+    per = block_rows(rows.num_rows, spec.batch_size)
+    blocks = [rows.slice(i, per) for i in range(0, rows.num_rows, per)]
     return ray.data.from_arrow(blocks).map_batches(
         ScenePredictor,
         batch_size=spec.batch_size,
         batch_format="pyarrow",
-        concurrency=min(spec.concurrency, len(blocks)),
+        compute=ray.data.ActorPoolStrategy(size=min(spec.concurrency, len(blocks))),
         num_cpus=spec.cpus_per_actor,
         fn_constructor_kwargs={"model": job.model, "tracking_uri": job.tracking_uri,
                                "seed": spec.seed, "env": forwarded_env(),
@@ -329,15 +339,17 @@ def prediction_dataset(job: PreparedJob) -> Any:
 def collect(dataset: Any, total: int, say: Callable[[str], None],
             every_s: float = 10.0) -> pa.Table:
     """Every row of ``dataset`` in manifest order, ``row`` dropped; progress through ``say``
-    at most every ``every_s`` seconds and at the end. ``RuntimeError`` when rows are lost."""
+    for the first block, then at most every ``every_s`` seconds, and at the end.
+    ``RuntimeError`` when rows are lost."""
     tables, done, failed, start, last = [], 0, 0, time.perf_counter(), 0.0
     for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         tables.append(block)
         done += block.num_rows
         failed += block.num_rows - block["error"].null_count
         now = time.perf_counter() - start
-        if now - last >= every_s or done == total:
-            say(f"[infer] {done}/{total} scenes, {failed} failed, {now:.1f} s")
+        if len(tables) == 1 or now - last >= every_s or done == total:
+            first = " (first results: actors started, model loaded)" if len(tables) == 1 else ""
+            say(f"[infer] {done}/{total} scenes, {failed} failed, {now:.1f} s{first}")
             last = now
     table = pa.concat_tables(tables) if tables else PREDICTION_SCHEMA.empty_table()
     if table.num_rows != total or (tables and len(set(table[ROW].to_pylist())) != total):

@@ -124,3 +124,33 @@ def test_the_spec_rejects_bad_values():
         batch.BatchPredictSpec("models:/m@c", "m.parquet", "o.parquet", batch_size=0)
     with pytest.raises(ValueError, match=r"\.parquet"):
         batch.BatchPredictSpec("models:/m@c", "m.parquet", "out.csv")
+
+
+def test_blocks_hold_whole_batches_and_stay_few():
+    assert batch.block_rows(9, 2) == 2
+    assert batch.block_rows(10_000, 8, max_blocks=1000) == 16
+    assert batch.block_rows(10_000, 8, max_blocks=1000) * 1000 >= 10_000
+
+
+class _Blocks:
+    """Stands in for a Ray Dataset: ``iter_batches`` gives the blocks as they are."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def iter_batches(self, batch_size=None, batch_format="pyarrow"):
+        return iter(self.blocks)
+
+
+def test_collect_restores_manifest_order_and_refuses_lost_rows():
+    def block(rows, errors):
+        return pa.table({"error": pa.array(errors, pa.string()), batch.ROW: pa.array(rows, pa.int64())})
+
+    said = []
+    blocks = [block([2, 3], [None, "x"]), block([0, 1], [None, None])]
+    table = batch.collect(_Blocks(blocks), 4, said.append)
+    assert table.column_names == ["error"] and table["error"].to_pylist() == [None, None, None, "x"]
+    assert said[0].startswith("[infer] 2/4 scenes, 1 failed") and "first results" in said[0]
+    assert said[-1].startswith("[infer] 4/4 scenes, 1 failed")
+    with pytest.raises(RuntimeError, match="expected 5 prediction rows, got 4"):
+        batch.collect(_Blocks(blocks), 5, said.append)
