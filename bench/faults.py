@@ -655,7 +655,7 @@ def run_training(setup: Setup) -> dict[str, Any]:
     for key in storage.list_prefix(f"{setup.s3_root}/{bad_scene}/1"):
         if "/c/" in key:
             storage.delete_object(key)
-    sockets: dict[tuple, int] = {}
+    sockets: dict[tuple, str] = {}  # (host, port) -> "pid command" of who listened
     argv = ["--config", "jobs/configs/tiny.yaml", "--set",
             f"data.manifest={setup.s3_root}/manifest.parquet", "--set",
             f"run.storage_path={work / 'runs'}", "--set", "run.name=faults", "--set",
@@ -682,13 +682,15 @@ def _train_scene(setup: Setup) -> str:
     return str(rows[rows["split"] == "train"]["scene_id"].iloc[1])
 
 
-def _scan_sockets(root_pid: int, seen: dict[tuple, int]) -> None:
+def _scan_sockets(root_pid: int, seen: dict[tuple, str]) -> None:
     from pipeline.store.seaweed import listening_addresses
 
     for pid in _process_tree(root_pid):
         with contextlib.suppress(OSError):
             for host, port in listening_addresses(pid):
-                seen[(host, port)] = pid
+                if (host, port) not in seen:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    seen[(host, port)] = f"{pid} {cmd.decode(errors='replace')[:80]}"
 
 
 def _process_tree(root: int) -> list[int]:
@@ -729,7 +731,8 @@ def entry_bad_scene_quarantined(setup: Setup, run: dict[str, Any]) -> dict[str, 
 
 def entry_loopback_only(setup: Setup, run: dict[str, Any]) -> dict[str, Any]:
     """Every socket the training job's processes listened on was on loopback."""
-    outside = sorted({f"{h}:{p}" for (h, p) in run["sockets"] if not _loopback(h)})
+    outside = sorted({f"[{h}]:{p} ({who})" for (h, p), who in run["sockets"].items()
+                      if not _loopback(h)})
     return {"ok": bool(run["sockets"]) and not outside, "listening_seen": len(run["sockets"]),
             "outside_loopback": outside[:10]}
 
