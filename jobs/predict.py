@@ -5,9 +5,10 @@
 
 Prints one JSON object per line and scene: ``key``, ``label``, ``class``, ``probabilities``,
 ``attention`` (h x w map over the view), ``boxes`` (level-0 ``[y0, x0, y1, x1]`` of the patches
-read) and ``weights`` (``--compact`` leaves out the last three). The model is loaded through
-MLflow from its code, safetensors weights and JSON spec (``pipeline.track.packaging``): nothing is
-unpickled. Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the work tree's
+read) and ``weights`` (``--compact`` leaves out the last three). Only the model's safetensors weights and
+JSON spec are downloaded from the registry, and the network is rebuilt with the installed
+project's code (``pipeline.track.tracking.load_predictor``): no code or pickle stored with the
+model runs. Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the work tree's
 ``mlflow.db``. S3 pyramids use the usual AWS variables (``AWS_ENDPOINT_URL`` for a local server).
 """
 
@@ -64,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
     params = {"seed": args.seed, "batch_size": args.batch_size}
     try:
-        model = tracking.load_pyfunc(args.model, args.tracking_uri)
+        predictor = tracking.load_predictor(args.model, args.tracking_uri)
         if args.uri:
-            records = model.predict({"uris": list(args.uri)}, params=params)
+            records = predictor.predict_any({"uris": list(args.uri)}, params)
         else:
             images = [read_image(p) for p in args.image]
-            records = model.predict({"images": images}, params=params)
+            records = predictor.predict_any({"images": images}, params)
             for record, path in zip(records, args.image, strict=True):
                 record["key"] = str(path)
     except Exception as err:

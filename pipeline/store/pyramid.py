@@ -384,6 +384,13 @@ def read_group_attrs(scene_uri: str) -> dict[str, Any] | None:
     return meta.get("attributes", {})
 
 
+def pyramid_coarsest(scene_uri: str) -> int | None:
+    """The ``coarsest`` the scene's pyramid was written with (``write_pyramid``), or None when
+    there is no group or it does not say."""
+    value = ((read_group_attrs(scene_uri) or {}).get("pipeline") or {}).get("coarsest")
+    return int(value) if value is not None else None
+
+
 def pyramid_complete(root_uri: str, scene_id: str) -> bool:
     """Whether ``scene_id`` under ``root_uri`` was written to the end by ``write_pyramid`` in
     the current format (``FORMAT_VERSION``); an older scene counts as incomplete, so that the

@@ -443,6 +443,16 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def overwrite_middle(data: bytes, seed: int, count: tuple[int, int] = (16, 64)) -> bytes:
+    """``data`` with ``count[0]``-``count[1]`` bytes in its middle overwritten by random ones
+    (seeded): for a JPEG, garbage inside the entropy-coded scan that Pillow decodes silently.
+    The length and everything else stay as they were."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(count[0], count[1] + 1))
+    start = len(data) // 2 - n // 2
+    return data[:start] + rng.bytes(n) + data[start + n :]
+
+
 def scene_files(spec: SampleSpec, scene: SampleScene) -> list[tuple[str, bytes]]:
     """(relative path, bytes) of the files of one scene, broken as ``scene.bad`` says."""
     image = encode_jpeg(render_scene(spec, scene), spec.jpeg_quality)

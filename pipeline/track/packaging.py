@@ -2,15 +2,21 @@
 
 A packaged model is two files and nothing executable:
 - ``model.safetensors``: the ``state_dict`` (tensors only; safetensors cannot hold code);
-- ``spec.json``: ``{"format", "model": {"name", "kwargs"}, "model_class", "classes",
-  "view_size", "metadata"}``; ``model`` is what ``models.create_model`` recorded in
-  ``model.spec``, ``model_class`` the Python class it built (checked again on load), ``classes``
-  the label names in label order.
+- ``spec.json``: ``{"format", "package": {"name", "version"}, "model": {"name", "kwargs"},
+  "model_class", "classes", "view_size", "metadata"}``; ``package`` is the project distribution
+  and version that wrote it, ``model`` what ``models.create_model`` recorded in ``model.spec``,
+  ``model_class`` the Python class it built (checked again on load), ``classes`` the label names
+  in label order; ``metadata["pyramid_coarsest"]`` the ``coarsest`` of the pyramids it was
+  trained on (an in-memory image gets the same pyramid, ``Predictor.coarsest``).
 
-Loading rebuilds the network with the project's own code (``create_model(name, **kwargs)``),
-checks the class, and loads the weights strictly. In MLflow the two files are the artifacts of a
-models-from-code pyfunc model (``pipeline/track/pyfunc_entry.py``), so ``models:/NAME@alias`` loads
-without unpickling any object.
+Loading rebuilds the network with the INSTALLED project's code (``create_model(name,
+**kwargs)``), refuses a spec written by another major.minor version of the project (the code
+that would rebuild it may differ), checks the class, and loads the weights strictly. Nothing
+stored with the model is executed: ``pipeline.track.tracking.load_predictor`` downloads only
+these two files from the registry. In MLflow the two files are also the artifacts of a
+models-from-code pyfunc model (``pipeline/track/pyfunc_entry.py``) for MLflow users; loading
+THAT (``mlflow.pyfunc.load_model``) runs the stored copy of the entry file, so it is only as safe
+as the artifact store (README, "Loading a model safely").
 
 ``Predictor`` predicts from pyramid URIs (via the Zarr reader) and from in-memory images
 (numpy/torch uint8, (C, H, W) or (H, W, C), wrapped in a ``TensorPyramidSource``).
@@ -34,12 +40,14 @@ import torch.nn.functional as F
 from models.memory import TensorPyramidSource
 from models.protocol import AttentionModel, ModelOutput, PixelSource
 from models.registry import create_model
+from pipeline.store.pyramid import DEFAULT_COARSEST
 
 FORMAT = "attention-pipeline-model/1"
+PACKAGE = "attention-pipeline"  # the distribution whose code rebuilds a logged model
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
 # Distributions a serving environment needs besides the project itself.
-RUNTIME_DISTRIBUTIONS = ("torch", "numpy", "safetensors", "zarr", "obstore", "mlflow", "pillow")
+RUNTIME_DISTRIBUTIONS = (PACKAGE, "torch", "numpy", "safetensors", "zarr", "obstore", "mlflow", "pillow")
 
 
 def unwrap(model: torch.nn.Module) -> AttentionModel:
@@ -63,6 +71,7 @@ def model_spec(
     model = unwrap(model)
     spec = {
         "format": FORMAT,
+        "package": {"name": PACKAGE, "version": package_version()},
         "model": {"name": model.spec["name"], "kwargs": dict(model.spec["kwargs"])},
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "classes": list(classes) if classes is not None else None,
@@ -71,6 +80,30 @@ def model_spec(
     }
     json.dumps(spec)  # fail here, at save time, on anything that is not JSON
     return spec
+
+
+def package_version() -> str:
+    """The installed version of the project distribution (``PACKAGE``)."""
+    try:
+        return importlib_metadata.version(PACKAGE)
+    except importlib_metadata.PackageNotFoundError:
+        raise RuntimeError(f"{PACKAGE} is not installed (pip install -e .): a model's spec "
+                           "records the version whose code rebuilds it") from None
+
+
+def check_package_version(spec: Mapping[str, Any], where: str) -> None:
+    """``ValueError`` naming ``where`` unless ``spec`` was written by the installed major.minor
+    version of the project: the model is rebuilt with the installed code, which another
+    version may build differently (or not at all)."""
+    logged = (spec.get("package") or {}).get("version")
+    installed = package_version()
+    if not logged:
+        raise ValueError(f"{where}: the spec records no {PACKAGE} version (logged by an older "
+                         f"release); re-log the model with {PACKAGE} {installed}")
+    if logged.split(".")[:2] != installed.split(".")[:2]:
+        major_minor = ".".join(logged.split(".")[:2])
+        raise ValueError(f"{where}: logged with {PACKAGE} {logged}, installed is {installed} "
+                         f"(major.minor must match): install {PACKAGE}=={major_minor}.* to load it")
 
 
 def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -106,13 +139,15 @@ def load_model_files(
 ) -> tuple[AttentionModel, dict[str, Any]]:
     """Rebuild the model from ``spec.json`` with ``create_model`` and load the safetensors.
 
-    Raises ``ValueError`` naming the file when the format or the model class does not match.
+    Raises ``ValueError`` naming the file when the format, the project's major.minor version
+    or the model class does not match.
     """
     from safetensors.torch import load_file
 
     spec_dict = json.loads(Path(spec).read_text())
     if spec_dict.get("format") != FORMAT:
         raise ValueError(f"{spec}: format {spec_dict.get('format')!r}, expected {FORMAT!r}")
+    check_package_version(spec_dict, str(spec))
     name, kwargs = spec_dict["model"]["name"], spec_dict["model"]["kwargs"]
     model = create_model(name, **kwargs)
     built = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -173,9 +208,14 @@ def image_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def image_source(images: Mapping[str, Any]) -> TensorPyramidSource:
-    """In-memory ``PixelSource`` over images keyed by name (see ``image_tensor``)."""
-    return TensorPyramidSource.from_images({k: image_tensor(v) for k, v in images.items()})
+def image_source(images: Mapping[str, Any], coarsest: int = DEFAULT_COARSEST) -> TensorPyramidSource:
+    """In-memory ``PixelSource`` over images keyed by name (see ``image_tensor``), each pyramid
+    built as the ingest builds it (``pipeline.store.pyramid.write_pyramid``: the same 2x2
+    rounded mean, levels down to a long side of at most ``coarsest`` px), so that a scene gives
+    the model the same view and patches in memory as from its pyramid."""
+    return TensorPyramidSource.from_images(
+        {k: image_tensor(v) for k, v in images.items()}, coarsest=coarsest
+    )
 
 
 def zarr_source(uris: Sequence[str]) -> PixelSource:
@@ -213,6 +253,14 @@ class Predictor:
     def from_dir(cls, model_dir: str | os.PathLike, **kwargs: Any) -> Predictor:
         """From a directory holding ``model.safetensors`` and ``spec.json`` (searched)."""
         return cls.from_files(find_model_files(model_dir), **kwargs)
+
+    @property
+    def coarsest(self) -> int:
+        """Long side (px) of the coarsest level of the pyramids the model was trained on
+        (``metadata["pyramid_coarsest"]``; the ingest's default when not recorded): in-memory
+        images get pyramids built down to it."""
+        recorded = (self.spec.get("metadata") or {}).get("pyramid_coarsest")
+        return int(recorded) if recorded else DEFAULT_COARSEST
 
     @property
     def classes(self) -> list[str] | None:
@@ -268,7 +316,7 @@ class Predictor:
 
     def predict_image(self, image: Any, key: str = "image") -> dict[str, Any]:
         """Prediction for one in-memory image (see ``image_tensor`` for accepted layouts)."""
-        return self.predict_source(image_source({key: image}), [key])[0]
+        return self.predict_source(image_source({key: image}, self.coarsest), [key])[0]
 
     def _records(self, out: ModelOutput, keys: Sequence[str]) -> list[dict[str, Any]]:
         probs = F.softmax(out.logits.float(), dim=-1)
@@ -291,7 +339,8 @@ class Predictor:
             return self.predict_uris(uris, batch_size, seed)
         keys = [f"image_{i}" for i in range(len(images))]
         return self.predict_source(
-            image_source(dict(zip(keys, images, strict=True))), keys, batch_size, seed
+            image_source(dict(zip(keys, images, strict=True)), self.coarsest), keys, batch_size,
+            seed,
         )
 
 

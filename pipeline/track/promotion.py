@@ -19,7 +19,6 @@ reader.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -202,9 +201,7 @@ def registered_evaluator(
     from pipeline.track import packaging
 
     def evaluate(model_uri: str) -> dict[str, float]:
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = tracking.download_model(model_uri, tmp, tracking_uri)
-            predictor = packaging.Predictor.from_dir(model_dir, seed=seed)
+        predictor = tracking.load_predictor(model_uri, tracking_uri, seed=seed)
         return packaging.evaluate(predictor, source, keys, labels, batch_size)
 
     return evaluate

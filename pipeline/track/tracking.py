@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -533,11 +534,53 @@ def download_model(model_uri: str, dst: str | os.PathLike, tracking_uri: str | N
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
 
 
+def download_model_files(
+    model_uri: str, dst: str | os.PathLike, tracking_uri: str | None = None
+) -> dict[str, str]:
+    """Download ONLY the weights (safetensors) and ``spec.json`` of a logged or registered model
+    into ``dst``; returns ``{"weights": path, "spec": path}`` (``packaging.Predictor.from_files``).
+
+    Nothing else stored with the model (its pyfunc entry file, ``MLmodel``, any file planted
+    beside them) is downloaded, so nothing of it can run. ``model_uri``: ``models:/NAME@alias``,
+    ``models:/NAME/VERSION``, ``models:/<model id>`` (what ``log_model`` returns), ``runs:/...``.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.track.packaging import SPEC_FILE, WEIGHTS_FILE
+
+    client = mlflow_client(tracking_uri)
+    root = model_uri.rstrip("/")
+    if re.fullmatch(r"models:/m-[0-9a-f]+", root):  # a logged model id, not a registered name
+        root = client.get_logged_model(root.removeprefix("models:/")).artifact_location
+    files = {}
+    for key, filename in (("spec", SPEC_FILE), ("weights", WEIGHTS_FILE)):
+        try:
+            files[key] = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root}/artifacts/{filename}", dst_path=str(dst))
+        except (MlflowException, OSError) as err:
+            raise FileNotFoundError(f"{model_uri}: cannot download {filename}: {err}") from err
+    return files
+
+
+def load_predictor(model_uri: str, tracking_uri: str | None = None, **kwargs: Any):
+    """``packaging.Predictor`` of a registered model, rebuilt with the INSTALLED project's code
+    from its weights and spec only (``download_model_files``; the spec's project version must
+    match the installed major.minor). No code or pickle from the artifact store runs. ``kwargs``
+    go to the predictor (``seed``, ``source_factory``)."""
+    from pipeline.track.packaging import Predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return Predictor.from_files(download_model_files(model_uri, tmp, tracking_uri), **kwargs)
+
+
 def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
     """``mlflow.pyfunc.load_model(model_uri)`` with pickle deserialisation switched off.
 
     Our models load by running their code file and reading safetensors + JSON; a model that
-    would need cloudpickle (not one of ours) is refused instead of executed.
+    would need cloudpickle (not one of ours) is refused instead of executed. MLflow still runs
+    the STORED copy of the code file (models from code): whoever can write to the artifact store
+    can run code here. The project's jobs use ``load_predictor`` instead, which runs none.
     """
     import mlflow
 
@@ -551,12 +594,6 @@ def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
             os.environ.pop(NO_PICKLE_ENV, None)
         else:
             os.environ[NO_PICKLE_ENV] = previous
-
-
-def load_predictor(model_uri: str, tracking_uri: str | None = None):
-    """The ``pipeline.track.packaging.Predictor`` inside a registered model (``load_pyfunc``,
-    so nothing is unpickled): for callers that read scenes themselves (batch inference)."""
-    return load_pyfunc(model_uri, tracking_uri).unwrap_python_model().predictor
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -190,6 +190,15 @@ def full_scene_bytes(manifest: Any, split: str) -> float:
     return float((rows["height"] * rows["width"] * rows["channels"]).mean())
 
 
+def training_coarsest(manifest: Any) -> int | None:
+    """The pyramids' ``coarsest`` (px), read from the first scene of the manifest (Arrow table):
+    recorded with the model so that an in-memory image gets the same pyramid at predict time."""
+    from pipeline.store.pyramid import pyramid_coarsest
+
+    uris = manifest.column("uri")
+    return pyramid_coarsest(uris[0].as_py()) if len(uris) else None
+
+
 def quiet_ray_output() -> Any:
     """One line per epoch and per dataset: Ray Data's progress bars off, and Ray Train's patch
     of ``print`` on its workers off (it logs every printed line as well, and with Ray's own
@@ -336,7 +345,8 @@ def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], 
     metrics = {k: float(v) for k, v in (result.metrics or meta.get("metrics") or {}).items()}
     model_uri = tracker.log_model(
         model, classes=classes, metadata={"val_accuracy": metrics.get("val/accuracy"),
-                                          "epochs": meta.get("epoch"), "run": config.run.name},
+                                          "epochs": meta.get("epoch"), "run": config.run.name,
+                                          "pyramid_coarsest": training_coarsest(manifest)},
     )
     version = None
     if config.run.register_name and model_uri:

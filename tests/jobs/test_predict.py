@@ -133,3 +133,48 @@ def test_predict_fails_on_a_scene_whose_shards_are_missing(registered, tmp_path,
     captured = capsys.readouterr()
     assert captured.out == ""
     assert uri in captured.err and "is missing" in captured.err and "shard (0, 0)" in captured.err
+
+
+class _Payload:
+    """Unpickling this runs ``code`` (what a planted pickle does)."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def test_predict_runs_no_code_from_the_artifact_store(tmp_path_factory, tmp_path, capsys):
+    """Someone who can write to the artifact store edits the stored ``pyfunc_entry.py`` and
+    plants pickles beside the weights: predict's output is unchanged and none of it runs
+    (stock ``mlflow.pyfunc.load_model`` does run the edited entry file)."""
+    import pickle
+
+    uri = fresh_mlflow_uri(tmp_path_factory, "mlflow-edit")
+    tracker = tracking.MlflowTracker("predict", uri)
+    tracker.start("k-edit")
+    tracker.register(tracker.log_model(brightness_model(), classes=CLASSES), "edited",
+                     alias="champion")
+    tracker.end()
+    source, keys, _ = brightness_scenes()
+    image = tmp_path / "x.npy"
+    np.save(image, source.pyramids[keys[1]][0].numpy())
+    argv = ["--model", "models:/edited@champion", "--tracking-uri", uri, "--image", str(image)]
+    assert predict.main(argv) == 0
+    before = capsys.readouterr().out
+
+    store = tmp_path_factory.getbasetemp()
+    (entry,) = [p for p in store.rglob("pyfunc_entry.py") if "mlflow-edit" in str(p)]
+    code_marker, pickle_marker = tmp_path / "entry-ran", tmp_path / "pickle-ran"
+    entry.write_text(f"open({str(code_marker)!r}, 'w').write('ran')\n" + entry.read_text())
+    payload = pickle.dumps(_Payload(f"open({str(pickle_marker)!r}, 'w').write('ran')"))
+    for where in (entry.parent, entry.parent / "artifacts"):
+        for name in ("python_model.pkl", "model.pkl", "model.pt"):
+            (where / name).write_bytes(payload)
+
+    assert predict.main(argv) == 0
+    assert capsys.readouterr().out == before
+    assert not code_marker.exists() and not pickle_marker.exists()
+    tracking.load_pyfunc("models:/edited@champion", uri)  # what predict did before
+    assert code_marker.exists()  # the edit is live: the test above could have caught it

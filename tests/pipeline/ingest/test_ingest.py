@@ -22,6 +22,7 @@ from pipeline.ingest.engine import (
     summary,
 )
 from pipeline.store import pyramid, storage
+from pipeline.synth.fmow_sample import overwrite_middle
 from tests.pipeline.fmow_fixtures import SMALL_CLASSES, make_sample, small_spec
 
 
@@ -222,3 +223,40 @@ def _edit_json(uri: str, **changes) -> None:
         else:
             doc[key] = value
     storage.write_bytes(uri, json.dumps(doc).encode())
+
+
+def test_a_jpeg_with_corrupt_middle_bytes_is_rejected_naming_the_file(tmp_path):
+    """Pillow decodes a JPEG whose scan has garbage in the middle without an error (libjpeg
+    only warns); the ingest rejects it (strict libjpeg decode) and the other scenes go in.
+    Seed 6 is a corruption libjpeg warns about; seeds 0-5 on this scene are ones it does not
+    see (the Huffman decoder resynchronises: see ``check_jpeg``)."""
+    src, dst = str(tmp_path / "fmow"), str(tmp_path / "pyr")
+    make_sample(src, small_spec(train=3, val=0))
+    walk = fmow.walk_fmow(src)
+    bad = walk.files[1]
+    uri = storage.join_uri(src, bad.image)
+    broken = overwrite_middle(storage.read_bytes(uri), seed=6)
+    with Image.open(io.BytesIO(broken)) as img:
+        img.load()  # what the ingest relied on: no error, garbage pixels
+    storage.write_bytes(uri, broken)
+    report = run_ingest(fmow.fmow_tasks(src, walk), fmow.load_fmow_scene, SMALL_CLASSES, dst,
+                        out=None)
+    assert report.counts == {"written": 2, "skipped": 0, "rejected": 1}
+    (reject,) = report.rejects
+    assert reject["kind"] == "unreadable_image" and reject["path"] == uri
+    assert f"corrupt JPEG {uri}" in reject["reason"] and "Corrupt JPEG data" in reject["reason"]
+    assert not storage.exists(storage.join_uri(dst, bad.scene_id))
+
+
+def test_the_jpeg_check_leaves_good_jpegs_pixel_identical():
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    for kw in ({"quality": 90}, {"quality": 75, "progressive": True}, {"subsampling": 0}):
+        data = _encode(rgb, "JPEG", **kw)
+        with Image.open(io.BytesIO(data)) as img:
+            expected = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+        np.testing.assert_array_equal(decode_image(data, "x.jpg"), expected)
+    grey = _encode(rgb[..., 0], "JPEG")
+    assert decode_image(grey, "g.jpg").shape == (3, 40, 56)
+    cmyk = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, format="JPEG")
+    assert decode_image(cmyk.getvalue(), "c.jpg").shape == (3, 40, 56)

@@ -42,6 +42,7 @@ def test_files_round_trip_gives_identical_outputs(tmp_path):
     spec = json.loads((tmp_path / "spec.json").read_text())
     assert spec == {
         "format": packaging.FORMAT,
+        "package": {"name": "attention-pipeline", "version": packaging.package_version()},
         "model": {"name": TINY, "kwargs": {"k": 3, "patch": 6}},
         "model_class": "tests.pipeline.tracking_fixtures.TinyAttention",
         "classes": CLASSES,
@@ -199,3 +200,50 @@ def test_load_pyfunc_refuses_a_pickled_model(uri, tmp_path):
     mlflow.pyfunc.save_model(str(path), python_model=Pickled(), pip_requirements=[])
     with pytest.raises(Exception, match="pickle is disallowed"):
         tracking.load_pyfunc(str(path), uri)
+
+
+def test_a_spec_from_another_project_version_is_refused(tmp_path):
+    """The network is rebuilt with the installed code: a spec written by another major.minor
+    version (or by none) is refused with a message that says which version to install."""
+    files = packaging.write_model_files(_trained_like_model(), tmp_path, classes=CLASSES)
+    spec = json.loads(open(files["spec"]).read())
+    major, minor, *_ = packaging.package_version().split(".")
+    for version in (f"{major}.{minor}.99", f"{major}.{int(minor) + 1}.0", None):
+        spec["package"] = {"name": "attention-pipeline", "version": version}
+        open(files["spec"], "w").write(json.dumps(spec))
+        if version and version.startswith(f"{major}.{minor}."):
+            assert Predictor.from_files(files).spec["package"]["version"] == version
+            continue
+        with pytest.raises(ValueError, match="attention-pipeline") as info:
+            Predictor.from_files(files)
+        assert files["spec"] in str(info.value)
+        if version:
+            assert f"{major}.{int(minor) + 1}.*" in str(info.value)
+
+
+def test_logged_requirements_name_the_project():
+    assert f"attention-pipeline=={packaging.package_version()}" in packaging.pip_requirements()
+
+
+def test_an_image_in_memory_and_its_pyramid_give_the_same_prediction(tmp_path):
+    """The in-memory pyramid is built down to the ``coarsest`` the model's pyramids had (128 px
+    here, as in the demo), so the view and the patches equal those read from the pyramid."""
+    from pipeline.store.pyramid import pyramid_coarsest, write_pyramid
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (3, 600, 520), dtype=np.uint8)
+    image[:, 100:300, 200:400] //= 3  # some structure, so the attention has something to see
+    uri = write_pyramid(str(tmp_path / "pyr"), "scene", image, {}, coarsest=128)
+    assert pyramid_coarsest(uri) == 128
+    files = packaging.write_model_files(
+        _trained_like_model(), tmp_path / "model", classes=CLASSES,
+        metadata={"pyramid_coarsest": 128},
+    )
+    predictor = Predictor.from_files(files)
+    assert predictor.coarsest == 128
+    by_uri = predictor.predict_uris([uri])[0]
+    in_memory = predictor.predict_image(image)
+    # one scene, one forward pass each, the same pixels: equal to the bit
+    for key in ("probabilities", "attention", "boxes", "weights"):
+        assert in_memory[key] == by_uri[key], key
+    assert Predictor(model=predictor.model, spec={}).coarsest == 256  # the ingest's default
