@@ -84,6 +84,17 @@ class ReadError(OSError):
     """A fetch or decode failed; the message names the scene, level, object key and range."""
 
 
+class CorruptChunkError(ReadError):
+    """An inner chunk did not decode (a flipped bit: zstd's content checksum or frame check
+    failed; a wrong size). The message names the scene, level, object, the one chunk (its
+    row and column of the level's chunk grid) and its byte range."""
+
+
+class CorruptShardError(ReadError):
+    """A shard object is shorter than its index says (truncated), or its index does not
+    pass its crc32c. The message names the scene, level, shard and object."""
+
+
 class MissingShardError(ReadError):
     """A shard object is absent although the pyramid does not record it as empty (or has no
     record): lost, or a 404 from the store. The message names the scene, level, shard, object
@@ -402,13 +413,15 @@ class ZarrPixelSource:
 
     @staticmethod
     def _decode_error(fetched: FetchedLevel, err: ChunkDecodeError) -> ReadError:
-        """A ``ReadError`` naming the object, request range and chunk that failed to decode."""
+        """A ``ChunkDecodeError`` naming the scene, level, shard object, the failing chunk and
+        its own byte range in the object (and how many others of the batch failed too)."""
         meta, ranges = fetched.meta, fetched.ranges
         r = int(np.searchsorted(ranges.bounds, err.item, side="right")) - 1
         cy, cx = fetched.chunks.cyx[ranges.rows[err.item]].tolist()
-        r0 = int(ranges.start[r])
-        where = _where(meta, fetched.keys[r], r0, int(ranges.end[r]))
-        return ReadError(f"{where}: decoding chunk ({cy}, {cx}): {err}")
+        c0, c1 = int(ranges.chunk_start[err.item]), int(ranges.chunk_end[err.item])
+        more = f" ({len(err.items) - 1} more chunks of this read failed too)" if len(err.items) > 1 else ""
+        return CorruptChunkError(f"{_where(meta, fetched.keys[r], c0, c1)}: decoding chunk "
+                                 f"({cy}, {cx}) failed: {err}{more}")
 
     async def _get_ranges(self, store: RangeStore, meta: LevelMeta,
                           ranges: list[tuple[str, int, int]]) -> list[np.ndarray]:
@@ -432,9 +445,14 @@ class ZarrPixelSource:
                                         lambda i: _where(meta, *ranges[i]))
         arrays = []
         for (key, r0, r1), buf in zip(ranges, out, strict=True):
-            if buf is None or len(buf) != r1 - r0:
-                got = "nothing (the object is gone)" if buf is None else f"{len(buf)} bytes"
-                raise ReadError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, got {got}")
+            if buf is None:
+                raise MissingShardError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, "
+                                        "got nothing (the object is gone) since its index was "
+                                        "read; not read as zeros")
+            if len(buf) != r1 - r0:
+                raise CorruptShardError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, "
+                                        f"got {len(buf)}: the shard object is shorter than its "
+                                        "index says (truncated)")
             arrays.append(np.frombuffer(buf, np.uint8))
         return arrays
 
@@ -515,7 +533,9 @@ class ZarrPixelSource:
         try:
             table = decode_index(meta, data)
         except ValueError as err:
-            raise ReadError(f"scene {meta.uri} level {meta.level} shard index of {key}: {err}") from err
+            raise CorruptShardError(
+                f"scene {meta.uri} level {meta.level} shard ({shard.sy}, {shard.sx}): shard index "
+                f"of {key}: {err}") from err
         return table, table.nbytes
 
     async def _index(self, meta: LevelMeta, shard: ShardKey) -> np.ndarray | None:
