@@ -27,11 +27,13 @@ from models.protocol import AttentionModel, CountingSource, ModelOutput, PixelSo
 from pipeline.train.grad_sync import GradSync
 from pipeline.train.microbatch import (
     MicroBatch,
+    MicroBatchReadError,
     ScheduleStats,
     run_microbatches,
     split_batch,
     submitter,
 )
+from pipeline.train.quarantine import Quarantine, find_bad
 from pipeline.train.read_ahead import ReadAhead, draw_ahead, start_steps
 
 Batch = Mapping[str, Any]
@@ -81,6 +83,15 @@ class EpochStats:
              self.requests, self.bytes, self.steps, self.log_ratio_sum, self.ratio_draws],
             dtype=torch.float64,
         )
+
+    def add(self, other: EpochStats) -> None:
+        """Add ``other``'s sums (and confusion counts) into this one."""
+        total = EpochStats.from_vector(self.as_vector() + other.as_vector())
+        for name in ("loss_sum", "correct", "samples", "seconds", "wait_s", "requests", "bytes",
+                     "steps", "log_ratio_sum", "ratio_draws"):
+            setattr(self, name, getattr(total, name))
+        if self.confusion is not None and other.confusion is not None:
+            self.confusion += other.confusion
 
     @classmethod
     def from_vector(cls, v: Tensor, confusion: np.ndarray | None = None) -> EpochStats:
@@ -136,6 +147,8 @@ class StepRunner:
             (``train_step(..., next_batch=...)``, as ``train_epoch`` and ``evaluate`` pass it).
         device: where the model lives. autocast: context for model compute (bf16 on GPU).
         sync: gradient/buffer averaging across workers (a no-op in one process).
+        quarantine: where scenes whose reads fail are recorded and then skipped
+            (``pipeline.train.quarantine``); None: a failed read ends the step with its error.
     """
 
     model: AttentionModel
@@ -150,12 +163,14 @@ class StepRunner:
     autocast: Callable[[], AbstractContextManager] = nullcontext
     sync: GradSync | None = None
     read_ahead: bool = False
+    quarantine: Quarantine | None = None
 
     def __post_init__(self) -> None:
         self.submit = submitter(self.source)
         if self.sync is None:
             self.sync = GradSync(self.model)
         self._ahead: ReadAhead | None = None  # the next step's, between two steps
+        self._epoch = 0  # of the last training step (what evaluation records quarantine under)
 
     def _micro(self, batch: Batch, generator: torch.Generator) -> list[MicroBatch]:
         """The batch's micro-batches: the ones read ahead for it, else split now."""
@@ -167,6 +182,8 @@ class StepRunner:
         """The batch as ``micro_batches`` micro-batches on ``device``, each with a sampling
         generator seeded from ``generator`` (one 62-bit seed per micro-batch, in order)."""
         keys, views, sizes, labels = to_tensors(batch)
+        if not keys:  # every scene of the batch is quarantined: a step with no samples
+            return []
         parts = max(1, min(self.micro_batches, len(keys)))
         seeds = torch.randint(0, 2**62, (parts,), generator=generator).tolist()
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
@@ -212,7 +229,46 @@ class StepRunner:
         """Forward/backward every micro-batch as its patches arrive; then one optimiser step.
 
         With ``read_ahead`` and ``next_batch``, the next step's first read is drawn (with the
-        weights before this step's update) and submitted once this step's reads are."""
+        weights before this step's update) and submitted once this step's reads are. With a
+        ``quarantine``, a scene whose read fails is quarantined and the step runs again
+        without it (``_guarded``)."""
+        self._epoch = epoch
+        self._guarded(lambda b, part: self._train_once(b, epoch, part, next_batch),
+                      batch, epoch, stats)
+
+    def _guarded(self, run_once: Callable[[Batch, EpochStats], None], batch: Batch, epoch: int,
+                 stats: EpochStats) -> None:
+        """``run_once(batch, part)``, its sums added to ``stats`` once it succeeds. Without a
+        quarantine, as is. With one: quarantined rows are dropped first; when a read fails,
+        its scenes are read one by one (``find_bad``), the failing ones quarantined, the
+        gradients cleared and the step run again without them; a failure that no single
+        scene repeats is retried once, then raised."""
+        if self.quarantine is None:
+            run_once(batch, stats)
+            return
+        transient = 0
+        while True:
+            batch = self.quarantine.admit(batch, epoch, stats.steps)
+            part = EpochStats(confusion=None if stats.confusion is None
+                              else np.zeros_like(stats.confusion))
+            try:
+                run_once(batch, part)
+            except MicroBatchReadError as err:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._ahead = None
+                bad = {} if err.request is None else find_bad(self.source, err.keys, err.request)
+                for key, cause in bad.items():
+                    self.quarantine.add_error(key, cause, epoch, stats.steps)
+                transient += not bad
+                if transient > 1:
+                    raise
+                continue
+            stats.add(part)
+            return
+
+    def _train_once(self, batch: Batch, epoch: int, stats: EpochStats,
+                    next_batch: Batch | None) -> None:
+        """One try of ``train_step`` (see there)."""
         t0 = time.perf_counter()
         r0, b0 = reader_counters(self.source)
         self.model.train()
@@ -278,7 +334,15 @@ class StepRunner:
         next_batch: Batch | None = None,
     ) -> None:
         """Predict a batch (model in eval mode); ``keep`` sees each micro-batch's output.
-        ``next_batch``: as in ``train_step`` (the weights do not change between them here)."""
+        ``next_batch``: as in ``train_step`` (the weights do not change between them here);
+        quarantine as in ``train_step``."""
+        self._guarded(lambda b, part: self._eval_once(b, generator, part, keep, next_batch),
+                      batch, self._epoch, stats)
+
+    def _eval_once(self, batch: Batch, generator: torch.Generator, stats: EpochStats,
+                   keep: Callable[[MicroBatch, ModelOutput], None] | None,
+                   next_batch: Batch | None) -> None:
+        """One try of ``eval_step`` (see there)."""
         t0 = time.perf_counter()
         r0, b0 = reader_counters(self.source)
         self.model.eval()
