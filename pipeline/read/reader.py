@@ -76,7 +76,7 @@ from pipeline.read.plan import (
 )
 from pipeline.read.settings import EXACT_READS, ReaderSettings
 from pipeline.store.counting import ReadCounters, RequestLog, StoreRequest
-from pipeline.store.ranges import Range, RangeStore, open_ranges
+from pipeline.store.ranges import Range, RangeStore, RetryPolicy, open_ranges
 from pipeline.store.storage import parse_uri
 
 
@@ -190,6 +190,8 @@ class ZarrPixelSource:
         record_requests: keep every store request for ``requests()`` (tests, benchmarks).
         prefetch_indexes: on the first read of a level of a scene, ask for every shard index
             of that level at once (a few hundred bytes each): later reads need one round trip.
+        retry: S3 timeouts and retries (``ReaderSettings.retry_policy``); None: those of
+            ``EXACT_READS``.
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class ZarrPixelSource:
         max_gap: int = EXACT_READS.max_gap,
         record_requests: bool = False,
         prefetch_indexes: bool = EXACT_READS.prefetch_indexes,
+        retry: RetryPolicy | None = None,
     ):
         if concurrency < 1 or cache_bytes < 0 or max_gap < 0:
             raise ValueError(
@@ -208,9 +211,10 @@ class ZarrPixelSource:
             )
         self._init_args = {"concurrency": concurrency, "cache_bytes": cache_bytes,
                            "max_gap": max_gap, "record_requests": record_requests,
-                           "prefetch_indexes": prefetch_indexes}
+                           "prefetch_indexes": prefetch_indexes, "retry": retry}
         self.concurrency, self.cache_bytes, self.max_gap = concurrency, cache_bytes, max_gap
         self.prefetch_indexes = prefetch_indexes
+        self.retry = retry or EXACT_READS.retry_policy()
         self._log = RequestLog(record_requests)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -224,7 +228,7 @@ class ZarrPixelSource:
         ``pipeline.read.source.ZarrSourceFactory``, which decides where the reader runs)."""
         return cls(concurrency=settings.concurrency, cache_bytes=settings.cache_bytes,
                    max_gap=settings.max_gap, prefetch_indexes=settings.prefetch_indexes,
-                   record_requests=record_requests)
+                   record_requests=record_requests, retry=settings.retry_policy())
 
     def _reset_loop_state(self) -> None:
         self._stores: dict[str, RangeStore] = {}
@@ -603,7 +607,7 @@ class ZarrPixelSource:
     def _store(self, root: str) -> RangeStore:
         store = self._stores.get(root)
         if store is None:
-            store = open_ranges(root, self._log, concurrency=self.concurrency)
+            store = open_ranges(root, self._log, concurrency=self.concurrency, policy=self.retry)
             self._stores[root] = store
         return store
 
