@@ -45,13 +45,14 @@ _CODES = {"500": "InternalError", "503": "SlowDown", "404": "NoSuchKey"}
 @dataclass(frozen=True, slots=True)
 class FaultRule:
     """Inject ``kind`` (one of ``FAULT_KINDS``) into a ``fraction`` of the GET / HEAD requests
-    whose path contains ``match`` (all when None); a ``"stall"`` holds its request for
-    ``stall_s`` seconds without answering."""
+    whose path contains ``match`` (all when None), at most ``limit`` times (None: no limit);
+    a ``"stall"`` holds its request for ``stall_s`` seconds without answering."""
 
     kind: str
     fraction: float
     match: str | None = None
     stall_s: float = 3600.0
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS or not 0.0 <= self.fraction <= 1.0:
@@ -148,6 +149,7 @@ class CountingProxy:
         self.rules = list(faults)
         self._random = random.Random(seed)
         self._faults: Counter[str] = Counter()
+        self._applied: Counter[int] = Counter()  # injections per rule (for ``limit``)
         self._counts: Counter[str] = Counter()
         self._bytes = self._ok_bytes = 0
         self._in_flight = self._most_in_flight = 0
@@ -174,9 +176,12 @@ class CountingProxy:
         if method not in ("GET", "HEAD"):
             return None
         with self._lock:
-            for rule in self.rules:
+            for i, rule in enumerate(self.rules):
+                if rule.limit is not None and self._applied[i] >= rule.limit:
+                    continue
                 if (rule.match is None or rule.match in path) and self._random.random() < rule.fraction:
                     self._faults[rule.kind] += 1
+                    self._applied[i] += 1
                     return rule
         return None
 

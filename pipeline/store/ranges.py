@@ -21,6 +21,7 @@ import asyncio
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +176,7 @@ class S3Ranges(RangeStore):
 
     Faults are bounded here, not in tensorstore (its own retries are off, and it has no
     per-request timeout): when no request of a batch has been answered for the policy's
-    timeout, its unanswered requests are cancelled (a stall costs one to two timeouts, however
+    timeout, its unanswered requests are cancelled (a stall costs about one timeout, however
     large the batch), and those and the failed ones (5xx, resets) are sent again
     after a backoff, up to ``max_retries`` times; each is counted (``RequestLog.add_faults``).
     A 404 is no fault: the object is missing (None), which the reader reports.
@@ -283,28 +284,25 @@ async def _all_done(futures: list[Any]) -> None:
 
 async def _wait_progress(futures: list[Any], timeout: float) -> None:
     """Wait until every tensorstore future is done, or until none has finished for
-    ``timeout`` seconds (those left are then cancelled; the caller retries them). One wake-up
-    of the loop for the batch, plus one per ``timeout`` while it lasts."""
-    count = [0]
+    ``timeout`` seconds (those left are then cancelled; the caller retries them): a stalled
+    request costs about ``timeout`` after the last answer of its batch. One wake-up of the
+    loop for the batch, plus one per ``timeout`` while it lasts."""
+    last = [time.monotonic()]
     lock = threading.Lock()
 
     def finished(_: Any) -> None:
         with lock:
-            count[0] += 1
+            last[0] = time.monotonic()
 
     for future in futures:
         future.add_done_callback(finished)
     everything = asyncio.ensure_future(_all_done(futures))
-    seen = 0  # answers seen at the last check
     while not everything.done():
-        try:
-            await asyncio.wait_for(asyncio.shield(everything), timeout)
-        except TimeoutError:
-            with lock:
-                now = count[0]
-            if now == seen:
-                break
-            seen = now
+        with lock:
+            idle = time.monotonic() - last[0]
+        if idle >= timeout:
+            break
+        await asyncio.wait([everything], timeout=timeout - idle)
     if not everything.done():
         everything.cancel()  # cancels the futures not done (see _all_done)
         await asyncio.gather(everything, return_exceptions=True)

@@ -69,12 +69,38 @@ def test_503s_and_stalls_give_the_fault_free_patches_in_bounded_time(s3_server, 
     assert counters.requests == clean_counts.requests  # answers counted once each
     # every request sent reached the proxy: the faulted ones were answered by it, not forwarded
     assert wire["GET"] + injected["total"] == counters.requests + counters.retries
-    # each stall costs about one timeout (0.5 s) plus a backoff, never an HTTP client's 30 s
+    # each stall costs about one timeout (2 s) plus a backoff, never an HTTP client's 30 s;
+    # loose bounds: on this shared 2-core machine the fault-free time alone varies 9-21 s
     extra = faulty_s - clean_s
-    assert extra < injected["stall"] * (SETTINGS.request_timeout_s + 0.3) + 0.02 * injected["503"] + 3, (
-        extra, injected, clean_s, faulty_s)
+    bound = injected["stall"] * 1.5 * SETTINGS.request_timeout_s + 0.02 * injected["503"] + 5
+    assert extra < bound, (extra, injected, clean_s, faulty_s)
     print(f"fault-free {clean_s:.2f} s, with {injected}: {faulty_s:.2f} s; counters "
           f"retries {counters.retries} timeouts {counters.timeouts} errors {counters.errors}")
+
+
+def test_one_stall_costs_about_one_timeout(s3_server, monkeypatch, pyramids):
+    """A warm read whose one chunk request stalls once takes about one timeout longer."""
+    scene = pyramids[0]
+    match = f"{scene.split('://', 1)[1].split('/', 1)[1]}/0/c/0/2/3"  # a shard with pixels
+    request = ReadRequest(torch.tensor([[[130, 200, 170, 240]]]), 0, (16, 16))
+    with CountingProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        source = ZarrPixelSource.from_settings(SETTINGS)
+        clean = source.read([scene], request)  # metadata and index cached, connections open
+        t0 = time.perf_counter()
+        source.read([scene], request)
+        clean_s = time.perf_counter() - t0
+        proxy.rules = [FaultRule("stall", 1.0, match=match, limit=1)]
+        t0 = time.perf_counter()
+        got = source.read([scene], request)
+        stalled_s = time.perf_counter() - t0
+        counters = source.counters()
+        source.close()
+    assert torch.equal(got, clean) and proxy.faults()["stall"] == 1 and counters.timeouts == 1
+    cost = stalled_s - clean_s
+    print(f"one stall cost {cost:.2f} s (timeout {SETTINGS.request_timeout_s} s; the read "
+          f"itself {clean_s * 1000:.0f} ms)")
+    assert 0.9 * SETTINGS.request_timeout_s < cost < SETTINGS.request_timeout_s + 1.0
 
 
 def test_resets_are_retried_too(s3_server, monkeypatch, pyramids):
