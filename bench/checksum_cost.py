@@ -37,10 +37,12 @@ def write_both(root: str, side: int) -> dict[str, str]:
     img = np.stack([base + rng.normal(0, 20, (side, side)) for _ in range(3)]).clip(0, 255)
     img = img.astype(np.uint8)
     uris = {}
-    for name, checksum in (("checksum", True), ("none", False)):
-        pyramid.ZSTD_CHECKSUM = checksum
-        uris[name] = pyramid.write_pyramid(root, name, img, {})
-    pyramid.ZSTD_CHECKSUM = True
+    try:
+        for name, checksum in (("checksum", True), ("none", False)):
+            pyramid.ZSTD_CHECKSUM = checksum
+            uris[name] = pyramid.write_pyramid(root, name, img, {})
+    finally:
+        pyramid.ZSTD_CHECKSUM = True
     return uris
 
 
