@@ -5,10 +5,15 @@
 
 Prints one JSON object per line and scene: ``key``, ``label``, ``class``, ``probabilities``,
 ``attention`` (h x w map over the view), ``boxes`` (level-0 ``[y0, x0, y1, x1]`` of the patches
-read) and ``weights`` (``--compact`` leaves out the last three). Only the model's safetensors weights and
-JSON spec are downloaded from the registry, and the network is rebuilt with the installed
-project's code (``pipeline.track.tracking.load_predictor``): no code or pickle stored with the
-model runs. Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the work tree's
+read) and ``weights`` (``--compact`` leaves out the last three). A scene that cannot be read (a missing
+or corrupt shard, no pyramid: the reader names the scene, level and shard or chunk) does not
+stop the others: it gets a line ``{"key": uri, "error": "<error class>: <message>"}`` and the
+same message on stderr, and the others are predicted. Exit status: 0 every input predicted;
+3 some scenes could not be read (the rest printed); 1 the model could not be loaded, or no
+input could be predicted. Only the model's safetensors weights and JSON spec are downloaded
+from the registry, and the network is rebuilt with the installed project's code
+(``pipeline.track.tracking.load_predictor``): no code or pickle stored with the model runs.
+Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the work tree's
 ``mlflow.db``. S3 pyramids use the usual AWS variables (``AWS_ENDPOINT_URL`` for a local server).
 """
 
@@ -59,7 +64,8 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print predictions; 0 on success, 1 when the model or an input cannot be read."""
+    """Print predictions; 0 on success, 3 when some scenes could not be read (the others are
+    printed), 1 when the model or every input cannot be read."""
     args = parse_args(argv)
     from pipeline.track import tracking
 
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = tracking.load_predictor(args.model, args.tracking_uri)
         if args.uri:
-            records = predictor.predict_any({"uris": list(args.uri)}, params)
+            records = predict_uris(predictor, list(args.uri), params)
         else:
             images = [read_image(p) for p in args.image]
             records = predictor.predict_any({"images": images}, params)
@@ -77,10 +83,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: prediction with {args.model} failed: {err}", file=sys.stderr)
         return 1
     for record in records:
-        if args.compact:
+        if "error" in record:
+            print(f"error: {record['key']}: {record['error']}", file=sys.stderr)
+        elif args.compact:
             record = {k: v for k, v in record.items() if k not in ("attention", "boxes", "weights")}
         print(json.dumps(record))
-    return 0
+    failed = sum("error" in r for r in records)
+    return 0 if not failed else (1 if failed == len(records) else 3)
+
+
+def predict_uris(predictor, uris: list[str], params: dict) -> list[dict]:
+    """Records of every URI, in order: all in one call, or, when that fails, one call per URI,
+    a scene that fails giving ``{"key", "error"}`` (its error class and message)."""
+    try:
+        return predictor.predict_any({"uris": uris}, params)
+    except Exception:  # find which scenes fail: each alone
+        pass
+    records = []
+    for uri in uris:
+        try:
+            records.extend(predictor.predict_any({"uris": [uri]}, params))
+        except Exception as err:
+            records.append({"key": uri, "error": f"{type(err).__name__}: {err}"})
+    return records
 
 
 if __name__ == "__main__":

@@ -76,12 +76,23 @@ from pipeline.read.plan import (
 )
 from pipeline.read.settings import EXACT_READS, ReaderSettings
 from pipeline.store.counting import ReadCounters, RequestLog, StoreRequest
-from pipeline.store.ranges import Range, RangeStore, open_ranges
+from pipeline.store.ranges import Range, RangeStore, RetryPolicy, open_ranges
 from pipeline.store.storage import parse_uri
 
 
 class ReadError(OSError):
     """A fetch or decode failed; the message names the scene, level, object key and range."""
+
+
+class CorruptChunkError(ReadError):
+    """An inner chunk did not decode (a flipped bit: zstd's content checksum or frame check
+    failed; a wrong size). The message names the scene, level, object, the one chunk (its
+    row and column of the level's chunk grid) and its byte range."""
+
+
+class CorruptShardError(ReadError):
+    """A shard object is shorter than its index says (truncated), or its index does not
+    pass its crc32c. The message names the scene, level, shard and object."""
 
 
 class MissingShardError(ReadError):
@@ -202,6 +213,8 @@ class ZarrPixelSource:
         record_requests: keep every store request for ``requests()`` (tests, benchmarks).
         prefetch_indexes: on the first read of a level of a scene, ask for every shard index
             of that level at once (a few hundred bytes each): later reads need one round trip.
+        retry: S3 timeouts and retries (``ReaderSettings.retry_policy``); None: those of
+            ``EXACT_READS``.
     """
 
     def __init__(
@@ -212,6 +225,7 @@ class ZarrPixelSource:
         max_gap: int = EXACT_READS.max_gap,
         record_requests: bool = False,
         prefetch_indexes: bool = EXACT_READS.prefetch_indexes,
+        retry: RetryPolicy | None = None,
     ):
         if concurrency < 1 or cache_bytes < 0 or max_gap < 0:
             raise ValueError(
@@ -220,9 +234,10 @@ class ZarrPixelSource:
             )
         self._init_args = {"concurrency": concurrency, "cache_bytes": cache_bytes,
                            "max_gap": max_gap, "record_requests": record_requests,
-                           "prefetch_indexes": prefetch_indexes}
+                           "prefetch_indexes": prefetch_indexes, "retry": retry}
         self.concurrency, self.cache_bytes, self.max_gap = concurrency, cache_bytes, max_gap
         self.prefetch_indexes = prefetch_indexes
+        self.retry = retry or EXACT_READS.retry_policy()
         self._log = RequestLog(record_requests)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -236,7 +251,7 @@ class ZarrPixelSource:
         ``pipeline.read.source.ZarrSourceFactory``, which decides where the reader runs)."""
         return cls(concurrency=settings.concurrency, cache_bytes=settings.cache_bytes,
                    max_gap=settings.max_gap, prefetch_indexes=settings.prefetch_indexes,
-                   record_requests=record_requests)
+                   record_requests=record_requests, retry=settings.retry_policy())
 
     def _reset_loop_state(self) -> None:
         self._stores: dict[str, RangeStore] = {}
@@ -425,13 +440,15 @@ class ZarrPixelSource:
 
     @staticmethod
     def _decode_error(fetched: FetchedLevel, err: ChunkDecodeError) -> ReadError:
-        """A ``ReadError`` naming the object, request range and chunk that failed to decode."""
+        """A ``ChunkDecodeError`` naming the scene, level, shard object, the failing chunk and
+        its own byte range in the object (and how many others of the batch failed too)."""
         meta, ranges = fetched.meta, fetched.ranges
         r = int(np.searchsorted(ranges.bounds, err.item, side="right")) - 1
         cy, cx = fetched.chunks.cyx[ranges.rows[err.item]].tolist()
-        r0 = int(ranges.start[r])
-        where = _where(meta, fetched.keys[r], r0, int(ranges.end[r]))
-        return ReadError(f"{where}: decoding chunk ({cy}, {cx}): {err}")
+        c0, c1 = int(ranges.chunk_start[err.item]), int(ranges.chunk_end[err.item])
+        more = f" ({len(err.items) - 1} more chunks of this read failed too)" if len(err.items) > 1 else ""
+        return CorruptChunkError(f"{_where(meta, fetched.keys[r], c0, c1)}: decoding chunk "
+                                 f"({cy}, {cx}) failed: {err}{more}")
 
     async def _get_ranges(self, store: RangeStore, meta: LevelMeta,
                           ranges: list[tuple[str, int, int]]) -> list[np.ndarray]:
@@ -455,9 +472,14 @@ class ZarrPixelSource:
                                         lambda i: _where(meta, *ranges[i]))
         arrays = []
         for (key, r0, r1), buf in zip(ranges, out, strict=True):
-            if buf is None or len(buf) != r1 - r0:
-                got = "nothing (the object is gone)" if buf is None else f"{len(buf)} bytes"
-                raise ReadError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, got {got}")
+            if buf is None:
+                raise MissingShardError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, "
+                                        "got nothing (the object is gone) since its index was "
+                                        "read; not read as zeros")
+            if len(buf) != r1 - r0:
+                raise CorruptShardError(f"{_where(meta, key, r0, r1)}: expected {r1 - r0} bytes, "
+                                        f"got {len(buf)}: the shard object is shorter than its "
+                                        "index says (truncated)")
             arrays.append(np.frombuffer(buf, np.uint8))
         return arrays
 
@@ -538,7 +560,9 @@ class ZarrPixelSource:
         try:
             table = decode_index(meta, data)
         except ValueError as err:
-            raise ReadError(f"scene {meta.uri} level {meta.level} shard index of {key}: {err}") from err
+            raise CorruptShardError(
+                f"scene {meta.uri} level {meta.level} shard ({shard.sy}, {shard.sx}): shard index "
+                f"of {key}: {err}") from err
         return table, table.nbytes
 
     async def _index(self, meta: LevelMeta, shard: ShardKey) -> np.ndarray | None:
@@ -606,7 +630,7 @@ class ZarrPixelSource:
     def _store(self, root: str) -> RangeStore:
         store = self._stores.get(root)
         if store is None:
-            store = open_ranges(root, self._log, concurrency=self.concurrency)
+            store = open_ranges(root, self._log, concurrency=self.concurrency, policy=self.retry)
             self._stores[root] = store
         return store
 

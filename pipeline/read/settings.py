@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.store.ranges import RetryPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class ReaderSettings:
@@ -33,6 +35,13 @@ class ReaderSettings:
         prefetch_indexes: on the first read of a scene's level, fetch every shard index of
             that level at once (a few hundred bytes per shard), so that later reads cost one
             round trip instead of two when attention moves to a shard not read before.
+        request_timeout_s: seconds an S3 range read may take before it is cancelled and sent
+            again (a range of a few KB answers in milliseconds; a stalled connection would
+            otherwise hold a training step for the HTTP client's 30 s or more).
+        max_retries: times an S3 read that timed out or failed (5xx, reset) is sent again
+            before the scene's read fails (and the training loop quarantines the scene).
+        retry_initial_delay_s, retry_max_delay_s: backoff before retry k:
+            ``min(retry_max_delay_s, retry_initial_delay_s * 2**k)``.
     """
 
     concurrency: int = 64
@@ -40,6 +49,15 @@ class ReaderSettings:
     max_gap: int = 16384
     process: bool = True
     prefetch_indexes: bool = True
+    request_timeout_s: float = 2.0
+    max_retries: int = 4
+    retry_initial_delay_s: float = 0.05
+    retry_max_delay_s: float = 1.0
+
+    def retry_policy(self) -> RetryPolicy:
+        """The S3 range reads' ``pipeline.store.ranges.RetryPolicy`` of these settings."""
+        return RetryPolicy(self.request_timeout_s, self.max_retries, self.retry_initial_delay_s,
+                           self.retry_max_delay_s)
 
 
 EXACT_READS = ReaderSettings(concurrency=32, max_gap=0, process=False, prefetch_indexes=False)

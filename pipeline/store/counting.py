@@ -37,7 +37,11 @@ class StoreRequest:
 @dataclass(frozen=True, slots=True)
 class ReadCounters:
     """Totals since the last reset. ``chunks`` / ``pixels``: inner chunks the reader decoded
-    (or filled, when absent) and their element count, i.e. the pixels fetched."""
+    (or filled, when absent) and their element count, i.e. the pixels fetched. ``retries``:
+    requests sent again after a timeout or an error; ``timeouts``: requests that took longer
+    than the reader's ``request_timeout_s`` (cancelled, then retried); ``errors``: requests
+    that failed (an HTTP 5xx, a reset connection; retried). Requests and bytes count the
+    answers that arrived, once each."""
 
     requests: int = 0
     bytes: int = 0
@@ -49,6 +53,9 @@ class ReadCounters:
     chunk_bytes: int = 0
     chunks: int = 0
     pixels: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    errors: int = 0
 
     def __add__(self, other: ReadCounters) -> ReadCounters:
         return ReadCounters(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -101,6 +108,13 @@ class RequestLog:
         with self._lock:
             self._totals["chunks"] += chunks
             self._totals["pixels"] += pixels
+
+    def add_faults(self, retries: int = 0, timeouts: int = 0, errors: int = 0) -> None:
+        """Count requests retried, timed out and failed (see ``ReadCounters``)."""
+        with self._lock:
+            self._totals["retries"] += retries
+            self._totals["timeouts"] += timeouts
+            self._totals["errors"] += errors
 
     def counters(self) -> ReadCounters:
         with self._lock:

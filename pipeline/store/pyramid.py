@@ -6,7 +6,9 @@ Layout of a scene group ``<root>/<scene_id>``:
   mean of each 2x2 block, odd sides padded by edge replication, exactly
   ``models.memory.downsample2x``), down to the first level whose long side is ``<= coarsest``;
 - every array is sharded: shards of ``(C, shard, shard)`` objects holding inner chunks of
-  ``(C, chunk, chunk)`` (all channels in one chunk) compressed with zstd; fill value 0;
+  ``(C, chunk, chunk)`` (all channels in one chunk) compressed with zstd with its content
+  checksum (format 3; a flipped bit fails the chunk's decode), the shard index followed by its
+  crc32c; fill value 0;
 - every level records which of its shards are empty (all fill value, so no object is stored):
   array attribute ``"pipeline": {"empty_shards": {"grid": [gy, gx], "bits": hex}}``
   (``encode_empty_shards``). A reader may take an absent shard for fill value only when this
@@ -53,9 +55,14 @@ ZSTD_LEVEL = 3
 # shipped config: a long side above the pyramid's ``coarsest``), which the ingest cannot know.
 MIN_SCENE_SIDE = 16
 WRITE_CONCURRENCY = 16  # shard objects stored at once
-# 2: every level records its empty shards. A pyramid of format 1 is still readable, but the
-# ingest rewrites it (``pyramid_complete`` is False) and a reader refuses its absent shards.
-FORMAT_VERSION = 2
+# 3: every inner chunk's zstd frame carries zstd's content checksum (``ZSTD_CHECKSUM``), so a
+#    flipped bit in a chunk fails its decode instead of giving wrong pixels.
+# 2: every level records its empty shards. Still readable, but nothing detects a flipped bit
+#    inside a chunk whose frame still decodes (only the shard index has a crc32c): the ingest
+#    rewrites it (``pyramid_complete`` is False).
+# 1: no empty-shard record either: a reader refuses its absent shards; the ingest rewrites it.
+FORMAT_VERSION = 3
+ZSTD_CHECKSUM = True  # 4 bytes per inner chunk (xxhash64 of the decoded chunk, low 32 bits)
 _MAX_UINT64 = 2**64 - 1
 # rows of a level processed at once while downsampling: bounds the uint16 temporaries
 _BAND_ROWS = 512
@@ -210,7 +217,8 @@ def write_pyramid(
             level = downsample2x(level)
         array = group.create_array(
             str(index), shape=level.shape, dtype="uint8", chunks=(c, chunk, chunk),
-            shards=(c, shard, shard), compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
+            shards=(c, shard, shard),
+            compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=ZSTD_CHECKSUM), fill_value=0,
             dimension_names=("c", "y", "x"),
         )
         empty = _write_shards(store, str(index), level, array.metadata, chunk, shard)
@@ -328,7 +336,7 @@ def encode_shard(block: np.ndarray, chunk: int, shard: int) -> bytes:
     padded[:, :bh, :bw] = block
     chunks = padded.reshape(c, ny, chunk, nx, chunk).transpose(1, 3, 0, 2, 4)
     index = np.full((1, n, n, 2), _MAX_UINT64, dtype="<u8")
-    codec = Zstd(level=ZSTD_LEVEL, checksum=False)
+    codec = Zstd(level=ZSTD_LEVEL, checksum=ZSTD_CHECKSUM)
     parts, offset = [], 0
     for cy, cx in morton_order(n):
         if cy >= ny or cx >= nx:

@@ -18,14 +18,44 @@ event loop's thread. S3 reads are coroutines (``read``, ``read_batch``), many in
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.store import storage
 from pipeline.store.counting import RequestLog, StoreRequest, kind_of
 
 Range = tuple[int, int | None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How S3 range reads are bounded (values: ``pipeline.read.settings.ReaderSettings``).
+
+    Attributes:
+        timeout_s: seconds a batch of requests may go without any answer; its requests still
+            unanswered then are cancelled and sent again (``_wait_progress``).
+        max_retries: how many times a request that timed out or failed (HTTP 5xx, a reset
+            connection) is sent again before the read fails with ``S3ReadError``.
+        initial_delay_s, max_delay_s: the wait before retry k is
+            ``min(max_delay_s, initial_delay_s * 2**k)``.
+    """
+
+    timeout_s: float
+    max_retries: int
+    initial_delay_s: float
+    max_delay_s: float
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry ``retry`` (0-based)."""
+        return min(self.max_delay_s, self.initial_delay_s * 2**retry)
+
+
+class S3ReadError(OSError):
+    """S3 range reads that still timed out or failed after ``RetryPolicy.max_retries``."""
 
 
 class RangeStore:
@@ -136,24 +166,35 @@ class MemoryRanges(RangeStore):
 
 class S3Ranges(RangeStore):
     """An ``s3://bucket[/prefix]`` root through tensorstore's S3 key-value store (C++: its own
-    HTTP connection pool, request signing and retries, none of it holding the GIL).
+    HTTP connection pool and request signing, none of it holding the GIL).
 
     ``read_batch`` issues many reads at once and wakes the caller's event loop once, when the
     last one is done: about 0.2 ms of CPU per request, against ~0.4 ms for one awaited obstore
     request each (the wake-up per request costs as much as the request). Each read is one GET
     with a ``Range`` header: tensorstore merges nothing at this level, so the counts stay exact.
     Endpoint, region and credentials come from the standard ``AWS_*`` variables.
+
+    Faults are bounded here, not in tensorstore (its own retries are off, and it has no
+    per-request timeout): when no request of a batch has been answered for the policy's
+    timeout, its unanswered requests are cancelled (a stall costs about one timeout, however
+    large the batch), and those and the failed ones (5xx, resets) are sent again
+    after a backoff, up to ``max_retries`` times; each is counted (``RequestLog.add_faults``).
+    A 404 is no fault: the object is missing (None), which the reader reports.
     """
 
     batched = True
 
-    def __init__(self, root: str, log: RequestLog, *, concurrency: int = 64):
+    def __init__(self, root: str, log: RequestLog, *, concurrency: int = 64,
+                 policy: RetryPolicy | None = None):
         import tensorstore as ts
 
         super().__init__(root, log)
+        self.concurrency = concurrency
+        # without a policy (the reader always passes ReaderSettings'): no timeout, no retry
+        self.policy = policy or RetryPolicy(math.inf, 0, 0.0, 0.0)
         self._kv = ts.KvStore.open(s3_kvstore_spec(root), context=ts.Context({
             "s3_request_concurrency": {"limit": concurrency},
-            "s3_request_retries": {"max_retries": 5, "initial_delay": "0.1s", "max_delay": "2s"},
+            "s3_request_retries": {"max_retries": 0, "initial_delay": "0.01s", "max_delay": "0.01s"},
         })).result()
 
     def _start(self, key: str, byte_range: Range) -> Any:
@@ -166,13 +207,51 @@ class S3Ranges(RangeStore):
         return (await self._fetch_batch([(key, byte_range)]))[0]
 
     async def _fetch_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
-        futures = [self._start(key, byte_range) for key, byte_range in requests]
-        await _all_done(futures)
-        return [None if (r := f.result()).state == "missing" else r.value for f in futures]
+        """Every request's bytes (None: missing), retrying timeouts and failures."""
+        out: list[bytes | None] = [None] * len(requests)
+        todo, why = list(range(len(requests))), ""
+        for attempt in range(self.policy.max_retries + 1):
+            if attempt:
+                self.log.add_faults(retries=len(todo))
+                await asyncio.sleep(self.policy.delay(attempt - 1))
+            todo, why = await self._attempt(requests, todo, out)
+            if not todo:
+                return out
+        key, byte_range = requests[todo[0]]
+        raise S3ReadError(f"{len(todo)} of {len(requests)} S3 reads failed after "
+                          f"{self.policy.max_retries} retries (first: {key} {byte_range}): {why}")
+
+    async def _attempt(self, requests: list[tuple[str, Range]], todo: list[int],
+                       out: list[bytes | None]) -> tuple[list[int], str]:
+        """Send ``requests[i]`` for every i in ``todo`` and wait at most the policy's timeout;
+        fill ``out``; return the indexes to send again and why the last of them failed."""
+        futures = {i: self._start(*requests[i]) for i in todo}
+        timeout = self.policy.timeout_s
+        if math.isinf(timeout):
+            await _all_done(list(futures.values()))
+        else:
+            await _wait_progress(list(futures.values()), timeout)
+        again, why, timeouts = [], "", 0
+        for i, future in futures.items():
+            if future.cancelled() or not future.done():
+                future.cancel()
+                timeouts += 1
+                again.append(i)
+                why = f"no answer within {timeout:g} s"
+                continue
+            try:
+                result = future.result()
+            except Exception as err:  # 5xx, reset: tensorstore's own retries are off
+                again.append(i)
+                why = why or repr(err)
+                continue
+            out[i] = None if result.state == "missing" else result.value
+        self.log.add_faults(timeouts=timeouts, errors=len(again) - timeouts)
+        return again, why
 
     async def read_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
         """``read`` of every ``(key, range)``, all in flight at once (tensorstore bounds how
-        many go out together), each counted."""
+        many go out together), each counted once; timeouts and failures retried."""
         return self._count_many(requests, await self._fetch_batch(requests))
 
 
@@ -203,6 +282,32 @@ async def _all_done(futures: list[Any]) -> None:
         raise
 
 
+async def _wait_progress(futures: list[Any], timeout: float) -> None:
+    """Wait until every tensorstore future is done, or until none has finished for
+    ``timeout`` seconds (those left are then cancelled; the caller retries them): a stalled
+    request costs about ``timeout`` after the last answer of its batch. One wake-up of the
+    loop for the batch, plus one per ``timeout`` while it lasts."""
+    last = [time.monotonic()]
+    lock = threading.Lock()
+
+    def finished(_: Any) -> None:
+        with lock:
+            last[0] = time.monotonic()
+
+    for future in futures:
+        future.add_done_callback(finished)
+    everything = asyncio.ensure_future(_all_done(futures))
+    while not everything.done():
+        with lock:
+            idle = time.monotonic() - last[0]
+        if idle >= timeout:
+            break
+        await asyncio.wait([everything], timeout=timeout - idle)
+    if not everything.done():
+        everything.cancel()  # cancels the futures not done (see _all_done)
+        await asyncio.gather(everything, return_exceptions=True)
+
+
 def s3_kvstore_spec(root: str) -> dict[str, Any]:
     """tensorstore's kvstore spec of ``s3://bucket[/prefix]`` from the ``AWS_*`` variables
     (endpoint, region; credentials from the environment when set there, else tensorstore's
@@ -222,12 +327,14 @@ def s3_kvstore_spec(root: str) -> dict[str, Any]:
     return spec
 
 
-def open_ranges(root_uri: str, log: RequestLog, *, concurrency: int = 64) -> RangeStore:
+def open_ranges(root_uri: str, log: RequestLog, *, concurrency: int = 64,
+                policy: RetryPolicy | None = None) -> RangeStore:
     """The ``RangeStore`` of ``root_uri`` (a local directory, ``s3://bucket[/prefix]`` or
-    ``memory://name``); keys are relative to it. ``concurrency``: most S3 requests in flight."""
+    ``memory://name``); keys are relative to it. ``concurrency``: most S3 requests in flight;
+    ``policy``: S3 timeouts and retries (``S3Ranges``)."""
     parsed = storage.parse_uri(root_uri)
     if parsed.scheme == "file":
         return LocalRanges(parsed.root, log)
     if parsed.scheme == "memory":
         return MemoryRanges(root_uri, log)
-    return S3Ranges(root_uri, log, concurrency=concurrency)
+    return S3Ranges(root_uri, log, concurrency=concurrency, policy=policy)

@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,10 +132,27 @@ class _PrefixedDict(MutableMapping):
 # --------------------------------------------------------------------------- s3
 
 
+# Whole-object S3 calls through obstore (metadata, manifests, ingest's puts and gets; the
+# reader's range reads have their own bounds in ``pipeline.read.settings.ReaderSettings``).
+# obstore's defaults would hold a stalled request for 30 s; objects here are at most a few MB.
+OBJECT_TIMEOUT_S = 20.0  # one request, connection to last byte
+OBJECT_CONNECT_TIMEOUT_S = 5.0
+OBJECT_MAX_RETRIES = 4  # 5xx, resets and timeouts; backoff 0.1 s doubling to 2 s
+OBJECT_RETRY = {"max_retries": OBJECT_MAX_RETRIES,
+                "backoff": {"init_backoff": timedelta(seconds=0.1),
+                            "max_backoff": timedelta(seconds=2), "base": 2},
+                "retry_timeout": timedelta(seconds=OBJECT_TIMEOUT_S * (OBJECT_MAX_RETRIES + 1))}
+
+
 def s3_options_from_env() -> dict[str, Any]:
-    """Keyword arguments for obstore's ``S3Store`` from the standard ``AWS_*`` variables."""
+    """Keyword arguments for obstore's ``S3Store`` from the standard ``AWS_*`` variables,
+    with explicit timeouts and retries (``OBJECT_TIMEOUT_S``, ``OBJECT_RETRY``)."""
     env = os.environ
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {
+        "client_options": {"timeout": timedelta(seconds=OBJECT_TIMEOUT_S),
+                           "connect_timeout": timedelta(seconds=OBJECT_CONNECT_TIMEOUT_S)},
+        "retry_config": OBJECT_RETRY,
+    }
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if endpoint:
@@ -147,7 +165,7 @@ def s3_options_from_env() -> dict[str, Any]:
     if env.get("AWS_SESSION_TOKEN"):
         opts["session_token"] = env["AWS_SESSION_TOKEN"]
     if endpoint and endpoint.startswith("http://"):
-        opts["client_options"] = {"allow_http": True}
+        opts["client_options"]["allow_http"] = True
     return opts
 
 

@@ -701,6 +701,13 @@ def list_artifacts(
     return out
 
 
+def read_artifact_text(run_id: str, path: str, tracking_uri: str | None = None) -> str:
+    """The UTF-8 text of artifact ``path`` of a run (e.g. ``quarantine.json``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow_client(tracking_uri).download_artifacts(run_id, path, tmp)
+        return Path(local).read_text(encoding="utf-8")
+
+
 def metric_history(
     run_id: str, key: str, tracking_uri: str | None = None
 ) -> list[tuple[int, float]]:

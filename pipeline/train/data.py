@@ -19,6 +19,7 @@ import numpy as np
 
 from models.protocol import ClosableSource, PixelSource
 from pipeline.read.source import split_rows
+from pipeline.train.quarantine import READ_ERRORS
 
 __all__ = ["add_views", "rank_dataset_name", "rank_datasets", "reader_env", "split_rows",
            "view_dataset"]  # split_rows: re-exported
@@ -30,16 +31,44 @@ def add_views(
     view_size: tuple[int, int],
     env: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``map_batches`` function: the batch plus ``view`` (B, C, h, w) float32 read by the source."""
+    """``map_batches`` function: the batch plus ``view`` (B, C, h, w) float32 read by the
+    source, and ``error`` (B,) str: ``""``, or why the scene cannot be read (its view read
+    failed after the reader's retries, or the row came with an error: too few levels). A
+    scene with an error gets a zero view and is quarantined by the worker at first sight
+    (``pipeline.train.quarantine``); rows are never dropped here, so that every rank keeps
+    the same number of rows and steps."""
     os.environ.update(env or {})
-    source = source_factory()
     keys = [str(k) for k in batch["key"]]
+    errors = [str(e) for e in batch.get("error", [""] * len(keys))]
+    source = source_factory()
     try:
-        views = source.view(keys, tuple(view_size))
+        views = _views(source, keys, errors, tuple(view_size))
     finally:
         if isinstance(source, ClosableSource):
             source.close()
-    return {**batch, "view": views.numpy().astype(np.float32)}
+    return {**batch, "view": views, "error": np.array(errors, dtype=object)}
+
+
+def _views(source: PixelSource, keys: list[str], errors: list[str],
+           size: tuple[int, int]) -> np.ndarray:
+    """(B, C, h, w) float32 views of the scenes without an error, in one read; when it fails,
+    one read per scene, and ``errors`` gets the message of each that fails (zero view)."""
+    good = [i for i, e in enumerate(errors) if not e]
+    try:
+        read = source.view([keys[i] for i in good], size).numpy() if good else None
+        rows = dict(zip(good, read, strict=True)) if good else {}
+    except READ_ERRORS:
+        rows = {}
+        for i in good:
+            try:
+                rows[i] = source.view([keys[i]], size).numpy()[0]
+            except READ_ERRORS as err:
+                errors[i] = f"{type(err).__name__}: {err}"
+    channels = next(iter(rows.values())).shape[0] if rows else 3
+    out = np.zeros((len(keys), channels, *size), dtype=np.float32)
+    for i, view in rows.items():
+        out[i] = view
+    return out
 
 
 def view_dataset(
@@ -49,11 +78,14 @@ def view_dataset(
     env: Mapping[str, str] | None = None,
     batch_size: int = 16,
 ) -> Any:
-    """A materialised ``ray.data.Dataset`` of ``rows`` with their views (see module docstring)."""
+    """A materialised ``ray.data.Dataset`` of ``rows`` with their views (see module docstring);
+    ``rows`` may carry an ``error`` column (``""`` for a good scene)."""
     import ray.data
 
+    errors = rows.get("error", [""] * len(rows["key"]))
     ds = ray.data.from_items(
-        [{"key": k, "label": int(y), "size": s} for k, y, s in zip(rows["key"], rows["label"], rows["size"], strict=True)]
+        [{"key": k, "label": int(y), "size": s, "error": str(e)}
+         for k, y, s, e in zip(rows["key"], rows["label"], rows["size"], errors, strict=True)]
     )
     ds = ds.map_batches(
         add_views,

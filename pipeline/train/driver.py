@@ -232,6 +232,7 @@ def run_training(
     from models.registry import create_model
     from pipeline.read.source import open_split
     from pipeline.track.tracking import MlflowTracker
+    from pipeline.train.quarantine import model_read_level, with_level_check
 
     train = open_split(config.data.manifest, config.data.train_split, config.reader,
                        config.data.limit)
@@ -239,8 +240,11 @@ def run_training(
     classes = list(train.classes)
     config = resolve_config(config, classes)
     source_factory = source_factory or train.source_factory
-    view_size = create_model(config.model.name, **config.model.overrides).view_size
-    train_rows, val_rows = train.rows, val.rows
+    model = create_model(config.model.name, **config.model.overrides)
+    view_size, read_level = model.view_size, model_read_level(model)
+    # scenes without a level the model reads are quarantined before the first step
+    train_rows = with_level_check(train.rows, train.manifest, read_level)
+    val_rows = with_level_check(val.rows, train.manifest, read_level)
     workers = config.scaling.num_workers
     if len(train_rows["key"]) < workers * config.data.batch_size:
         print(f"note: {len(train_rows['key'])} train scenes for {workers} workers x batch "

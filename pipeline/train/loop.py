@@ -27,26 +27,30 @@ from models.protocol import AttentionModel, CountingSource, ModelOutput, PixelSo
 from pipeline.train.grad_sync import GradSync
 from pipeline.train.microbatch import (
     MicroBatch,
+    MicroBatchReadError,
     ScheduleStats,
     run_microbatches,
     split_batch,
     submitter,
 )
+from pipeline.train.quarantine import Quarantine, find_bad
 from pipeline.train.read_ahead import ReadAhead, draw_ahead, start_steps
 
 Batch = Mapping[str, Any]
 
 
-def reader_counters(source: object) -> tuple[int, int]:
-    """(requests, bytes) read so far by ``source``; (0, 0) for sources that do not count.
+def reader_counters(source: object) -> tuple[int, int, int, int, int]:
+    """(requests, bytes, retries, timeouts, errors) of ``source`` so far; zeros for sources
+    that do not count (see ``pipeline.store.counting.ReadCounters``).
 
-    Accepts ``counters()`` returning a mapping or an object with ``requests`` and ``bytes``.
+    Accepts ``counters()`` returning a mapping or an object with those names (missing: 0).
     """
     if not isinstance(source, CountingSource):
-        return 0, 0
+        return 0, 0, 0, 0, 0
     c = source.counters()
     get = c.get if isinstance(c, Mapping) else lambda k, d=0: getattr(c, k, d)
-    return int(get("requests", 0)), int(get("bytes", 0))
+    return tuple(int(get(name, 0)) for name in ("requests", "bytes", "retries", "timeouts",
+                                                 "errors"))
 
 
 @dataclass
@@ -57,6 +61,8 @@ class EpochStats:
     ``loss_sum``: per-sample loss summed over samples; ``correct``, ``samples``: counts.
     ``seconds`` is wall time of the steps, ``wait_s`` the part blocked on storage.
     ``requests``, ``bytes``: what the reader fetched (``reader_counters``); ``steps``: batches.
+    ``retries``, ``timeouts``, ``errors``: S3 requests the reader sent again, that timed out,
+    that failed (``pipeline.store.counting.ReadCounters``).
     ``log_ratio_sum`` / ``ratio_draws``: sum of |log(a/q)| over the draws read ahead (a: the
     attention they were used for, q: the one they were drawn from) and their number.
     ``confusion`` is (num_classes, num_classes) counts, row = true label.
@@ -72,25 +78,39 @@ class EpochStats:
     steps: int = 0
     log_ratio_sum: float = 0.0
     ratio_draws: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    errors: int = 0
     confusion: np.ndarray | None = None
 
     def as_vector(self) -> Tensor:
-        """(10,) float64 of every sum but ``confusion``, in field order (for all-reduce)."""
+        """(13,) float64 of every sum but ``confusion``, in field order (for all-reduce)."""
         return torch.tensor(
             [self.loss_sum, self.correct, self.samples, self.seconds, self.wait_s,
-             self.requests, self.bytes, self.steps, self.log_ratio_sum, self.ratio_draws],
+             self.requests, self.bytes, self.steps, self.log_ratio_sum, self.ratio_draws,
+             self.retries, self.timeouts, self.errors],
             dtype=torch.float64,
         )
+
+    def add(self, other: EpochStats) -> None:
+        """Add ``other``'s sums (and confusion counts) into this one."""
+        total = EpochStats.from_vector(self.as_vector() + other.as_vector())
+        for name in ("loss_sum", "correct", "samples", "seconds", "wait_s", "requests", "bytes",
+                     "steps", "log_ratio_sum", "ratio_draws", "retries", "timeouts", "errors"):
+            setattr(self, name, getattr(total, name))
+        if self.confusion is not None and other.confusion is not None:
+            self.confusion += other.confusion
 
     @classmethod
     def from_vector(cls, v: Tensor, confusion: np.ndarray | None = None) -> EpochStats:
         """Inverse of ``as_vector`` (counts back to int), with ``confusion`` attached."""
         x = v.tolist()
         return cls(x[0], int(x[1]), int(x[2]), x[3], x[4], int(x[5]), int(x[6]), int(x[7]),
-                   x[8], int(x[9]), confusion)
+                   x[8], int(x[9]), int(x[10]), int(x[11]), int(x[12]), confusion)
 
     def metrics(self, prefix: str, world_size: int = 1) -> dict[str, float]:
-        """Per-epoch metrics: loss and accuracy per sample, bytes and requests per sample,
+        """Per-epoch metrics: loss and accuracy per sample, bytes and requests per sample, the
+        S3 requests retried, timed out and failed (totals),
         data-wait fraction of step time, samples per second (all workers together); with
         draws read ahead, their mean |log(a/q)| (0: the weights did not move the attention)."""
         n = max(self.samples, 1)
@@ -107,6 +127,9 @@ class EpochStats:
             f"{prefix}/requests_per_sample": self.requests / n,
             f"{prefix}/data_wait_fraction": self.wait_s / self.seconds if self.seconds else 0.0,
             f"{prefix}/samples_per_s": self.samples / per_worker_seconds if per_worker_seconds else 0.0,
+            f"{prefix}/read_retries": float(self.retries),
+            f"{prefix}/read_timeouts": float(self.timeouts),
+            f"{prefix}/read_errors": float(self.errors),
         }
 
 
@@ -136,6 +159,8 @@ class StepRunner:
             (``train_step(..., next_batch=...)``, as ``train_epoch`` and ``evaluate`` pass it).
         device: where the model lives. autocast: context for model compute (bf16 on GPU).
         sync: gradient/buffer averaging across workers (a no-op in one process).
+        quarantine: where scenes whose reads fail are recorded and then skipped
+            (``pipeline.train.quarantine``); None: a failed read ends the step with its error.
     """
 
     model: AttentionModel
@@ -150,12 +175,14 @@ class StepRunner:
     autocast: Callable[[], AbstractContextManager] = nullcontext
     sync: GradSync | None = None
     read_ahead: bool = False
+    quarantine: Quarantine | None = None
 
     def __post_init__(self) -> None:
         self.submit = submitter(self.source)
         if self.sync is None:
             self.sync = GradSync(self.model)
         self._ahead: ReadAhead | None = None  # the next step's, between two steps
+        self._epoch = 0  # of the last training step (what evaluation records quarantine under)
 
     def _micro(self, batch: Batch, generator: torch.Generator) -> list[MicroBatch]:
         """The batch's micro-batches: the ones read ahead for it, else split now."""
@@ -167,6 +194,8 @@ class StepRunner:
         """The batch as ``micro_batches`` micro-batches on ``device``, each with a sampling
         generator seeded from ``generator`` (one 62-bit seed per micro-batch, in order)."""
         keys, views, sizes, labels = to_tensors(batch)
+        if not keys:  # every scene of the batch is quarantined: a step with no samples
+            return []
         parts = max(1, min(self.micro_batches, len(keys)))
         seeds = torch.randint(0, 2**62, (parts,), generator=generator).tolist()
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
@@ -212,9 +241,48 @@ class StepRunner:
         """Forward/backward every micro-batch as its patches arrive; then one optimiser step.
 
         With ``read_ahead`` and ``next_batch``, the next step's first read is drawn (with the
-        weights before this step's update) and submitted once this step's reads are."""
+        weights before this step's update) and submitted once this step's reads are. With a
+        ``quarantine``, a scene whose read fails is quarantined and the step runs again
+        without it (``_guarded``)."""
+        self._epoch = epoch
+        self._guarded(lambda b, part: self._train_once(b, epoch, part, next_batch),
+                      batch, epoch, stats)
+
+    def _guarded(self, run_once: Callable[[Batch, EpochStats], None], batch: Batch, epoch: int,
+                 stats: EpochStats) -> None:
+        """``run_once(batch, part)``, its sums added to ``stats`` once it succeeds. Without a
+        quarantine, as is. With one: quarantined rows are dropped first; when a read fails,
+        its scenes are read one by one (``find_bad``), the failing ones quarantined, the
+        gradients cleared and the step run again without them; a failure that no single
+        scene repeats is retried once, then raised."""
+        if self.quarantine is None:
+            run_once(batch, stats)
+            return
+        transient = 0
+        while True:
+            batch = self.quarantine.admit(batch, epoch, stats.steps)
+            part = EpochStats(confusion=None if stats.confusion is None
+                              else np.zeros_like(stats.confusion))
+            try:
+                run_once(batch, part)
+            except MicroBatchReadError as err:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._ahead = None
+                bad = {} if err.request is None else find_bad(self.source, err.keys, err.request)
+                for key, cause in bad.items():
+                    self.quarantine.add_error(key, cause, epoch, stats.steps)
+                transient += not bad
+                if transient > 1:
+                    raise
+                continue
+            stats.add(part)
+            return
+
+    def _train_once(self, batch: Batch, epoch: int, stats: EpochStats,
+                    next_batch: Batch | None) -> None:
+        """One try of ``train_step`` (see there)."""
         t0 = time.perf_counter()
-        r0, b0 = reader_counters(self.source)
+        counted = reader_counters(self.source)
         self.model.train()
         micro = self._micro(batch, self.generator)
         total = sum(len(mb.keys) for mb in micro)
@@ -233,7 +301,7 @@ class StepRunner:
 
         schedule = self._run(micro, finish, self._read_ahead(next_batch, self.generator))
         self._update(finished)
-        self._account(stats, total, schedule, (r0, b0), t0)
+        self._account(stats, total, schedule, counted, t0)
 
     def _update(self, finished: list[tuple[MicroBatch, ModelOutput]]) -> None:
         """The optimiser step after every micro-batch's backward: averaged (and clipped)
@@ -255,17 +323,19 @@ class StepRunner:
         stats: EpochStats,
         samples: int,
         schedule: ScheduleStats,
-        counted: tuple[int, int],
+        counted: tuple[int, ...],
         t0: float,
     ) -> None:
-        """Add one step to ``stats``: ``samples`` scenes, the storage wait, the requests and
-        bytes read since ``counted`` (``reader_counters`` at the start), seconds since ``t0``."""
-        r1, b1 = reader_counters(self.source)
+        """Add one step to ``stats``: ``samples`` scenes, the storage wait, the requests,
+        bytes and faults read since ``counted`` (``reader_counters`` at the start), seconds
+        since ``t0``."""
+        now = reader_counters(self.source)
         stats.samples += samples
         stats.steps += 1
         stats.wait_s += schedule.wait_s
-        stats.requests += r1 - counted[0]
-        stats.bytes += b1 - counted[1]
+        for name, after, before in zip(("requests", "bytes", "retries", "timeouts", "errors"),
+                                       now, counted, strict=True):
+            setattr(stats, name, getattr(stats, name) + after - before)
         stats.seconds += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -278,9 +348,17 @@ class StepRunner:
         next_batch: Batch | None = None,
     ) -> None:
         """Predict a batch (model in eval mode); ``keep`` sees each micro-batch's output.
-        ``next_batch``: as in ``train_step`` (the weights do not change between them here)."""
+        ``next_batch``: as in ``train_step`` (the weights do not change between them here);
+        quarantine as in ``train_step``."""
+        self._guarded(lambda b, part: self._eval_once(b, generator, part, keep, next_batch),
+                      batch, self._epoch, stats)
+
+    def _eval_once(self, batch: Batch, generator: torch.Generator, stats: EpochStats,
+                   keep: Callable[[MicroBatch, ModelOutput], None] | None,
+                   next_batch: Batch | None) -> None:
+        """One try of ``eval_step`` (see there)."""
         t0 = time.perf_counter()
-        r0, b0 = reader_counters(self.source)
+        counted = reader_counters(self.source)
         self.model.eval()
         micro = self._micro(batch, generator)
 
@@ -295,7 +373,7 @@ class StepRunner:
                 keep(mb, out)
 
         schedule = self._run(micro, finish, self._read_ahead(next_batch, generator))
-        self._account(stats, sum(len(mb.keys) for mb in micro), schedule, (r0, b0), t0)
+        self._account(stats, sum(len(mb.keys) for mb in micro), schedule, counted, t0)
 
 
 def train_epoch(

@@ -62,6 +62,16 @@ class MicroBatch:
     prefetched: Future | None = None
 
 
+class MicroBatchReadError(RuntimeError):
+    """A micro-batch's read failed: ``keys`` its scenes, ``request`` the read (row i of its
+    boxes is scene i's), ``cause`` the reader's error (also ``__cause__``)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...], request: ReadRequest | None,
+                 cause: BaseException):
+        super().__init__(message)
+        self.keys, self.request, self.cause = keys, request, cause
+
+
 @dataclass(frozen=True, slots=True)
 class ScheduleStats:
     """``wait_s``: seconds blocked on storage with no coroutine ready; ``reads``: requests submitted."""
@@ -154,6 +164,7 @@ class _Schedule:
     prepare: Callable[[Tensor], Tensor]
     context: Callable[[], AbstractContextManager]
     pending: dict[Future, tuple[MicroBatch, Steps]] = field(default_factory=dict)
+    requests: dict[Future, ReadRequest] = field(default_factory=dict)
     reads: int = 0
     wait_s: float = 0.0
 
@@ -173,6 +184,7 @@ class _Schedule:
             future = self.submit(mb.keys, request)
             self.reads += 1
         self.pending[future] = (mb, steps)
+        self.requests[future] = request
 
     @staticmethod
     def _first_read_ahead(mb: MicroBatch, steps: Steps, request: ReadRequest) -> Future | None:
@@ -196,15 +208,16 @@ class _Schedule:
 
     def resume(self, future: Future) -> None:
         """Feed ``future``'s patches to the coroutine waiting for them; a failed read is
-        raised with the micro-batch and its scenes named."""
+        raised as ``MicroBatchReadError`` with the micro-batch, its scenes and the read."""
         mb, steps = self.pending.pop(future)
+        request = self.requests.pop(future, None)
         try:
             patches = future.result()
         except Exception as err:
             steps.close()
-            raise RuntimeError(
-                f"reading patches for micro-batch {mb.index} (scenes {list(mb.keys)}) failed: {err}"
-            ) from err
+            raise MicroBatchReadError(
+                f"reading patches for micro-batch {mb.index} (scenes {list(mb.keys)}) failed: {err}",
+                mb.keys, request, err) from err
         self.advance(mb, steps, patches)
 
 

@@ -38,6 +38,7 @@ from pipeline.train.data import rank_dataset_name
 from pipeline.train.grad_sync import GradSync
 from pipeline.train.loop import EpochStats, StepRunner, cosine_schedule, evaluate, train_epoch
 from pipeline.train.microbatch import MicroBatch
+from pipeline.train.quarantine import Quarantine, merge_records
 
 # --------------------------------------------------------------------------------------------
 # Seeds
@@ -127,11 +128,13 @@ class WorkerRun:
 @dataclass(frozen=True, slots=True)
 class EpochResult:
     """One epoch summed over all ranks: ``metrics`` (name -> value, as reported), ``val``
-    (its ``confusion`` is (num_classes, num_classes)) and the scenes ``shown`` in pictures."""
+    (its ``confusion`` is (num_classes, num_classes)), the scenes ``shown`` in pictures and
+    every rank's ``quarantined`` scenes so far (``pipeline.train.quarantine`` records)."""
 
     metrics: dict[str, float]
     val: EpochStats
     shown: _Shown
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
 
 
 def worker_main(loop_config: dict[str, Any]) -> None:
@@ -213,6 +216,7 @@ def build_runner(
         device=device,
         autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext,
         sync=sync,
+        quarantine=Quarantine(),
     )
     return runner, start_epoch, step
 
@@ -254,7 +258,10 @@ def run_epoch(run: WorkerRun, epoch: int, train_shard: Any, val_shard: Any) -> E
         keep=shown,
     )
     val = _all_reduce_stats(val)
-    return EpochResult(epoch_metrics(run, epoch, train, val), val, shown)
+    # every rank takes part (a collective), whether or not it quarantined anything
+    quarantined = merge_records(_all_gather(run.runner.quarantine.as_list()))
+    metrics = {**epoch_metrics(run, epoch, train, val), "quarantined_scenes": float(len(quarantined))}
+    return EpochResult(metrics, val, shown, quarantined)
 
 
 def train_batches(run: WorkerRun, epoch: int, train_shard: Any) -> Iterator[dict[str, Any]]:
@@ -311,6 +318,11 @@ def report_epoch(run: WorkerRun, epoch: int, result: EpochResult) -> None:
         f"{metrics['train/samples_per_s']:.1f} samples/s",
         flush=True,
     )
+    if result.quarantined:
+        print(f"[train] {len(result.quarantined)} scene(s) quarantined (skipped for the rest of "
+              "the run): " + "; ".join(f"{r['scene']}: {r['error']}" for r in result.quarantined),
+              flush=True)
+        run.tracker.log_json(result.quarantined, "quarantine.json")
     run.tracker.log_metrics(metrics, step=epoch)
     run.tracker.log_confusion(result.val.confusion, run.classes, step=epoch)
     _log_pictures(run.tracker, result.shown, run.classes, epoch)

@@ -50,3 +50,34 @@ def test_the_readers_s3_requests_are_exactly_those_the_server_sees_and_bounded(s
             assert 1 < proxy.most_in_flight() <= concurrency
             source.close()
         assert torch.equal(out, ZarrPixelSource().read(list(scenes), request))
+
+
+def test_fault_rules_parse_and_refuse_unknown_kinds():
+    import pytest
+
+    from bench.http_proxy import FaultRule
+
+    assert FaultRule.parse("503:0.05") == FaultRule("503", 0.05)
+    assert FaultRule.parse("404:1:pyr/s/0/c/0/2/3") == FaultRule("404", 1.0, "pyr/s/0/c/0/2/3")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        FaultRule("418", 0.1)
+    with pytest.raises(ValueError, match="fraction"):
+        FaultRule("503", 1.5)
+
+
+def test_injected_faults_are_answered_by_the_proxy_and_counted(s3_server, monkeypatch):
+    """A 503 and a 404 answered by the proxy (obstore retries the 503 itself), a limit of one."""
+    import pytest
+
+    from bench.http_proxy import FaultRule
+
+    bucket = s3_server.new_bucket("faulty")
+    storage.write_bytes(f"{bucket}/k/a.bin", b"a")
+    rules = [FaultRule("503", 1.0, match="/k/a.bin", limit=1), FaultRule("404", 1.0, match="/k/b")]
+    with CountingProxy(s3_server.endpoint, faults=rules) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        assert storage.read_bytes(f"{bucket}/k/a.bin") == b"a"  # the 503, then retried
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(f"{bucket}/k/b.bin")
+        faults = proxy.faults()
+    assert faults["503"] == 1 and faults["404"] >= 1 and faults["total"] == 1 + faults["404"]

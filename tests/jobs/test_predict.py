@@ -129,9 +129,10 @@ def test_predict_fails_on_a_scene_whose_shards_are_missing(registered, tmp_path,
         (tmp_path / "pyramids" / shard[len(str(tmp_path / "pyramids")) + 1 :]).unlink()
     argv = ["--model", "models:/tiny-predict@champion", "--tracking-uri", registered,
             "--compact", "--uri", uri]
-    assert predict.main(argv) == 1
+    assert predict.main(argv) == 1  # no input could be predicted
     captured = capsys.readouterr()
-    assert captured.out == ""
+    (line,) = [json.loads(x) for x in captured.out.splitlines()]
+    assert line["key"] == uri and line["error"].startswith("MissingShardError: ")
     assert uri in captured.err and "is missing" in captured.err and "shard (0, 0)" in captured.err
 
 
@@ -178,3 +179,26 @@ def test_predict_runs_no_code_from_the_artifact_store(tmp_path_factory, tmp_path
     assert not code_marker.exists() and not pickle_marker.exists()
     tracking.load_pyfunc("models:/edited@champion", uri)  # what predict did before
     assert code_marker.exists()  # the edit is live: the test above could have caught it
+
+
+def test_predict_over_several_uris_prints_the_good_ones_and_reports_the_bad_one(
+        registered, tmp_path, capsys):
+    from pipeline.store import storage
+    from pipeline.store.pyramid import write_pyramid
+
+    source, keys, _ = brightness_scenes()
+    uris = [write_pyramid(str(tmp_path / "p"), key, source.pyramids[key][0].numpy(), {},
+                          coarsest=16) for key in keys[:3]]
+    bad = uris[1]
+    for shard in [u for u in storage.list_prefix(bad) if "/c/" in u]:
+        storage.delete_object(shard)
+    argv = ["--model", "models:/tiny-predict@champion", "--tracking-uri", registered,
+            "--compact", *[x for u in uris for x in ("--uri", u)]]
+    assert predict.main(argv) == 3
+    captured = capsys.readouterr()
+    lines = [json.loads(x) for x in captured.out.splitlines()]
+    assert [line["key"] for line in lines] == uris
+    assert [("error" in line) for line in lines] == [False, True, False]
+    assert all("probabilities" in line for line in (lines[0], lines[2]))
+    assert lines[1]["error"].startswith("MissingShardError: ") and bad in lines[1]["error"]
+    assert f"error: {bad}: MissingShardError" in captured.err

@@ -87,7 +87,8 @@ def test_shards_are_byte_identical_to_zarrs_own_write(shard):  # with and withou
     from zarr.codecs import ZstdCodec
 
     group.create_array("0", data=img, chunks=(3, 8, 8), shards=(3, shard, shard), fill_value=0,
-                       compressors=ZstdCodec(level=pyramid.ZSTD_LEVEL),
+                       compressors=ZstdCodec(level=pyramid.ZSTD_LEVEL,
+                                             checksum=pyramid.ZSTD_CHECKSUM),
                        dimension_names=("c", "y", "x"))
     ref = {u.split("/s/", 1)[1]: storage.read_bytes(u)
            for u in storage.list_prefix(f"memory://bytes-ref-{shard}/s/0/c")}
@@ -188,12 +189,16 @@ def test_empty_shard_record_round_trip_and_rejects_a_wrong_grid():
 
 
 def test_a_pyramid_of_an_older_format_counts_as_incomplete(tmp_path):
-    """Format 1 had no empty-shard record: the ingest rewrites such a scene, not skips it."""
+    """Format 1 had no empty-shard record, format 2 no chunk checksums: the ingest rewrites such
+    a scene, not skips it."""
     uri = write_pyramid(str(tmp_path), "s", textured(3, 40, 40), {}, coarsest=40)
     assert pyramid_complete(str(tmp_path), "s")
     meta = join_uri(uri, "zarr.json")
-    storage.write_bytes(meta, storage.read_bytes(meta).replace(b'"format": 2', b'"format": 1'))
-    assert not pyramid_complete(str(tmp_path), "s")
+    current = storage.read_bytes(meta)
+    assert b'"format": 3' in current
+    for older in (b'"format": 2', b'"format": 1'):
+        storage.write_bytes(meta, current.replace(b'"format": 3', older))
+        assert not pyramid_complete(str(tmp_path), "s")
     assert open_pyramid(uri).complete  # still readable (see the reader's rule for old scenes)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 import pytest
 import zarr
@@ -43,8 +45,11 @@ def test_s3_options_follow_the_environment(monkeypatch):
         "region": "eu-west-1",
         "access_key_id": "k",
         "secret_access_key": "s",
-        "client_options": {"allow_http": True},
+        "client_options": {"allow_http": True, "timeout": timedelta(seconds=20),
+                           "connect_timeout": timedelta(seconds=5)},
+        "retry_config": storage.OBJECT_RETRY,
     }
+    assert storage.OBJECT_RETRY["max_retries"] == storage.OBJECT_MAX_RETRIES
 
 
 def test_whole_objects_round_trip(store_root):

@@ -73,3 +73,23 @@ def test_rank_rows_deal_is_a_function_of_the_seed():
     # validation: every scene once, in manifest order
     val = rank_rows(rows, 2, seed=None)
     assert [list(p["key"]) for p in val] == [[f"s{i}" for i in range(6)], [f"s{i}" for i in range(6, 11)]]
+
+
+def test_add_views_marks_an_unreadable_scene_instead_of_failing(tmp_path):
+    """A scene whose view cannot be read gets a zero view and an error (quarantined by the
+    worker); rows are never dropped, and a row that came with an error is not read."""
+    from pipeline.read.reader import ZarrPixelSource
+    from tests.pipeline.scenes import write_scenes
+
+    keys = list(write_scenes(str(tmp_path), [(100, 120), (90, 90)]))
+    gone = str(tmp_path / "gone")
+    rows = {"key": np.array([keys[0], gone, keys[1]]), "label": np.array([0, 1, 0]),
+            "error": np.array(["", "", ""], dtype=object)}
+    out = add_views(rows, ZarrPixelSource, (16, 16))
+    assert out["view"].shape == (3, 3, 16, 16) and not out["view"][1].any()
+    assert out["error"][0] == out["error"][2] == "" and "no pyramid group" in out["error"][1]
+    np.testing.assert_array_equal(out["view"][[0, 2]],
+                                  ZarrPixelSource().view([keys[0], keys[1]], (16, 16)).numpy())
+    marked = {**rows, "error": np.array(["", "", "has 1 pyramid levels"], dtype=object)}
+    out = add_views(marked, ZarrPixelSource, (16, 16))
+    assert out["error"][2] == "has 1 pyramid levels" and not out["view"][2].any()
