@@ -18,8 +18,7 @@ through the public reader (``pipeline.read.source.ZarrSourceFactory``), training
 ``jobs/train_fmow.py`` (a subprocess, its Ray private), prediction through
 ``jobs/predict.py``. Everything black-box: outcomes are compared, not internals.
 
-The proxy: ``bench.http_proxy.CountingProxy`` with ``FaultRule``s when that module has them,
-else the minimal ``_FaultProxy`` below with the same interface (``faults=[FaultRule(kind,
+The proxy: ``bench.http_proxy.CountingProxy`` with ``FaultRule``s (``faults=[FaultRule(kind,
 fraction, match, stall_s)]``, ``seed``, ``faults()`` counts, ``rules`` replaceable between
 rounds).
 """
@@ -27,7 +26,6 @@ rounds).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -73,95 +71,8 @@ def say(text: str) -> None:
 
 # --------------------------------------------------------------------------- the fault proxy
 
-if hasattr(http_proxy, "FaultRule"):
-    FaultRule = http_proxy.FaultRule
-    FaultProxy = http_proxy.CountingProxy
-else:  # until the proxy grows fault rules: the same interface, the kinds this bench uses
-
-    @dataclass(frozen=True, slots=True)
-    class FaultRule:  # type: ignore[no-redef]
-        """``kind`` ("500", "503", "404", "reset", "stall") for a ``fraction`` of the GET / HEAD
-        requests whose path contains ``match`` (all when None)."""
-
-        kind: str
-        fraction: float
-        match: str | None = None
-        stall_s: float = 3600.0
-
-    class FaultProxy(http_proxy.CountingProxy):  # type: ignore[no-redef]
-        """``CountingProxy`` that injects ``faults`` (seeded draws, one per rule and request)."""
-
-        def __init__(self, upstream: str, latency_s: float = 0.0, faults=(), seed: int = 0):
-            import random
-            from collections import Counter
-
-            super().__init__(upstream, latency_s)
-            self.rules, self._random, self._faults = list(faults), random.Random(seed), Counter()
-
-        def faults(self) -> dict[str, int]:
-            with self._lock:
-                return {**self._faults, "total": sum(self._faults.values())}
-
-        def reset(self) -> None:
-            super().reset()
-            with self._lock:
-                self._faults.clear()
-
-        def _draw(self, method: str, path: str):
-            if method not in ("GET", "HEAD"):
-                return None
-            with self._lock:
-                for rule in self.rules:
-                    if (rule.match is None or rule.match in path) and \
-                            self._random.random() < rule.fraction:
-                        self._faults[rule.kind] += 1
-                        return rule
-            return None
-
-        async def _serve_client(self, reader, writer) -> None:
-            # peek at each request; a faulty one is answered here, the rest go to the parent's
-            # forwarding through a private stream holding just that request
-            try:
-                while (request := await http_proxy.read_message(reader)) is not None:
-                    method, path = request.first_line.decode("latin-1").split(" ")[:2]
-                    rule = self._draw(method, path)
-                    if rule is None:
-                        await self._forward(request, writer)
-                        continue
-                    if rule.kind == "reset":
-                        writer.transport.abort()
-                        return
-                    if rule.kind == "stall":
-                        await asyncio.sleep(rule.stall_s)
-                        break
-                    body = f"<Error><Code>Injected{rule.kind}</Code></Error>".encode()
-                    writer.write(f"HTTP/1.1 {rule.kind} Injected\r\nContent-Length: "
-                                 f"{len(body)}\r\n\r\n".encode() + body)
-                    await writer.drain()
-            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-                pass  # a client gone, or the proxy stopping
-            finally:
-                writer.close()
-
-        async def _forward(self, request, writer) -> None:
-            one = asyncio.StreamReader()
-            one.feed_data(request.encode())
-            one.feed_eof()
-
-            class _Keep:  # the parent closes its writer at the end: keep ours open
-                def __init__(self, inner):
-                    self.inner = inner
-
-                def write(self, data):
-                    self.inner.write(data)
-
-                async def drain(self):
-                    await self.inner.drain()
-
-                def close(self):
-                    pass
-
-            await http_proxy.CountingProxy._serve_client(self, one, _Keep(writer))
+FaultRule = http_proxy.FaultRule
+FaultProxy = http_proxy.CountingProxy
 
 
 # --------------------------------------------------------------------------- the set-up
