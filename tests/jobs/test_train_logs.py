@@ -74,8 +74,11 @@ def test_default_output_is_one_line_per_epoch_without_ray_chatter(manifest, tmp_
     assert "Deprecat" not in out, out
     assert re.search(r"elapsed \d+ s", out), "the epoch line gives the elapsed time"
     assert "val accuracy" in out and "bytes read per sample" in out  # the summary
-    # what remains is the job's own lines and Ray's warnings, not dozens of Ray lines
-    assert len(out.splitlines()) < 30, out
+    # what remains is the job's own lines and Ray's warnings and errors, not dozens of Ray
+    # lines. (On a machine that runs another Ray instance, Ray Train's placement group cleaner
+    # dies with "Found multiple active Ray instances", a traceback of 28 lines: Ray's, left out.)
+    lines = [x for x in out.splitlines() if not x.startswith("(PlacementGroupCleaner")]
+    assert len(lines) < 20, out
 
 
 def test_verbose_brings_ray_lines_back(manifest, tmp_path):
