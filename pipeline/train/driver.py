@@ -230,6 +230,7 @@ def ray_output(verbose: bool = False) -> RayOutput:
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not sys.stdout.isatty():
         env["RAY_COLOR_PREFIX"] = "0"
+        _plain_dedup_marker()
     if not verbose:
         env.update({"RAY_DATA_LOG_LEVEL": level, "MLFLOW_LOGGING_LEVEL": level})
     env = {k: os.environ.get(k, v) for k, v in env.items()}
@@ -237,6 +238,15 @@ def ray_output(verbose: bool = False) -> RayOutput:
     out = RayOutput(verbose=verbose, level=level, env=env)
     apply_ray_output(out)
     return out
+
+
+def _plain_dedup_marker() -> None:
+    """Ray's "[repeated Nx across cluster]" marker on deduplicated worker lines without its
+    colour codes, which Ray adds whatever ``RAY_COLOR_PREFIX`` says (private function of the
+    pinned Ray 2.60, replaced in this process: the driver prints worker output)."""
+    from ray._private import ray_logging
+
+    ray_logging._color = str
 
 
 def apply_ray_output(out: RayOutput) -> Any:

@@ -41,6 +41,9 @@ def test_quiet_by_default():
     assert ray.data.DataContext.get_current().enable_progress_bars is False
     assert logging.getLogger("ray.data").level == logging.WARNING
     assert logging.getLogger().level == logging.WARNING
+    from ray._private import ray_logging
+
+    assert ray_logging._color("[repeated 2x across cluster]") == "[repeated 2x across cluster]"
 
 
 def test_verbose_keeps_ray_info_lines():
