@@ -11,7 +11,11 @@
    and where the MLflow run and the registered model are;
 6. stop the Ray head it started (only that one: by its process group, never ``ray stop``).
 
+Output: the demo's own lines, the ingest's progress, the job's lines (one per epoch) and the
+summary; Ray's INFO lines (the CLI's and the job's) only with ``--verbose``.
+
     python jobs/demo.py [--train 200] [--val 200] [--epochs N] [--seed S] [--set KEY=VALUE]
+        [--verbose]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,9 +144,14 @@ def _group_gone(pgid: int, timeout_s: float) -> bool:
         time.sleep(0.2)
 
 
+RAY_INFO_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|SUCC)\s")
+"""An INFO line of Ray's own loggers (the CLI's and the job manager's), record style."""
+
+
 def submit(address: str, manifest: str, epochs: int | None, sets: list[str],
-           env: dict[str, str]) -> TrainConfig:
-    """``ray job submit`` the training job (its output streams through); returns its config.
+           env: dict[str, str], verbose: bool = False) -> TrainConfig:
+    """``ray job submit`` the training job (its output streams through, without Ray's INFO
+    lines unless ``verbose``; no colour codes unless stdout is a terminal); returns its config.
 
     The job's result is then read where it is recorded, in MLflow (``find_run``), not parsed
     out of the job's output.
@@ -156,16 +166,32 @@ def submit(address: str, manifest: str, epochs: int | None, sets: list[str],
     if epochs:
         sets.append(f"optim.epochs={epochs}")
     config = load_job_config(CONFIG, sets, REGISTER)
+    color = "auto" if sys.stdout.isatty() else "false"
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+           "--log-style", "record", "--log-color", color,
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "jobs/train_fmow.py", "--config", str(CONFIG.relative_to(ROOT)),
-           *[x for s in sets for x in ("--set", s)], "--register", REGISTER]
+           *[x for s in sets for x in ("--set", s)], "--register", REGISTER,
+           *(["--verbose"] if verbose else [])]
     say("submitting: " + " ".join(cmd[:8]) + " ... -- python jobs/train_fmow.py --config "
         + str(CONFIG.relative_to(ROOT)) + f" --register {REGISTER}")
-    status = subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    status = _run_filtered(cmd, env, None if verbose else RAY_INFO_LINE)
     if status != 0:
         raise RuntimeError(f"the training job failed (ray job submit exited {status})")
     return config
+
+
+def _run_filtered(cmd: list[str], env: dict[str, str], drop: re.Pattern | None) -> int:
+    """Run ``cmd`` in the work tree, its output (stdout and stderr) to our stdout without the
+    lines matching ``drop``; its exit status."""
+    if drop is None:
+        return subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    with subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            if not drop.match(line):
+                print(line, end="", flush=True)
+    return proc.returncode
 
 
 def find_run(config: TrainConfig) -> dict:
@@ -229,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run.seed: model initialisation, sampling and data order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any other override of the training config (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's INFO lines too (the CLI's, the job's, Ray Data's, Ray Train's)")
     args = parser.parse_args(argv)
     sets = list(args.overrides) + ([f"run.seed={args.seed}"] if args.seed is not None else [])
     start = time.monotonic()
@@ -238,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     env = ray_env(token)
     head, address = start_head(ROOT / "ray_tmp" / "demo", env)
     try:
-        config = submit(address, manifest, args.epochs, sets, env)
+        config = submit(address, manifest, args.epochs, sets, env, args.verbose)
     finally:
         stop_head(head)
         shutil.rmtree(token.parent, ignore_errors=True)

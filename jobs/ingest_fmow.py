@@ -1,8 +1,8 @@
 """Ingest an fMoW-rgb tree (local or s3://) into one pyramid per scene plus a Parquet manifest.
 
-    python jobs/ingest_fmow.py --src data/fmow-sample --dst data/pyramids \
+    python jobs/ingest_fmow.py --src data/sample/raw --dst data/sample/pyramids \
         [--manifest URI] [--splits train,val] [--workers 2] [--coarsest 256] \
-        [--classes present|fmow62|airport,dam,...] [--scheduler threads] [--progress-s 5]
+        [--classes present|fmow62|airport,dam,...] [--scheduler threads] [--progress-s 5] [--verbose]
 
 Resumable: run it again after a crash or a kill and it skips the complete scenes, redoes the
 rest, and ends with the same store as an uninterrupted run. A complete scene is never rewritten,
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     report = ingest.run_ingest(
         tasks, fmow.load_fmow_scene, classes, args.dst, coarsest=args.coarsest,
         workers=args.workers, scheduler=args.scheduler, progress_s=args.progress_s,
+        verbose=args.verbose,
     )
     manifest_uri = args.manifest or storage.join_uri(args.dst, "manifest.parquet")
     manifest.write_manifest(manifest_uri, report.rows, classes, report.rejects)

@@ -1,9 +1,9 @@
 """Ingest a plain folder of images (anything Pillow reads: jpg, png, tif, ...) with a CSV of
 labels into one pyramid per image plus a Parquet manifest (the same format as fMoW's).
 
-    python jobs/ingest_folder.py --src data/my-images --dst data/pyramids \
+    python jobs/ingest_folder.py --src data/mine/raw --dst data/mine/pyramids \
         [--labels <src>/labels.csv] [--manifest URI] [--classes a,b,c] [--workers 2] \
-        [--coarsest 256] [--scheduler threads] [--progress-s 5]
+        [--coarsest 256] [--scheduler threads] [--progress-s 5] [--verbose]
 
 The CSV has a header ``path,label`` (optionally ``,split``; default split ``train``), paths
 relative to ``--src``. Classes: the sorted distinct labels (numeric order for integer labels)
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     report = ingest.run_ingest(
         tasks, image_folder.load_folder_scene, classes, args.dst, coarsest=args.coarsest,
         workers=args.workers, scheduler=args.scheduler, progress_s=args.progress_s,
+        verbose=args.verbose,
     )
     manifest_uri = args.manifest or storage.join_uri(args.dst, "manifest.parquet")
     manifest.write_manifest(manifest_uri, report.rows, classes, report.rejects)

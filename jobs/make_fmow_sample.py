@@ -1,6 +1,6 @@
 """Generate a sample in the fMoW-rgb layout (see ``pipeline/synth/fmow_sample.py`` for what is in it).
 
-    python jobs/make_fmow_sample.py --out data/fmow-sample [--train 100] [--val 30] \
+    python jobs/make_fmow_sample.py --out data/sample/raw [--train 100] [--val 30] \
         [--classes airport,dam,port,stadium] [--size 1000,2000] [--large 4000,8000] \
         [--large-fraction 0.05] [--bad 0] [--seed 0] [--workers 2]
 

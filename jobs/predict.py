@@ -1,7 +1,7 @@
 """Predict with a registered model: from scene pyramids by URI, or from image files.
 
-    python jobs/predict.py --model models:/fmow-ats@champion --uri data/.../pyramids/scene_1
-    python jobs/predict.py --model models:/fmow-ats@champion --image photo.jpg [--compact]
+    python jobs/predict.py --model models:/fmow-demo@champion --uri data/demo/pyramids/val/airport_0_0
+    python jobs/predict.py --model models:/fmow-demo@champion --image photo.jpg [--compact]
 
 Prints one JSON object per line and scene: ``key``, ``label``, ``class``, ``probabilities``,
 ``attention`` (h x w map over the view), ``boxes`` (level-0 ``[y0, x0, y1, x1]`` of the patches

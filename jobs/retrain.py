@@ -1,7 +1,7 @@
 """Scheduled retraining: train a candidate, promote it only if it beats the champion.
 
-    python jobs/retrain.py --config infra/configs/fmow_ats_local.yaml --register fmow-ats \\
-        [--alias champion] [--margin 0.01] [--metric accuracy] [--set key=value ...] [--json]
+    python jobs/retrain.py --config infra/configs/fmow_ats_local.yaml --register fmow-demo \\
+        [--alias champion] [--margin 0.01] [--metric accuracy] [--set key=value ...] [--json] [--verbose]
 
 Each invocation is a new training run named ``<run.name>-retrain-<UTC timestamp>`` (so it never
 resumes a previous run; ``--run-name`` overrides) registered as a new version of ``--register``
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="scenes per evaluation batch")
     parser.add_argument("--ray-temp-dir", type=Path, default=ROOT / "ray_tmp")
     parser.add_argument("--json", action="store_true", help="print the decision as JSON last")
+    parser.add_argument("--verbose", action="store_true", help="Ray's, Ray Data's and Ray Train's INFO lines too")
     return parser.parse_args(argv)
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         decision = retrain(
-            lambda: run_training(config, ray_temp_dir=args.ray_temp_dir),
+            lambda: run_training(config, ray_temp_dir=args.ray_temp_dir, verbose=args.verbose),
             validation_evaluator(config, args.batch_size),
             args.register,
             alias=args.alias,

@@ -1,12 +1,16 @@
 """Train an attention-sampling model on an ingested fMoW-layout manifest with Ray Train.
 
     python jobs/train_fmow.py --config jobs/configs/fmow_ats.yaml [--set optim.epochs=3 ...]
-        [--register fmow-ats [--alias champion]] [--json]
+        [--register fmow-demo [--alias champion]] [--json] [--verbose]
 
 Without a cluster it starts a private local Ray instance on 127.0.0.1 (temp files under
 ``ray_tmp/``); under ``ray job submit`` (``RAY_ADDRESS`` set) or with ``--set
 run.ray_address=HOST:PORT`` it joins that cluster. Re-running with the same ``run.name`` and
 ``run.storage_path`` resumes from the last checkpoint and continues the same MLflow run.
+
+Output: start and finish lines, a step count with rate and ETA during the first epoch, one line
+per epoch from rank 0, the summary; Ray's own INFO lines only with ``--verbose``
+(``pipeline.train.driver.ray_output``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ray-temp-dir", type=Path, default=ROOT / "ray_tmp",
                         help="temp dir of a local Ray instance started by this job")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    parser.add_argument("--verbose", action="store_true", help="Ray's, Ray Data's and Ray Train's INFO lines too")
     return parser.parse_args(argv)
 
 
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.driver import run_training
 
     try:
-        outcome = run_training(config, ray_temp_dir=args.ray_temp_dir)
+        outcome = run_training(config, ray_temp_dir=args.ray_temp_dir, verbose=args.verbose)
     except Exception as err:  # Ray wraps worker errors; say what failed and keep the exit code
         print(f"error: training run {config.run.name!r} failed: {err}", file=sys.stderr)
         return 1

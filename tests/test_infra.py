@@ -1,6 +1,7 @@
 """infra/: manifests parse and agree with the code (images, job flags, schedules, pins); the
 local stack script really starts MLflow + S3 on loopback and stops them by pid."""
 
+import dataclasses
 import os
 import re
 import shlex
@@ -152,7 +153,7 @@ def test_cron_line_schedule_and_command():
     script, argv = _job_argv(shlex.split(command.split(">>")[0].split("&&")[-1]))
     assert script == "jobs/retrain.py"
     args = retrain.parse_args(argv)
-    assert args.register == "fmow-ats"
+    assert args.register == "fmow-demo"
     _check_config(args.config, args.overrides)
 
 
@@ -164,7 +165,9 @@ def test_infra_configs_are_valid_training_configs():
     k8s, local = (load_config(p) for p in configs)
     assert k8s.data.manifest.startswith("s3://") and k8s.run.storage_path.startswith("s3://")
     assert not local.data.manifest.startswith("s3://")
-    assert k8s.model.name == local.model.name  # the scheduled and the scaled run train one model
+    # the scheduled retraining trains the demo's recipe, which learns on the demo data
+    demo = load_config(ROOT / "jobs" / "configs" / "fmow_demo.yaml")
+    assert dataclasses.replace(local, run=demo.run) == demo
 
 
 def test_dockerfile_pins_come_from_pyproject():

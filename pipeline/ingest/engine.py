@@ -326,10 +326,11 @@ def _bad_path(task: SceneTask, exc: BadInput) -> str:
 
 
 class _Progress:
-    """Counts outcomes as dask finishes tasks and prints a line every ``every_s`` seconds."""
+    """Counts outcomes as dask finishes tasks and prints a line every ``every_s`` seconds
+    (``verbose``: also one line per scene: its status, id and where it went or why not)."""
 
-    def __init__(self, total: int, every_s: float, out: TextIO | None):
-        self.total, self.every_s, self.out = total, every_s, out
+    def __init__(self, total: int, every_s: float, out: TextIO | None, verbose: bool = False):
+        self.total, self.every_s, self.out, self.verbose = total, every_s, out, verbose
         self.counts: Counter[str] = Counter()
         self.pixels = 0
         self.start = self.last = time.monotonic()
@@ -337,6 +338,10 @@ class _Progress:
     def add(self, outcome: Outcome) -> None:
         self.counts[outcome.status] += 1
         self.pixels += outcome.pixels
+        if self.verbose and self.out is not None:
+            row = outcome.row
+            where = row.get("uri") or f"{row.get('kind')}: {row.get('reason')} ({row.get('path')})"
+            print(f"[ingest] {outcome.status} {row.get('scene_id')}: {where}", file=self.out, flush=True)
         now = time.monotonic()
         if self.out is not None and (now - self.last >= self.every_s or self.done == self.total):
             self.last = now
@@ -369,6 +374,7 @@ def run_ingest(
     scheduler: str = "threads",
     progress_s: float = 5.0,
     out: TextIO | None = sys.stderr,
+    verbose: bool = False,
 ) -> IngestReport:
     """Ingest ``tasks`` into pyramids under ``dst`` with dask (one task per scene).
 
@@ -382,7 +388,7 @@ def run_ingest(
         workers: scenes processed at once (bounds memory: one decoded scene per worker).
         scheduler: dask local scheduler, ``threads`` (default: decoding, downsampling and
             compression release the GIL), ``processes`` or ``sync``.
-        progress_s: seconds between progress lines on ``out`` (None: quiet).
+        progress_s: seconds between progress lines on ``out`` (None: quiet); verbose: per scene.
 
     Returns the rows and rejects (not yet written; see ``pipeline.store.manifest.write_manifest``).
     """
@@ -391,7 +397,7 @@ def run_ingest(
 
     start = time.monotonic()
     unique, duplicates = _dedupe(tasks)
-    progress = _Progress(len(tasks), progress_s, out)
+    progress = _Progress(len(tasks), progress_s, out, verbose)
     for dup in duplicates:
         progress.add(dup)
     delayed = [
@@ -464,6 +470,7 @@ def add_engine_options(parser: Any, unit: str = "scenes") -> None:
     parser.add_argument("--coarsest", type=int, default=256, help="max long side of the last level")
     parser.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="threads")
     parser.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument("--verbose", action="store_true", help="also a line per scene")
 
 
 def check_engine_options(parser: Any, args: Any) -> None:

@@ -30,7 +30,7 @@ Typical use::
         tracker.log_image(png_bytes, f"val_scenes/epoch_{epoch:03d}/{scene}.png")
         tracker.log_confusion(matrix, class_names, step=epoch)
     model_uri = tracker.log_model(model, classes=class_names)
-    version = tracker.register(model_uri, "fmow-ats", alias="champion")
+    version = tracker.register(model_uri, "fmow-demo", alias="champion")
     tracker.end("FINISHED")
 """
 

@@ -53,7 +53,7 @@ class DataConfig:
         limit: at most this many scenes per split (0: all); for smoke runs.
     """
 
-    manifest: str = "data/fmow_sample/pyramids/manifest.parquet"
+    manifest: str = "data/demo/pyramids/manifest.parquet"
     train_split: str = "train"
     val_split: str = "val"
     view_size: tuple[int, ...] = ()

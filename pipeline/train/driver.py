@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -35,13 +36,15 @@ LOOPBACK = "127.0.0.1"
 _OUR_TOKENS: set[str] = set()  # token files ``private_token`` wrote in this process
 
 
-def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: int | None = None) -> bool:
+def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: int | None = None,
+              logging_level: str = "INFO") -> bool:
     """Connect to Ray, or start a private local instance on 127.0.0.1; True if started here.
 
     ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver) names a
     cluster to join. Otherwise ``address="local"`` starts a new instance even if another one runs
     on this machine (other people's Ray instances are never joined by accident). Storage
     settings (``AWS_*``) reach the workers through the per-run config, not through this call.
+    ``logging_level``: of the ``ray`` logger in this process (``RayOutput.level``).
 
     The private instance listens on loopback only (``loopback_only``) and uses token
     authentication with a fresh token in a file only its owner can read (``private_token``).
@@ -52,10 +55,10 @@ def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: i
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging_level)
         return False
     kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus,
-                              "dashboard_host": LOOPBACK}
+                              "dashboard_host": LOOPBACK, "logging_level": logging_level}
     if temp_dir is not None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
@@ -199,18 +202,87 @@ def training_coarsest(manifest: Any) -> int | None:
     return pyramid_coarsest(uris[0].as_py()) if len(uris) else None
 
 
-def quiet_ray_output() -> Any:
-    """One line per epoch and per dataset: Ray Data's progress bars off, and Ray Train's patch
-    of ``print`` on its workers off (it logs every printed line as well, and with Ray's own
-    stream wrapper on stdout each line came out twice). The variable is read from the driver's
-    environment and passed on to the controller and the workers by Ray Train. Returns the
-    current Ray Data context."""
+RAY_NOTICES = (
+    "Progress bars disabled",  # Ray Data says so once per process when they are off
+)
+"""Ray messages dropped by default: known notices that say nothing about this run."""
+
+
+@dataclass(frozen=True)
+class RayOutput:
+    """What Ray prints, decided once per job by ``ray_output``.
+
+    ``level``: of the ``ray`` logger (``ray.init(logging_level=)``), Ray Data's logger and Ray
+    Train's ``LoggingConfig`` ("WARNING" by default, "INFO" verbose); ``env``: variables for
+    every Ray process of the run (set in this process before Ray starts, and passed to the
+    workers with the loop config, so that a cluster's workers get them too)."""
+
+    verbose: bool
+    level: str
+    env: dict[str, str]
+
+
+def ray_output(verbose: bool = False) -> RayOutput:
+    """The one place that sets how much Ray, Ray Data, Ray Train and MLflow say.
+
+    Always: Ray Train's patch of ``print`` on its workers is off (it also logs every printed
+    line, so each epoch line came out twice), Ray Data's progress bars are off (they print a
+    line per update into log files), and Ray's colour codes are off unless stdout is a
+    terminal. Unless ``verbose``: Ray's, Ray Data's, Ray Train's and MLflow's INFO lines are
+    off (their warnings and errors stay) and Ray Data's known notices (``RAY_NOTICES``) are
+    dropped. A variable the user set is left as it is. Applies what it can in this process
+    (environment, Ray Data's context and logger) and returns the rest for ``ray.init``, the
+    ``RunConfig`` and the workers (``apply_ray_output``)."""
+    import sys
+
+    level = "INFO" if verbose else "WARNING"
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not sys.stdout.isatty():
+        env["RAY_COLOR_PREFIX"] = "0"
+        _plain_dedup_marker()
+    if not verbose:
+        env.update({"RAY_DATA_LOG_LEVEL": level, "MLFLOW_LOGGING_LEVEL": level})
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
+    os.environ.update(env)
+    out = RayOutput(verbose=verbose, level=level, env=env)
+    apply_ray_output(out)
+    return out
+
+
+def _plain_dedup_marker() -> None:
+    """Ray's "[repeated Nx across cluster]" marker on deduplicated worker lines without its
+    colour codes, which Ray adds whatever ``RAY_COLOR_PREFIX`` says (private function of the
+    pinned Ray 2.60, replaced in this process: the driver prints worker output)."""
+    from ray._private import ray_logging
+
+    ray_logging._color = str
+
+
+def apply_ray_output(out: RayOutput) -> Any:
+    """In this process (the driver or a worker): Ray Data's progress bars off, its logger at
+    ``out.level`` and, unless verbose, its known notices dropped and the root logger at
+    ``out.level``; returns Ray Data's context."""
     import ray.data
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    data_logger = logging.getLogger("ray.data")
+    data_logger.setLevel(out.level)
+    if not out.verbose:
+        # Ray Train's workers log through the root logger at INFO, some of it under loggers
+        # named by file path (its "Reporting training result" line per report and rank)
+        logging.getLogger().setLevel(out.level)
+        for handler in data_logger.handlers:
+            if not any(isinstance(f, _DropNotices) for f in handler.filters):
+                handler.addFilter(_DropNotices())
     return context
+
+
+class _DropNotices(logging.Filter):
+    """Drops the log records that start with one of ``RAY_NOTICES``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(RAY_NOTICES)
 
 
 def run_training(
@@ -219,6 +291,7 @@ def run_training(
     source_factory: Callable[[], PixelSource] | None = None,
     tracker: Any = None,
     ray_temp_dir: str | Path | None = None,
+    verbose: bool = False,
 ) -> TrainOutcome:
     """Train ``config`` on Ray (see the module docstring); returns the outcome.
 
@@ -228,7 +301,10 @@ def run_training(
         tracker: a ``pipeline.track.tracking`` tracker (default: ``MlflowTracker`` of
             ``config.run.mlflow_experiment`` at ``MLFLOW_TRACKING_URI`` or the work tree's SQLite).
         ray_temp_dir: Ray's temp dir when a local instance is started here.
+        verbose: Ray's own INFO lines too (``ray_output``); by default only the job's lines,
+            one per epoch, and Ray's warnings and errors.
     """
+    output = ray_output(verbose)  # first: MLflow reads its level when imported
     from models.registry import create_model
     from pipeline.read.source import open_split
     from pipeline.track.tracking import MlflowTracker
@@ -258,7 +334,7 @@ def run_training(
 
     try:
         result = _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows,
-                      run_dir, ray_temp_dir)
+                      run_dir, ray_temp_dir, output)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -267,7 +343,7 @@ def run_training(
 
 
 def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows, run_dir,
-         ray_temp_dir):
+         ray_temp_dir, output):
     """Start Ray if needed, build the datasets, run the ``TorchTrainer``; its ``Result``."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -277,13 +353,12 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
 
     workers = config.scaling.num_workers
     start_ray(config.run.ray_address, temp_dir=ray_temp_dir,
-              num_cpus=max(os.cpu_count() or 1, math.ceil(workers * config.scaling.cpus_per_worker) + 1))
-    import ray.data
-
-    context = quiet_ray_output()
+              num_cpus=max(os.cpu_count() or 1, math.ceil(workers * config.scaling.cpus_per_worker) + 1),
+              logging_level=output.level)
+    context = apply_ray_output(output)
     # each rank's dataset keeps its rows' order, so the seeded local shuffle sees one order
     context.execution_options.preserve_order = True
-    env = data.reader_env()
+    env = {**data.reader_env(), **output.env}
     _say(f"reading the views of {len(train_rows['key'])} train and {len(val_rows['key'])} val scenes")
     view_factory = getattr(source_factory, "in_process", lambda: source_factory)()
     seed = config.data.data_seed(config.run.seed)
@@ -298,6 +373,7 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
         "source_factory": source_factory,
         "tracker": tracker,
         "env": env,
+        "ray_output": output,
         "crash_marker": str((run_dir or Path(".")) / "crash.marker"),
     }
     trainer = TorchTrainer(
@@ -313,6 +389,7 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
             storage_path=config.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=output.level),
         ),
         datasets=datasets,
         # each rank's dataset is made on the driver (rank_datasets): Ray splits nothing, so
@@ -325,13 +402,16 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
 
 
 def _in_order() -> Any:
-    """Ray Train's default ingest options with ``preserve_order``: each rank iterates its
-    dataset in its rows' order, so the seeded local shuffle gives the same batches each run."""
-    import ray.train
+    """Ray Train's default ingest options (``DataConfig.default_ingest_options``: the current
+    Ray Data context's limits) with ``preserve_order``: each rank iterates its dataset in its
+    rows' order, so the seeded local shuffle gives the same batches each run. Built here
+    without the deprecated ``exclude_resources``, which Ray's helper passes and warns about."""
+    from ray.data import ExecutionOptions
+    from ray.data.context import DataContext
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress)
 
 
 def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], manifest: Any) -> TrainOutcome:

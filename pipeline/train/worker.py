@@ -19,7 +19,9 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from models.registry import create_model
 from pipeline.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from pipeline.train.config import TrainConfig, from_dict
 from pipeline.train.data import rank_dataset_name
+from pipeline.train.driver import apply_ray_output
 from pipeline.train.grad_sync import GradSync
 from pipeline.train.loop import EpochStats, StepRunner, cosine_schedule, evaluate, train_epoch
 from pipeline.train.microbatch import MicroBatch
@@ -112,6 +115,7 @@ class WorkerRun:
         tracker: the driver's tracker on rank 0, a null one elsewhere.
         marker: the crash hook's marker file (``crash_for_test``).
         step: optimiser steps so far over all epochs (restored from the checkpoint).
+        started: ``time.monotonic()`` when this worker started (the epoch lines' elapsed time).
     """
 
     config: TrainConfig
@@ -123,6 +127,7 @@ class WorkerRun:
     tracker: Any
     marker: Path
     step: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +152,17 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     (environment variables for the reader, e.g. ``AWS_*``), ``crash_marker`` (path).
     """
     os.environ.update(loop_config.get("env") or {})
+    if loop_config.get("ray_output") is not None:
+        apply_ray_output(loop_config["ray_output"])
     run, start_epoch = start_worker(loop_config)
     train_shard = ray.train.get_dataset_shard(rank_dataset_name("train", run.rank))
     val_shard = ray.train.get_dataset_shard(rank_dataset_name("val", run.rank))
     epochs = run.config.optim.epochs
     for epoch in range(start_epoch, epochs):
-        result = run_epoch(run, epoch, train_shard, val_shard)
+        # the first epoch of a run is the long wait before the first line: show its steps
+        progress = StepProgress(epoch, epochs, int(loop_config["steps_per_epoch"]))
+        result = run_epoch(run, epoch, train_shard, val_shard,
+                           progress if run.rank == 0 and epoch == start_epoch else None)
         save = is_checkpoint_epoch(run.config, epoch)
         # every rank's sampling state, so that a restart resumes every rank's draws
         rank_rng = _all_gather(capture_rng(run.runner.generator)) if save else []
@@ -244,10 +254,13 @@ def restore(
     return restored.epoch, restored.step
 
 
-def run_epoch(run: WorkerRun, epoch: int, train_shard: Any, val_shard: Any) -> EpochResult:
-    """Train one epoch on this rank's shard, then evaluate; statistics summed over all ranks."""
+def run_epoch(run: WorkerRun, epoch: int, train_shard: Any, val_shard: Any,
+              progress: StepProgress | None = None) -> EpochResult:
+    """Train one epoch on this rank's shard (``progress``: show its steps), then evaluate;
+    statistics summed over all ranks."""
     config = run.config
-    train = train_epoch(run.runner, train_batches(run, epoch, train_shard), epoch, count_step(run))
+    train = train_epoch(run.runner, train_batches(run, epoch, train_shard), epoch,
+                        count_step(run, progress))
     train = _all_reduce_stats(train)
     shown = _Shown(limit=4 if run.rank == 0 else 0)  # only rank 0 draws pictures
     val = evaluate(
@@ -277,14 +290,42 @@ def train_batches(run: WorkerRun, epoch: int, train_shard: Any) -> Iterator[dict
     )
 
 
-def count_step(run: WorkerRun) -> Callable[[int], None]:
-    """``train_epoch``'s ``after_step``: count the global step, then the crash hook."""
+def count_step(run: WorkerRun, progress: StepProgress | None = None) -> Callable[[int], None]:
+    """``train_epoch``'s ``after_step``: count the global step, show ``progress``, then the
+    crash hook."""
 
-    def after_step(_: int) -> None:
+    def after_step(step_in_epoch: int) -> None:
         run.step += 1
+        if progress is not None:
+            progress.show(step_in_epoch + 1)
         crash_for_test(run.config.run.crash_at_step, run.step, run.rank, run.marker)
 
     return after_step
+
+
+@dataclass
+class StepProgress:
+    """Steps done of one epoch, with rate and ETA, as a line on stderr every ``every_s``
+    seconds: ``[train] epoch 1/20: step 5/17 | 0.41 steps/s | eta 29 s`` (none for an epoch
+    shorter than that; its epoch line follows). Worker output is not a terminal: lines, not a
+    redrawn bar."""
+
+    epoch: int
+    epochs: int
+    total: int
+    every_s: float = 10.0
+    start: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
+
+    def show(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        print(f"[train] epoch {self.epoch + 1}/{self.epochs}: step {done}/{self.total} | "
+              f"{rate:.2f} steps/s | eta {max(self.total - done, 0) / rate:.0f} s",
+              file=sys.stderr, flush=True)
 
 
 def epoch_metrics(run: WorkerRun, epoch: int, train: EpochStats, val: EpochStats) -> dict[str, float]:
@@ -315,7 +356,8 @@ def report_epoch(run: WorkerRun, epoch: int, result: EpochResult) -> None:
         f"{metrics['val/accuracy']:.3f} | {metrics['train/bytes_per_sample']:,.0f} B and "
         f"{metrics['train/requests_per_sample']:.1f} requests per sample | data wait "
         f"{100 * metrics['train/data_wait_fraction']:.0f}% | "
-        f"{metrics['train/samples_per_s']:.1f} samples/s",
+        f"{metrics['train/samples_per_s']:.1f} samples/s | elapsed "
+        f"{time.monotonic() - run.started:.0f} s",
         flush=True,
     )
     if result.quarantined:

@@ -217,7 +217,7 @@ def test_job_main_wires_training_validation_split_and_promotion(
     answers = iter([worst, best, worst])
     configs = []
 
-    def fake_run_training(config, ray_temp_dir=None):
+    def fake_run_training(config, ray_temp_dir=None, verbose=False):
         configs.append(config)
         tracker = tracking.MlflowTracker(config.run.mlflow_experiment, uri)
         run_id = tracker.start(f"{config.run.storage_path}/{config.run.name}")

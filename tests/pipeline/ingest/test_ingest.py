@@ -101,10 +101,16 @@ def test_run_ingest_writes_skips_and_rejects_without_stopping():
     lines = out.getvalue().splitlines()
     assert lines[-1].startswith("[ingest] 7/7 scenes | 2 written, 0 skipped, 5 rejected")
     assert "7 scenes, 2 written" in summary(report)
-    # a second run skips both complete scenes and returns the same rows
-    again = run_ingest(tasks, _fake_loader, SMALL_CLASSES, dst, coarsest=40, out=None)
+    # a second run skips both complete scenes and returns the same rows; verbose: a line each
+    out = io.StringIO()
+    again = run_ingest(tasks, _fake_loader, SMALL_CLASSES, dst, coarsest=40, progress_s=1e9,
+                       out=out, verbose=True)
     assert again.counts == {"written": 0, "skipped": 2, "rejected": 5}
     assert sorted(again.rows, key=str) == sorted(report.rows, key=str)
+    scenes = [line for line in out.getvalue().splitlines() if not line.startswith("[ingest] 7/7")]
+    assert len(scenes) == 7, out.getvalue()
+    assert f"[ingest] skipped train/s_1: {rows['train/s_1']['uri']}" in scenes
+    assert "[ingest] rejected train/s_3: error: " in "\n".join(scenes)
     level1 = zarr.open_group(storage.open_store(rows["train/s_1"]["uri"], read_only=True),
                              mode="r", zarr_format=3)["1"]
     assert level1.shape == (3, 20, 35)
