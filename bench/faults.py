@@ -60,6 +60,7 @@ RAY_START_ATTEMPTS = 3
 RAY_START_FAILED = "timed out during startup"
 TRAINING_ENTRIES = ("bad_scene_quarantined", "loopback_only", "secret_not_logged")
 THROUGHPUT_TARGET = 0.8
+PREDICT_PARTIAL_EXIT = 3  # jobs/predict.py: some scenes could not be read, the rest printed
 STALL_S = 20.0  # a stalled request is held this long (past any sane client timeout), then closed
 CLASSES = "airport,dam"
 PATCH = 32  # px of the boxes read per scene and level
@@ -531,8 +532,8 @@ def entry_artifact_code_edit(setup: Setup) -> dict[str, Any]:
 
 
 def entry_predict_partial(setup: Setup) -> dict[str, Any]:
-    """Predict over 3 scenes, one with a deleted shard: the two good ones are printed, the bad
-    one is reported by name."""
+    """Predict over 3 scenes, one with a deleted shard: the two good ones are predicted, the bad
+    one gets an error line with its key and is named on stderr, and predict exits 3."""
     work = setup.work / "partial"
     work.mkdir(exist_ok=True)
     mlflow_uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -545,8 +546,10 @@ def entry_predict_partial(setup: Setup) -> dict[str, Any]:
     bad = f"{root}/{bad_scene}"
     code, records, err = _predict(setup, mlflow_uri, "partial", [good[0], bad, good[1]],
                                   work / "predict")
-    keys = [r.get("key") for r in records]
-    return {"ok": keys == good and bad in err, "exit_code": code, "printed": len(records),
+    predicted = [r.get("key") for r in records if "error" not in r]
+    reported = [r.get("key") for r in records if "error" in r]
+    ok = predicted == good and reported == [bad] and bad in err and code == PREDICT_PARTIAL_EXIT
+    return {"ok": ok, "exit_code": code, "predicted": predicted, "reported": reported,
             "bad_named_on_stderr": bad in err, "stderr": err[-300:]}
 
 
