@@ -42,6 +42,11 @@ class ReaderSettings:
             before the scene's read fails (and the training loop quarantines the scene).
         retry_initial_delay_s, retry_max_delay_s: backoff before retry k:
             ``min(retry_max_delay_s, retry_initial_delay_s * 2**k)``.
+        hedge_after_s: seconds a batch of S3 range reads may go without any answer before
+            each read still unanswered is sent once more (a hedged request: the first of the
+            two answers is used, the other cancelled), so a rare stalled connection costs
+            about this instead of ``request_timeout_s``; a warm range answers in
+            milliseconds. 0 disables hedging; must be below ``request_timeout_s``.
     """
 
     concurrency: int = 64
@@ -53,11 +58,12 @@ class ReaderSettings:
     max_retries: int = 4
     retry_initial_delay_s: float = 0.05
     retry_max_delay_s: float = 1.0
+    hedge_after_s: float = 0.2
 
     def retry_policy(self) -> RetryPolicy:
         """The S3 range reads' ``pipeline.store.ranges.RetryPolicy`` of these settings."""
         return RetryPolicy(self.request_timeout_s, self.max_retries, self.retry_initial_delay_s,
-                           self.retry_max_delay_s)
+                           self.retry_max_delay_s, self.hedge_after_s)
 
 
 EXACT_READS = ReaderSettings(concurrency=32, max_gap=0, process=False, prefetch_indexes=False)

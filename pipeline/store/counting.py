@@ -40,8 +40,10 @@ class ReadCounters:
     (or filled, when absent) and their element count, i.e. the pixels fetched. ``retries``:
     requests sent again after a timeout or an error; ``timeouts``: requests that took longer
     than the reader's ``request_timeout_s`` (cancelled, then retried); ``errors``: requests
-    that failed (an HTTP 5xx, a reset connection; retried). Requests and bytes count the
-    answers that arrived, once each."""
+    that failed (an HTTP 5xx, a reset connection; retried); ``hedges``: requests sent a second
+    time, without cancelling the first, because their batch had no answer for the reader's
+    ``hedge_after_s`` (the first answer of the two is used). Requests and bytes count the
+    answers used, once each (not the hedges' other copy, cancelled or unused)."""
 
     requests: int = 0
     bytes: int = 0
@@ -56,6 +58,7 @@ class ReadCounters:
     retries: int = 0
     timeouts: int = 0
     errors: int = 0
+    hedges: int = 0
 
     def __add__(self, other: ReadCounters) -> ReadCounters:
         return ReadCounters(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -109,9 +112,11 @@ class RequestLog:
             self._totals["chunks"] += chunks
             self._totals["pixels"] += pixels
 
-    def add_faults(self, retries: int = 0, timeouts: int = 0, errors: int = 0) -> None:
-        """Count requests retried, timed out and failed (see ``ReadCounters``)."""
+    def add_faults(self, retries: int = 0, timeouts: int = 0, errors: int = 0,
+                   hedges: int = 0) -> None:
+        """Count requests retried, timed out, failed and hedged (see ``ReadCounters``)."""
         with self._lock:
+            self._totals["hedges"] += hedges
             self._totals["retries"] += retries
             self._totals["timeouts"] += timeouts
             self._totals["errors"] += errors

@@ -42,12 +42,17 @@ class RetryPolicy:
             connection) is sent again before the read fails with ``S3ReadError``.
         initial_delay_s, max_delay_s: the wait before retry k is
             ``min(max_delay_s, initial_delay_s * 2**k)``.
+        hedge_after_s: seconds a batch may go without any answer before each of its requests
+            still unanswered gets one duplicate (a hedge; the original is not cancelled, the
+            first answer of the two is used, the other cancelled): a rare stall then costs
+            about this, not ``timeout_s``. 0 (or ``>= timeout_s``): no hedges.
     """
 
     timeout_s: float
     max_retries: int
     initial_delay_s: float
     max_delay_s: float
+    hedge_after_s: float = 0.0
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry ``retry`` (0-based)."""
@@ -176,7 +181,10 @@ class S3Ranges(RangeStore):
 
     Faults are bounded here, not in tensorstore (its own retries are off, and it has no
     per-request timeout): when no request of a batch has been answered for the policy's
-    timeout, its unanswered requests are cancelled (a stall costs about one timeout, however
+    ``hedge_after_s``, each unanswered one is sent a second time (a hedge, counted with
+    ``RequestLog.add_faults``), the first of the two answers is used and the other cancelled;
+    when no request (or copy) has been answered for the policy's timeout in all, the
+    unanswered requests are cancelled (a stall costs about one timeout, however
     large the batch), and those and the failed ones (5xx, resets) are sent again
     after a backoff, up to ``max_retries`` times; each is counted (``RequestLog.add_faults``).
     A 404 is no fault: the object is missing (None), which the reader reports.
@@ -223,21 +231,20 @@ class S3Ranges(RangeStore):
 
     async def _attempt(self, requests: list[tuple[str, Range]], todo: list[int],
                        out: list[bytes | None]) -> tuple[list[int], str]:
-        """Send ``requests[i]`` for every i in ``todo`` and wait at most the policy's timeout;
-        fill ``out``; return the indexes to send again and why the last of them failed."""
-        futures = {i: self._start(*requests[i]) for i in todo}
-        timeout = self.policy.timeout_s
-        if math.isinf(timeout):
-            await _all_done(list(futures.values()))
-        else:
-            await _wait_progress(list(futures.values()), timeout)
+        """Send ``requests[i]`` for every i in ``todo`` (hedged, see ``_wait_hedged``) and wait
+        at most the policy's timeout; fill ``out`` from the first answer of each; return the
+        indexes to send again and why the last of them failed."""
+        copies = await self._wait_hedged(requests, {i: self._start(*requests[i]) for i in todo})
         again, why, timeouts = [], "", 0
-        for i, future in futures.items():
-            if future.cancelled() or not future.done():
-                future.cancel()
+        for i, sent in copies.items():
+            future = _first_answer(sent)
+            for other in sent:
+                if other is not future:
+                    other.cancel()  # the loser of a hedge, or an unanswered request
+            if future is None:
                 timeouts += 1
                 again.append(i)
-                why = f"no answer within {timeout:g} s"
+                why = f"no answer within {self.policy.timeout_s:g} s"
                 continue
             try:
                 result = future.result()
@@ -249,15 +256,63 @@ class S3Ranges(RangeStore):
         self.log.add_faults(timeouts=timeouts, errors=len(again) - timeouts)
         return again, why
 
+    async def _wait_hedged(self, requests: list[tuple[str, Range]],
+                           futures: dict[int, Any]) -> dict[int, list[Any]]:
+        """Wait for ``futures`` (request index: tensorstore future); when none has been answered
+        for ``hedge_after_s``, send each unanswered request once more and wait for the first
+        answer of each pair, until the policy's timeout (in all) passes without any. Returns
+        each index's copies (one, or the original and its hedge), none cancelled."""
+        copies = {i: [f] for i, f in futures.items()}
+        try:
+            await self._hedged(requests, copies)
+        except asyncio.CancelledError:
+            for future in (f for sent in copies.values() for f in sent):
+                future.cancel()
+            raise
+        return copies
+
+    async def _hedged(self, requests: list[tuple[str, Range]],
+                      copies: dict[int, list[Any]]) -> None:
+        """``_wait_hedged``'s waits; appends each hedge to its request's ``copies``."""
+        timeout, hedge = self.policy.timeout_s, self.policy.hedge_after_s
+        futures = {i: sent[0] for i, sent in copies.items()}
+        if not 0 < hedge < timeout:
+            if math.isinf(timeout):
+                await _all_done(list(futures.values()))
+            else:
+                await _wait_progress(list(futures.values()), timeout, cancel=False)
+            return
+        await _wait_progress(list(futures.values()), hedge, cancel=False)
+        late = [i for i, f in futures.items() if not f.done()]
+        if late:
+            self.log.add_faults(hedges=len(late))
+            for i in late:
+                copies[i].append(self._start(*requests[i]))
+            await _wait_first([copies[i] for i in late], timeout - hedge)
+
     async def read_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
         """``read`` of every ``(key, range)``, all in flight at once (tensorstore bounds how
         many go out together), each counted once; timeouts and failures retried."""
         return self._count_many(requests, await self._fetch_batch(requests))
 
 
-async def _all_done(futures: list[Any]) -> None:
+def _answered(future: Any) -> bool:
+    """True when a tensorstore future is done with a result (not failed, not cancelled)."""
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _first_answer(copies: list[Any]) -> Any | None:
+    """The copy of a request whose answer to use: one with a result, else a failed one (its
+    error is retried), else None (no copy answered: a timeout)."""
+    done = [f for f in copies if f.done() and not f.cancelled()]
+    answered = [f for f in done if f.exception() is None]
+    return (answered or done or [None])[0]
+
+
+async def _all_done(futures: list[Any], cancel: bool = True) -> None:
     """Wait, on the running event loop, until every tensorstore future is done: one wake-up
-    for the batch (its callbacks run on tensorstore's threads)."""
+    for the batch (its callbacks run on tensorstore's threads). If the wait is cancelled,
+    so are the futures not done (unless ``cancel`` is False)."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     left = [len(futures)]
@@ -277,16 +332,17 @@ async def _all_done(futures: list[Any]) -> None:
     try:
         await done
     except asyncio.CancelledError:
-        for future in futures:
+        for future in futures if cancel else ():
             future.cancel()
         raise
 
 
-async def _wait_progress(futures: list[Any], timeout: float) -> None:
+async def _wait_progress(futures: list[Any], timeout: float, cancel: bool = True) -> None:
     """Wait until every tensorstore future is done, or until none has finished for
-    ``timeout`` seconds (those left are then cancelled; the caller retries them): a stalled
-    request costs about ``timeout`` after the last answer of its batch. One wake-up of the
-    loop for the batch, plus one per ``timeout`` while it lasts."""
+    ``timeout`` seconds (those left are then cancelled unless ``cancel`` is False; the caller
+    retries or hedges them): a stalled request costs about ``timeout`` after the last answer
+    of its batch. One wake-up of the loop for the batch, plus one per ``timeout`` while it
+    lasts."""
     last = [time.monotonic()]
     lock = threading.Lock()
 
@@ -296,7 +352,7 @@ async def _wait_progress(futures: list[Any], timeout: float) -> None:
 
     for future in futures:
         future.add_done_callback(finished)
-    everything = asyncio.ensure_future(_all_done(futures))
+    everything = asyncio.ensure_future(_all_done(futures, cancel))
     while not everything.done():
         with lock:
             idle = time.monotonic() - last[0]
@@ -304,8 +360,37 @@ async def _wait_progress(futures: list[Any], timeout: float) -> None:
             break
         await asyncio.wait([everything], timeout=timeout - idle)
     if not everything.done():
-        everything.cancel()  # cancels the futures not done (see _all_done)
+        everything.cancel()  # cancels the futures not done, if asked (see _all_done)
         await asyncio.gather(everything, return_exceptions=True)
+
+
+async def _wait_first(groups: list[list[Any]], timeout: float) -> None:
+    """Wait until each group of tensorstore futures (copies of one request) has one answered
+    or all done, or until no group has been settled for ``timeout`` seconds (inf: no limit).
+    Nothing is cancelled here. One wake-up of the loop per group (hedged requests are few)."""
+    loop = asyncio.get_running_loop()
+    settled = [loop.create_future() for _ in groups]
+
+    def watch(group: list[Any], flag: asyncio.Future) -> None:
+        def finished(_: Any) -> None:
+            if any(_answered(f) for f in group) or all(f.done() for f in group):
+                loop.call_soon_threadsafe(lambda: flag.done() or flag.set_result(None))
+
+        for future in group:
+            future.add_done_callback(finished)
+
+    for group, flag in zip(groups, settled, strict=True):
+        watch(group, flag)
+    pending, limit = set(settled), None if math.isinf(timeout) else timeout
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=limit,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+    finally:
+        for flag in pending:
+            flag.cancel()
 
 
 def s3_kvstore_spec(root: str) -> dict[str, Any]:

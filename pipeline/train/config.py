@@ -313,6 +313,8 @@ def validate(config: TrainConfig) -> None:
         (config.reader.max_retries >= 0, "reader.max_retries must be >= 0"),
         (0 <= config.reader.retry_initial_delay_s <= config.reader.retry_max_delay_s,
          "reader.retry_initial_delay_s must be >= 0 and <= reader.retry_max_delay_s"),
+        (0 <= config.reader.hedge_after_s < config.reader.request_timeout_s,
+         "reader.hedge_after_s must be >= 0 (0: no hedges) and < reader.request_timeout_s"),
         (config.run.checkpoint_every >= 1, "run.checkpoint_every must be >= 1"),
         (bool(config.run.name), "run.name must not be empty"),
         (config.snes.generations >= 1, "snes.generations must be >= 1"),

@@ -37,20 +37,21 @@ from pipeline.train.quarantine import Quarantine, find_bad
 from pipeline.train.read_ahead import ReadAhead, draw_ahead, start_steps
 
 Batch = Mapping[str, Any]
+# the reader's counters that EpochStats sums (same names in both)
+COUNTED = ("requests", "bytes", "retries", "timeouts", "errors", "hedges")
 
 
-def reader_counters(source: object) -> tuple[int, int, int, int, int]:
-    """(requests, bytes, retries, timeouts, errors) of ``source`` so far; zeros for sources
+def reader_counters(source: object) -> tuple[int, ...]:
+    """(requests, bytes, retries, timeouts, errors, hedges) of ``source`` so far; zeros for sources
     that do not count (see ``pipeline.store.counting.ReadCounters``).
 
     Accepts ``counters()`` returning a mapping or an object with those names (missing: 0).
     """
     if not isinstance(source, CountingSource):
-        return 0, 0, 0, 0, 0
+        return 0, 0, 0, 0, 0, 0
     c = source.counters()
     get = c.get if isinstance(c, Mapping) else lambda k, d=0: getattr(c, k, d)
-    return tuple(int(get(name, 0)) for name in ("requests", "bytes", "retries", "timeouts",
-                                                 "errors"))
+    return tuple(int(get(name, 0)) for name in COUNTED)
 
 
 @dataclass
@@ -61,8 +62,8 @@ class EpochStats:
     ``loss_sum``: per-sample loss summed over samples; ``correct``, ``samples``: counts.
     ``seconds`` is wall time of the steps, ``wait_s`` the part blocked on storage.
     ``requests``, ``bytes``: what the reader fetched (``reader_counters``); ``steps``: batches.
-    ``retries``, ``timeouts``, ``errors``: S3 requests the reader sent again, that timed out,
-    that failed (``pipeline.store.counting.ReadCounters``).
+    ``retries``, ``timeouts``, ``errors``, ``hedges``: S3 requests the reader sent again, that
+    timed out, that failed, that it hedged (``pipeline.store.counting.ReadCounters``).
     ``log_ratio_sum`` / ``ratio_draws``: sum of |log(a/q)| over the draws read ahead (a: the
     attention they were used for, q: the one they were drawn from) and their number.
     ``confusion`` is (num_classes, num_classes) counts, row = true label.
@@ -81,14 +82,15 @@ class EpochStats:
     retries: int = 0
     timeouts: int = 0
     errors: int = 0
+    hedges: int = 0
     confusion: np.ndarray | None = None
 
     def as_vector(self) -> Tensor:
-        """(13,) float64 of every sum but ``confusion``, in field order (for all-reduce)."""
+        """(14,) float64 of every sum but ``confusion``, in field order (for all-reduce)."""
         return torch.tensor(
             [self.loss_sum, self.correct, self.samples, self.seconds, self.wait_s,
              self.requests, self.bytes, self.steps, self.log_ratio_sum, self.ratio_draws,
-             self.retries, self.timeouts, self.errors],
+             self.retries, self.timeouts, self.errors, self.hedges],
             dtype=torch.float64,
         )
 
@@ -96,7 +98,8 @@ class EpochStats:
         """Add ``other``'s sums (and confusion counts) into this one."""
         total = EpochStats.from_vector(self.as_vector() + other.as_vector())
         for name in ("loss_sum", "correct", "samples", "seconds", "wait_s", "requests", "bytes",
-                     "steps", "log_ratio_sum", "ratio_draws", "retries", "timeouts", "errors"):
+                     "steps", "log_ratio_sum", "ratio_draws", "retries", "timeouts", "errors",
+                     "hedges"):
             setattr(self, name, getattr(total, name))
         if self.confusion is not None and other.confusion is not None:
             self.confusion += other.confusion
@@ -106,11 +109,11 @@ class EpochStats:
         """Inverse of ``as_vector`` (counts back to int), with ``confusion`` attached."""
         x = v.tolist()
         return cls(x[0], int(x[1]), int(x[2]), x[3], x[4], int(x[5]), int(x[6]), int(x[7]),
-                   x[8], int(x[9]), int(x[10]), int(x[11]), int(x[12]), confusion)
+                   x[8], int(x[9]), int(x[10]), int(x[11]), int(x[12]), int(x[13]), confusion)
 
     def metrics(self, prefix: str, world_size: int = 1) -> dict[str, float]:
         """Per-epoch metrics: loss and accuracy per sample, bytes and requests per sample, the
-        S3 requests retried, timed out and failed (totals),
+        S3 requests retried, timed out, failed and hedged (totals),
         data-wait fraction of step time, samples per second (all workers together); with
         draws read ahead, their mean |log(a/q)| (0: the weights did not move the attention)."""
         n = max(self.samples, 1)
@@ -130,6 +133,7 @@ class EpochStats:
             f"{prefix}/read_retries": float(self.retries),
             f"{prefix}/read_timeouts": float(self.timeouts),
             f"{prefix}/read_errors": float(self.errors),
+            f"{prefix}/read_hedges": float(self.hedges),
         }
 
 
@@ -333,8 +337,7 @@ class StepRunner:
         stats.samples += samples
         stats.steps += 1
         stats.wait_s += schedule.wait_s
-        for name, after, before in zip(("requests", "bytes", "retries", "timeouts", "errors"),
-                                       now, counted, strict=True):
+        for name, after, before in zip(COUNTED, now, counted, strict=True):
             setattr(stats, name, getattr(stats, name) + after - before)
         stats.seconds += time.perf_counter() - t0
 

@@ -4,6 +4,7 @@ never change a pixel; what still fails after the retries is an error naming the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.s3
 SEED = 1
 
 # the default 2 s timeout (0.5 s gave spurious timeouts on a loaded 2-core machine), more
-# retries with shorter backoffs than the defaults so that the test is quick
+# retries with shorter backoffs than the defaults so that the test is quick; the default
+# hedge_after_s (0.2 s)
 SETTINGS = ReaderSettings(concurrency=16, max_gap=0, process=False, prefetch_indexes=False,
                           request_timeout_s=2.0, max_retries=6, retry_initial_delay_s=0.01,
                           retry_max_delay_s=0.1)
@@ -64,43 +66,59 @@ def test_503s_and_stalls_give_the_fault_free_patches_in_bounded_time(s3_server, 
         assert torch.equal(a, b)  # not one pixel differs
     # the draws are one seeded sequence, whatever request meets them: the counts are fixed
     assert injected["503"] > 20 and injected["stall"] >= 1, injected
-    assert counters.errors == injected["503"] and counters.timeouts >= injected["stall"]
+    assert counters.errors == injected["503"]
+    # a stall is hedged (a second copy answers), or, if both copies stall, timed out
+    assert counters.hedges + counters.timeouts >= injected["stall"]
     assert counters.retries == counters.errors + counters.timeouts
     assert counters.requests == clean_counts.requests  # answers counted once each
-    # every request sent reached the proxy: the faulted ones were answered by it, not forwarded
-    assert wire["GET"] + injected["total"] == counters.requests + counters.retries
+    # every request sent reached the proxy (the faulted ones answered by it, not forwarded),
+    # and so did each hedge unless it was cancelled (its original answered) before it left
+    sent = counters.requests + counters.retries
+    assert sent <= wire["GET"] + injected["total"] <= sent + counters.hedges
     # each stall costs about one timeout (2 s) plus a backoff, never an HTTP client's 30 s;
     # loose bounds: on this shared 2-core machine the fault-free time alone varies 9-21 s
     extra = faulty_s - clean_s
     bound = injected["stall"] * 1.5 * SETTINGS.request_timeout_s + 0.02 * injected["503"] + 5
     assert extra < bound, (extra, injected, clean_s, faulty_s)
     print(f"fault-free {clean_s:.2f} s, with {injected}: {faulty_s:.2f} s; counters "
-          f"retries {counters.retries} timeouts {counters.timeouts} errors {counters.errors}")
+          f"retries {counters.retries} timeouts {counters.timeouts} errors {counters.errors} "
+          f"hedges {counters.hedges}")
 
 
-def test_one_stall_costs_about_one_timeout(s3_server, monkeypatch, pyramids):
-    """A warm read whose one chunk request stalls once takes about one timeout longer."""
+@pytest.mark.parametrize("hedge_after_s", [SETTINGS.hedge_after_s, 0.0])
+def test_one_stall_costs_about_hedge_after_s_or_one_timeout(s3_server, monkeypatch, pyramids,
+                                                            hedge_after_s):
+    """A warm read whose one chunk request stalls once takes about ``hedge_after_s`` longer
+    (its hedge answers), or one timeout with hedging off (0); the same pixels either way."""
+    settings = dataclasses.replace(SETTINGS, hedge_after_s=hedge_after_s)
     scene = pyramids[0]
     match = f"{scene.split('://', 1)[1].split('/', 1)[1]}/0/c/0/2/3"  # a shard with pixels
     request = ReadRequest(torch.tensor([[[130, 200, 170, 240]]]), 0, (16, 16))
     with CountingProxy(s3_server.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        source = ZarrPixelSource.from_settings(SETTINGS)
+        source = ZarrPixelSource.from_settings(settings)
         clean = source.read([scene], request)  # metadata and index cached, connections open
         t0 = time.perf_counter()
         source.read([scene], request)
         clean_s = time.perf_counter() - t0
         proxy.rules = [FaultRule("stall", 1.0, match=match, limit=1)]
+        before = source.counters()
         t0 = time.perf_counter()
         got = source.read([scene], request)
         stalled_s = time.perf_counter() - t0
         counters = source.counters()
         source.close()
-    assert torch.equal(got, clean) and proxy.faults()["stall"] == 1 and counters.timeouts == 1
+    hedges, timeouts = counters.hedges - before.hedges, counters.timeouts - before.timeouts
+    assert torch.equal(got, clean) and proxy.faults()["stall"] == 1
     cost = stalled_s - clean_s
-    print(f"one stall cost {cost:.2f} s (timeout {SETTINGS.request_timeout_s} s; the read "
-          f"itself {clean_s * 1000:.0f} ms)")
-    assert 0.9 * SETTINGS.request_timeout_s < cost < SETTINGS.request_timeout_s + 1.0
+    print(f"one stall cost {cost:.2f} s (hedge after {hedge_after_s} s, timeout "
+          f"{settings.request_timeout_s} s; the read itself {clean_s * 1000:.0f} ms)")
+    if hedge_after_s:
+        assert (hedges, timeouts) == (1, 0)
+        assert 0.9 * hedge_after_s < cost < hedge_after_s + 0.8  # well below the 2 s timeout
+    else:
+        assert (hedges, timeouts) == (0, 1)
+        assert 0.9 * settings.request_timeout_s < cost < settings.request_timeout_s + 1.0
 
 
 def test_resets_are_retried_too(s3_server, monkeypatch, pyramids):

@@ -59,6 +59,11 @@ def test_range_checks():
         load_config(None, ["data.micro_batches=0"])
     with pytest.raises(ConfigError, match="scheduler"):
         load_config(None, ["optim.scheduler=linear"])
+    with pytest.raises(ConfigError, match="hedge_after_s"):
+        load_config(None, ["reader.hedge_after_s=-0.1"])
+    with pytest.raises(ConfigError, match="hedge_after_s"):  # would never hedge
+        load_config(None, ["reader.hedge_after_s=2", "reader.request_timeout_s=2"])
+    assert load_config(None, ["reader.hedge_after_s=0"]).reader.hedge_after_s == 0.0  # off
 
 
 def test_model_overrides_merge_key_by_key():

@@ -221,3 +221,14 @@ def test_read_ahead_keeps_training_with_moving_weights():
         assert runner._ahead is None  # nothing read ahead across epochs
     # every read ahead was used by its step: as many reads as without reading ahead
     assert sum(1 for e in events if e[0] == "read") == 2 * 3 * 2
+
+
+def test_read_faults_and_hedges_add_up_and_become_metrics():
+    from pipeline.train.loop import EpochStats
+
+    a = EpochStats(samples=2, retries=3, timeouts=1, errors=2, hedges=4)
+    b = EpochStats(samples=1, retries=1, errors=1, hedges=1)
+    a.add(EpochStats.from_vector(b.as_vector()))
+    assert (a.retries, a.timeouts, a.errors, a.hedges) == (4, 1, 3, 5)
+    metrics = a.metrics("train")
+    assert metrics["train/read_hedges"] == 5.0 and metrics["train/read_retries"] == 4.0
