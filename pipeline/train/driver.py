@@ -349,6 +349,7 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import data
+    from pipeline.train.process_group import NodeBoundTorchConfig
     from pipeline.train.worker import worker_main
 
     workers = config.scaling.num_workers
@@ -379,6 +380,7 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     trainer = TorchTrainer(
         worker_main,
         train_loop_config=loop_config,
+        torch_config=NodeBoundTorchConfig(),  # the DDP store on the node's address only
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=config.scaling.use_gpu,
