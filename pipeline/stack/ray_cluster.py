@@ -120,10 +120,9 @@ def start_node(name: str, temp_dir: Path, env: dict[str, str], log_path: Path, *
     """``ray start --block`` of one node in its own process group (a head when
     ``gcs_address`` is None), with resource ``{name: 1}``; returns at once (see the waits)."""
     ports = node_ports(head=gcs_address is None)
-    # a second node joins through ``ray_join`` (``ray start`` that stays on loopback)
-    start = ([str(VENV_BIN / "ray"), "start"] if gcs_address is None
-             else [sys.executable, "-m", "pipeline.stack.ray_join"])
-    cmd = [*start, "--block", "--node-ip-address=127.0.0.1",
+    # ``ray start`` through ``ray_start``: a second node can join on loopback, and a node
+    # does not die when its raylet registers later than Ray's fixed 30 s
+    cmd = [sys.executable, "-m", "pipeline.stack.ray_start", "--block", "--node-ip-address=127.0.0.1",
            f"--num-cpus={num_cpus}", f"--resources={json.dumps({name: 1})}",
            f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
            *(f"--{flag}={port}" for flag, port in ports.items())]
@@ -141,7 +140,7 @@ def start_node(name: str, temp_dir: Path, env: dict[str, str], log_path: Path, *
 
 
 def start_cluster(temp_dir: Path, token: Path, log_dir: Path, cpus: tuple[int, int] = (2, 2),
-                  timeout_s: float = 300.0) -> RayCluster:
+                  timeout_s: float = 600.0) -> RayCluster:
     """Start the head, wait for its jobs API, start the second node and wait until the
     cluster counts two alive nodes; on failure stop what was started and raise RuntimeError."""
     env = ray_env(token)
@@ -257,3 +256,19 @@ def stop_head(head: RayNode) -> None:
     """Stop a head from ``start_head`` by its process group and wait until it is gone."""
     head.stop()
     print("[ray] head stopped", flush=True)
+
+
+def job_actor_nodes(dashboard: str, token: Path, submission_id: str, class_name: str) -> set[str]:
+    """Node ids that hosted an actor of class ``class_name`` (alive or dead) of the job
+    submitted as ``submission_id``, from the jobs API and the state API."""
+    headers = {"Authorization": f"Bearer {Path(token).read_text().strip()}"}
+
+    def get(path: str):
+        with urllib.request.urlopen(urllib.request.Request(f"{dashboard}{path}", headers=headers),
+                                    timeout=60) as response:
+            return json.load(response)
+
+    job_id = get(f"/api/jobs/{submission_id}")["job_id"]
+    actors = get(f"/api/v0/actors?limit=10000&detail=true&filter_keys=class_name"
+                 f"&filter_predicates=%3D&filter_values={class_name}")["data"]["result"]["result"]
+    return {a["node_id"] for a in actors if a.get("job_id") == job_id}
