@@ -4,12 +4,14 @@
     python jobs/stack.py down   [--state-dir runs/stack]
     python jobs/stack.py env    [--state-dir runs/stack]   # eval "$(python jobs/stack.py env)"
     python jobs/stack.py status [--state-dir runs/stack]
+    python jobs/stack.py runtime-env                       # ray job submit --runtime-env-json
 
 ``up`` starts SeaweedFS (S3), PostgreSQL, the MLflow server (PostgreSQL backend, artifacts in
 S3) and a two-node Ray cluster, all on 127.0.0.1 (``pipeline.stack.stack``), records them in
 ``<state-dir>/stack.json`` and returns, leaving them running; ``down`` stops them by process
 group. ``env`` prints ``export`` lines that point clients (``ray job submit``, MLflow, S3) at the
-stack. Exit 0 on success, 1 on a failure, 3 when ``env`` / ``status`` find no running stack.
+stack; ``runtime-env`` the JSON of ``ray job submit --runtime-env-json`` that gives a job the
+MLflow server and the S3 endpoint and keys. Exit 0 on success, 1 on a failure, 3 when ``env`` / ``status`` find no running stack.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.stack import stack
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down", "env", "status"])
+    parser.add_argument("command", choices=["up", "down", "env", "status", "runtime-env"])
     parser.add_argument("--state-dir", type=Path, default=stack.DEFAULT_STATE_DIR)
     parser.add_argument("--cpus", default="2,2", help="logical CPUs of the head and node2")
     parser.add_argument("--mlflow-workers", type=int, default=2)
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":
         for key, value in sorted(running.env.items()):
             print(f"export {key}={shlex.quote(value)}")
+    elif args.command == "runtime-env":
+        print(json.dumps(running.runtime_env()))
     else:
         print(json.dumps(running.endpoints))
     return 0

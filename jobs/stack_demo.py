@@ -82,7 +82,7 @@ def submit(stack: stack_mod.Stack, name: str, entrypoint: list[str]) -> list[str
     """``ray job submit`` ``entrypoint`` to the stack (its output streams through); returns
     the output lines. Raises RuntimeError when the job fails."""
     env = ray_env(Path(stack.env["RAY_AUTH_TOKEN_PATH"]))
-    runtime_env = {"env_vars": {**{k: stack.env[k] for k in JOB_ENV}, "OMP_NUM_THREADS": "1"}}
+    runtime_env = stack.runtime_env()
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", stack.env["RAY_ADDRESS"],
            "--submission-id", name, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint]

@@ -62,6 +62,13 @@ class Stack:
     def endpoints(self) -> dict[str, str]:
         return dict(self.state["endpoints"])
 
+    def runtime_env(self) -> dict[str, Any]:
+        """Ray's runtime environment for a job on this stack: the MLflow server and the S3
+        endpoint and keys (``ray job submit --runtime-env-json``), one thread per process."""
+        keys = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
+        return {"env_vars": {**{k: self.env[k] for k in keys}, "OMP_NUM_THREADS": "1"}}
+
     def alive(self) -> bool:
         """Every recorded server still has a live process."""
         services = self.state.get("services", {})
