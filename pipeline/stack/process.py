@@ -32,12 +32,12 @@ class Group:
     @classmethod
     def of(cls, pid: int) -> Group:
         """The group led by ``pid`` (started with ``start_new_session``)."""
-        return cls(pid, _stat(pid)[19])
+        return cls(pid, int(_stat(pid)[19]))
 
     def members(self) -> list[int]:
         """Live (not zombie) processes of the group, or [] when it is not ours any more."""
         leader = _stat_or_none(self.pgid)
-        if leader is not None and leader[0] != "Z" and leader[19] != self.start_time:
+        if leader is not None and leader[0] != "Z" and int(leader[19]) != int(self.start_time):
             return []  # the id was reused by somebody else's new group
         return [pid for pid, fields in _all_stats() if fields[2] == self.pgid and fields[0] != "Z"]
 

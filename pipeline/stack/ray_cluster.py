@@ -145,7 +145,7 @@ def start_cluster(temp_dir: Path, token: Path, log_dir: Path, cpus: tuple[int, i
     cluster counts two alive nodes; on failure stop what was started and raise RuntimeError."""
     env = ray_env(token)
     deadline = time.monotonic() + timeout_s
-    head = _with_retries(lambda: _head_up(temp_dir, env, log_dir, cpus[0], deadline))
+    head = _with_retries(lambda: _head_up(temp_dir, env, log_dir, cpus[0], deadline, token))
     dashboard = f"http://127.0.0.1:{head.ports['dashboard-port']}"
     gcs = f"127.0.0.1:{head.ports['port']}"
     try:
@@ -175,12 +175,15 @@ def _with_retries(start, attempts: int = 3):
 
 
 def _head_up(temp_dir: Path, env: dict[str, str], log_dir: Path, cpus: int,
-             deadline: float) -> RayNode:
+             deadline: float, token: Path) -> RayNode:
+    """The head, once its jobs API answers and it is registered as an alive node (the
+    dashboard can answer first, and a node joining before that fails)."""
     head = start_node("head", temp_dir, env, log_dir / "ray_head.log", num_cpus=cpus)
     dashboard = f"http://127.0.0.1:{head.ports['dashboard-port']}"
     try:
         wait_http(f"{dashboard}/api/version", deadline, lambda: bool(head.group.members()),
                   "the Ray head")
+        wait_nodes(dashboard, token, 1, deadline, [head])
     except RuntimeError as err:
         head.stop(timeout_s=10)
         if "exited" in str(err):

@@ -14,6 +14,7 @@ from tests.pipeline.stack.conftest import group_sockets
 from tests.sockets import is_loopback
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3, pytest.mark.stack,
+              pytest.mark.timeout(1800),  # four servers and four Ray jobs; minutes under load
               pytest.mark.skipif(not (BIN / "postgres").exists(), reason="no PostgreSQL 15")]
 
 
