@@ -1,7 +1,8 @@
 """The MLflow tracking server on 127.0.0.1: PostgreSQL backend store, artifacts in S3.
 
 ``start_mlflow(backend_uri, artifacts, s3_env, log_path)`` runs the venv's ``mlflow server``
-with ``--backend-store-uri`` the PostgreSQL URL (MLflow creates its tables on first start),
+with the PostgreSQL URL as backend store (``MLFLOW_BACKEND_STORE_URI``, so that the password
+is not on the command line; MLflow creates its tables on first start),
 ``--artifacts-destination s3://BUCKET/...`` (clients upload and download artifacts *through
 the server*, so they need no S3 credentials: the server gets ``AWS_*`` and
 ``MLFLOW_S3_ENDPOINT_URL``), ``--host 127.0.0.1``, a free port and ``--workers`` worker
@@ -55,10 +56,12 @@ def start_mlflow(backend_uri: str, artifacts: str, s3_env: dict[str, str], log_p
     RuntimeError with the log's tail if it exits or does not answer within ``timeout_s``."""
     port = free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env.update(s3_env, MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"])
+    # the backend URI holds PostgreSQL's password: in the environment (readable by its owner
+    # only), not on the command line (``ps`` shows that to every user)
+    env.update(s3_env, MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"],
+               MLFLOW_BACKEND_STORE_URI=backend_uri)
     mlflow = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow), "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(mlflow), "server", "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(workers),
            # uvicorn restarts a worker that misses a 5 s health ping: on a loaded machine
            # that killed workers in a loop while they were still importing MLflow
