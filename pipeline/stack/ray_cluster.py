@@ -133,6 +133,10 @@ def start_node(name: str, temp_dir: Path, env: dict[str, str], log_path: Path, *
         cmd += [f"--address={gcs_address}"]
     temp_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # processes on the node that look for "the" cluster (address "auto", e.g. Ray Train's
+    # placement-group cleaner asking the state API) find this one, not "multiple active Ray
+    # instances" when other Rays run on the machine
+    env = dict(env, RAY_ADDRESS=gcs_address or f"127.0.0.1:{ports['port']}")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
