@@ -52,6 +52,7 @@ def ray_env(token: Path | None = None) -> dict[str, str]:
     # the raylet waits this long for its agents' port files (default 15 s; under load 20 on 2
     # cores a second node's agent took longer and the node died during startup)
     env.setdefault("RAY_agent_register_timeout_ms", "120000")
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")  # the same wait, for the port files
     if token is not None:
         env["RAY_AUTH_TOKEN_PATH"] = str(token)
     return env

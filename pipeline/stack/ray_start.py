@@ -15,7 +15,7 @@ private names of the pinned Ray 2.60 (like ``pipeline.train.driver.loopback_only
   with the GCS and then fails. The raylet registers only once its dashboard agent has started
   (a Python process importing much of Ray); at a load of 15-20 on 2 cores that took longer, and
   nodes died while starting. Here the lookup of the node retries for up to
-  ``RAY_STACK_NODE_WAIT_S`` seconds (default 300) before Ray's own 30 s count starts.
+  ``RAY_STACK_NODE_WAIT_S`` seconds (default 180) before Ray's own 30 s count starts.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scripts.ray_constants = _JoinAllowed("ray_constants")
     services.get_node = _patient_get_node(
-        services.get_node, float(os.environ.get("RAY_STACK_NODE_WAIT_S", "300")))
+        services.get_node, float(os.environ.get("RAY_STACK_NODE_WAIT_S", "180")))
     sys.argv = ["ray", "start", *(sys.argv[1:] if argv is None else argv)]
     return scripts.main()
 
