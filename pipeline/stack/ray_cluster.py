@@ -131,7 +131,11 @@ def start_node(name: str, temp_dir: Path, env: dict[str, str], log_path: Path, *
         cmd += ["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                 f"--temp-dir={temp_dir}"]
     else:
-        cmd += [f"--address={gcs_address}"]
+        # a temp dir of its own: sharing the head's, node2's runtime-env agent deleted the
+        # job's unpacked working dir (same path on both nodes) under the head's running driver
+        # when node2's last worker of the job exited ("[Errno 2]" from os.getcwd())
+        temp_dir = temp_dir / name
+        cmd += [f"--address={gcs_address}", f"--temp-dir={temp_dir}"]
     temp_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # processes on the node that look for "the" cluster (address "auto", e.g. Ray Train's
