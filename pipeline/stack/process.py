@@ -52,14 +52,59 @@ class Group:
 
 def stop_group(group: Group, first: int = signal.SIGTERM, timeout_s: float = 30.0) -> bool:
     """Signal ``group`` with ``first``, SIGKILL what is left after ``timeout_s`` and wait until
-    no live member remains (10 s more); True when it is gone. Safe when already gone."""
-    if not group.members():
+    no live member remains (10 s more); then end what the group had started in process groups
+    of their own (Ray puts each worker in its own group; a raylet killed before it reaped them
+    leaves them behind). True when all of it is gone. Safe when already gone."""
+    members = group.members()
+    if not members:
         return True
+    tree = _descendants(members)
     group.signal(first)
-    if wait_gone(group, timeout_s):
-        return True
-    group.signal(signal.SIGKILL)
-    return wait_gone(group, 10.0)
+    gone = wait_gone(group, timeout_s)
+    if not gone:
+        group.signal(signal.SIGKILL)
+        gone = wait_gone(group, 10.0)
+    return _end_leftovers(tree) and gone
+
+
+def _descendants(roots: list[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of every process below ``roots`` (from /proc), roots excluded."""
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in _all_stats():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            fields = _stat_or_none(child)
+            if fields is not None:
+                found.append((child, int(fields[19])))
+                todo.append(child)
+    return [f for f in found if f[0] not in roots]
+
+
+def _end_leftovers(tree: list[tuple[int, int]], timeout_s: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL, the processes of ``tree`` still alive (same start time)."""
+    def alive() -> list[int]:
+        out = []
+        for pid, start in tree:
+            fields = _stat_or_none(pid)
+            if fields is not None and fields[0] != "Z" and int(fields[19]) == start:
+                out.append(pid)
+        return out
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while alive() and time.monotonic() < deadline:
+            _reap()
+            time.sleep(0.2)
+        if not alive():
+            return True
+    return False
 
 
 def wait_gone(group: Group, timeout_s: float) -> bool:
