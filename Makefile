@@ -1,4 +1,5 @@
 # Two entry points: `make demo` runs the main job on the embedded default; `make test` runs the suite.
+# `make stack-demo` runs it on the production stack (`stack-up` / `stack-down` keep one running).
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PY ?= python3
@@ -6,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo stack-up stack-down stack-demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -27,6 +28,19 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) jobs/demo.py
+
+# The production stack on one machine (SeaweedFS, PostgreSQL + MLflow server, two Ray nodes),
+# all on 127.0.0.1; state, logs and data under runs/stack. `stack-demo` brings it up (or uses
+# the running one), runs ingest / training / retraining / batch inference as Ray jobs on it,
+# prints one JSON line and stops what it started.
+stack-up: $(STAMP)
+	$(VPY) jobs/stack.py up
+
+stack-down: $(STAMP)
+	$(VPY) jobs/stack.py down
+
+stack-demo: $(STAMP)
+	$(VPY) jobs/stack_demo.py
 
 clean:
 	rm -rf data runs mlflow.db ray_tmp

@@ -21,21 +21,16 @@ summary; Ray's INFO lines (the CLI's and the job's) only with ``--verbose``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from pipeline.stack.ray_cluster import ray_env, start_head, stop_head
 from pipeline.synth.demo import DEMO_SPEC
 from pipeline.train.config import TrainConfig, load_job_config
 from pipeline.train.driver import write_token_file
@@ -52,96 +47,12 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_data(train: int, val: int) -> str:
     """Sample + ingest (each skipped when already complete); returns the manifest path."""
     from pipeline.synth.demo import make_demo_data
 
     spec = dataclasses.replace(DEMO_SPEC, splits=(("train", train), ("val", val)))
     return make_demo_data(DATA, spec, workers=2, say=say).manifest
-
-
-def ray_env(token: Path | None = None) -> dict[str, str]:
-    """Environment of the head and the CLI: this venv first on PATH (so the job's ``python``
-    is ours), loopback only, token authentication on, with the token file ``token`` (mode
-    0600, ``write_token_file``) when given."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Ray 2.60 protects a head's APIs with a token; say so explicitly for both `ray start` and
-    # `ray job submit`, or the CLI does not send it. Ray's own default token file
-    # (~/.ray/auth_token) is written readable by every user (0644): use ours (0600).
-    env.setdefault("RAY_AUTH_MODE", "token")
-    if token is not None:
-        env["RAY_AUTH_TOKEN_PATH"] = str(token)
-    return env
-
-
-def start_head(temp_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """``ray start --head --block`` in its own process group, with environment ``env``
-    (``ray_env``); returns it and the job address."""
-    port, dashboard = free_port(), free_port()
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-           f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true"]
-    say(f"starting a Ray head on 127.0.0.1:{port} (jobs API on port {dashboard})")
-    log = open(temp_dir.parent / "ray_head.log", "w")  # noqa: SIM115 - lives as long as the head
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}; see {log.name}")
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
-                return head, address
-        except urllib.error.HTTPError:  # it answers (e.g. 401: Ray's token auth): it is up;
-            return head, address  # `ray job submit` finds the token by itself
-        except OSError:
-            time.sleep(1)
-    stop_head(head)
-    raise RuntimeError(f"the Ray head did not answer on {address} within 180 s; see {log.name}")
-
-
-def stop_head(head: subprocess.Popen) -> None:
-    """Stop the head we started: SIGTERM to its process group (``ray start`` and the GCS,
-    raylet and agents it started), SIGKILL if it lingers, and wait until the whole group is
-    gone, so that no process of it still holds a port when the next Ray starts."""
-    if head.poll() is not None:
-        return
-    pgid = os.getpgid(head.pid)
-    os.killpg(pgid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(pgid, signal.SIGKILL)
-        head.wait(timeout=10)
-    if not _group_gone(pgid, timeout_s=30):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        _group_gone(pgid, timeout_s=10)
-    say("Ray head stopped")
-
-
-def _group_gone(pgid: int, timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` for process group ``pgid`` to have no process left."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
 
 
 RAY_INFO_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|SUCC)\s")

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run_training(config, ray_temp_dir=args.ray_temp_dir, verbose=args.verbose)
     except Exception as err:  # Ray wraps worker errors; say what failed and keep the exit code
+        import traceback
+
+        traceback.print_exc()  # where it failed (a bare "[Errno 2]" says nothing of where)
         print(f"error: training run {config.run.name!r} failed: {err}", file=sys.stderr)
         return 1
     m = outcome.metrics

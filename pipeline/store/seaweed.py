@@ -89,11 +89,7 @@ class SeaweedServer:
                 _signal_group(self.pid, signal.SIGKILL)
                 self._process.wait(10)
         # no killpg once reaped: the pid (= group id) may already belong to someone else
-        for port in self.ports.values():
-            for kind in ("master-grpc", "volume-grpc", "filer-grpc", "s3-grpc", "filer", "s3"):
-                sock = Path(f"/tmp/seaweedfs-{kind}-{port}.sock")
-                if sock.is_socket():
-                    sock.unlink(missing_ok=True)
+        remove_unix_sockets(self.ports.values())
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines of the log."""
@@ -118,6 +114,15 @@ class SeaweedServer:
     def _credentials(self) -> tuple[str, str]:
         ident = json.loads((self.data_dir / "s3.json").read_text())["identities"][0]
         return ident["credentials"][0]["accessKey"], ident["credentials"][0]["secretKey"]
+
+
+def remove_unix_sockets(ports: Iterable[int]) -> None:
+    """Remove the Unix sockets a stopped weed left in ``/tmp`` for its TCP ``ports``."""
+    for port in ports:
+        for kind in ("master-grpc", "volume-grpc", "filer-grpc", "s3-grpc", "filer", "s3"):
+            sock = Path(f"/tmp/seaweedfs-{kind}-{port}.sock")
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
 
 
 def weed_binary() -> str:

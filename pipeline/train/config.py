@@ -96,12 +96,24 @@ class OptimConfig:
 
 @dataclass(frozen=True, slots=True)
 class ScalingConfig:
-    """Ray Train workers. ``mixed_precision``: bf16 autocast, only when ``use_gpu``."""
+    """Ray Train workers. ``mixed_precision``: bf16 autocast, only when ``use_gpu``.
+    ``placement_strategy``: how the workers' bundles are placed on the cluster's nodes (Ray's
+    ``PACK``, ``SPREAD``, ``STRICT_PACK`` or ``STRICT_SPREAD``; ``SPREAD`` puts one worker per
+    node where it can, as the production stack's demo does)."""
 
     num_workers: int = 2
     use_gpu: bool = False
     mixed_precision: bool = True
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"config key 'scaling.placement_strategy': "
+                              f"{self.placement_strategy!r} is not one of {PLACEMENT_STRATEGIES}")
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True, slots=True)

@@ -385,6 +385,7 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
             num_workers=workers,
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+            placement_strategy=config.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=config.run.name,

@@ -92,3 +92,10 @@ def test_save_load_round_trip_and_flat_params(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         TrainConfig().data.batch_size = 3  # type: ignore[misc]
+
+
+def test_placement_strategy_is_one_of_rays():
+    assert load_config(None, []).scaling.placement_strategy == "PACK"
+    assert load_config(None, ["scaling.placement_strategy=SPREAD"]).scaling.placement_strategy == "SPREAD"
+    with pytest.raises(ConfigError, match=r"'scaling.placement_strategy'.*'spread'"):
+        load_config(None, ["scaling.placement_strategy=spread"])

@@ -1,0 +1,232 @@
+"""``make stack-demo``: the demo on the production stack (S3, PostgreSQL + MLflow, two Ray nodes).
+
+1. bring the stack up (``pipeline.stack.stack``; or use the one recorded running in
+   ``--state-dir``);
+2. generate the demo's fMoW-layout sample locally (``pipeline.synth.demo.DEMO_SPEC``);
+3. ``ray job submit`` the ingest into ``s3://pyramids/stack-demo/<sample>/`` (resumable);
+4. ``ray job submit`` the training (``jobs/configs/fmow_demo.yaml``) with checkpoints in
+   ``s3://checkpoints/stack-demo``, 2 workers spread over both nodes (``scaling.
+   placement_strategy=SPREAD``; the state API tells on which nodes the workers ran) and
+   ``--register NAME`` (alias ``@champion``);
+5. ``ray job submit`` one scheduled retraining (``jobs/retrain.py``: promote or keep);
+6. ``ray job submit`` batch inference with the champion (``jobs/batch_predict.py``) into
+   ``s3://pyramids/predictions/<stamp>.parquet``, when that job exists;
+7. print one JSON object as the last line, and stop the stack unless ``--keep`` (a stack that
+   was already running is left running).
+
+Every job gets the stack's client environment (MLflow server, S3 endpoint and keys) through
+its runtime environment, and ``ray job submit`` the cluster's token.
+
+    python jobs/stack_demo.py [--train N] [--val N] [--epochs E] [--retrain-epochs R] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.stack import stack as stack_mod
+from pipeline.stack.ray_cluster import VENV_BIN, job_actor_nodes, ray_env
+from pipeline.synth.demo import DEMO_COARSEST, DEMO_SPEC, spec_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "jobs/configs/fmow_demo.yaml"
+JOB_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def say(message: str) -> None:
+    print(f"[stack-demo] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    splits = dict(DEMO_SPEC.splits)
+    parser.add_argument("--train", type=int, default=splits["train"], help="train scenes")
+    parser.add_argument("--val", type=int, default=splits["val"], help="validation scenes")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (config: 20)")
+    parser.add_argument("--retrain-epochs", type=int, default=5, help="epochs of the retraining")
+    parser.add_argument("--register", default="fmow-stack", help="registered model name")
+    parser.add_argument("--state-dir", type=Path, default=stack_mod.DEFAULT_STATE_DIR)
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "stack-demo",
+                        help="where the raw sample is generated")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="extra training overrides (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="leave the stack running")
+    return parser.parse_args(argv)
+
+
+def make_raw(root: Path, train: int, val: int) -> tuple[Path, str]:
+    """The demo sample (fMoW layout) under ``root/raw-<fingerprint>``, generated once."""
+    from pipeline.synth.fmow_sample import generate_sample
+
+    spec = dataclasses.replace(DEMO_SPEC, splits=(("train", train), ("val", val)))
+    tag = spec_fingerprint(spec)
+    raw, marker = root / f"raw-{tag}", root / f"raw-{tag}.complete"
+    if not marker.exists():
+        say(f"generating {dict(spec.splits)} scenes (fMoW layout) in {raw}")
+        for _ in generate_sample(str(raw), spec, workers=2):
+            pass
+        marker.touch()
+    return raw, tag
+
+
+def submit(stack: stack_mod.Stack, name: str, entrypoint: list[str]) -> list[str]:
+    """``ray job submit`` ``entrypoint`` to the stack (its output streams through); returns
+    the output lines. Raises RuntimeError when the job fails."""
+    env = ray_env(Path(stack.env["RAY_AUTH_TOKEN_PATH"]))
+    runtime_env = stack.runtime_env()
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", stack.env["RAY_ADDRESS"],
+           "--submission-id", name, "--working-dir", ".",
+           "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint]
+    say(f"ray job submit --submission-id {name} -- python {' '.join(entrypoint)}")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    if proc.wait() != 0:
+        raise RuntimeError(f"job {name} failed (ray job submit exited {proc.returncode})")
+    return lines
+
+
+def last_json(lines: list[str], key: str) -> dict:
+    """The last output line that is a JSON object holding ``key``."""
+    for line in reversed(lines):
+        text = line.strip()
+        if text.startswith("{") and key in text:
+            try:
+                found = json.loads(text)
+            except ValueError:
+                continue
+            if key in found:
+                return found
+    raise RuntimeError(f"no JSON line with {key!r} in the job's output")
+
+
+def ingest(stack, raw: Path, tag: str, stamp: str) -> str:
+    """Ingest job into ``s3://pyramids/stack-demo/<tag>``; returns the manifest URI."""
+    dst = f"s3://pyramids/stack-demo/{tag}"
+    submit(stack, f"stack-demo-ingest-{stamp}",
+           ["jobs/ingest_fmow.py", "--src", str(raw), "--dst", dst, "--workers", "2",
+            "--coarsest", str(DEMO_COARSEST)])
+    return f"{dst}/manifest.parquet"
+
+
+def train_sets(manifest: str, epochs: int | None, extra: list[str]) -> list[str]:
+    sets = [f"data.manifest={manifest}", "run.storage_path=s3://checkpoints/stack-demo",
+            "scaling.placement_strategy=SPREAD", *extra]
+    return sets + ([f"optim.epochs={epochs}"] if epochs else [])
+
+
+def train(stack, manifest: str, args, stamp: str) -> tuple[dict, int]:
+    """Training job; returns its JSON summary and how many nodes hosted a training worker."""
+    name = f"stack-demo-train-{stamp}"
+    sets = train_sets(manifest, args.epochs, [f"run.name=stack-demo-{stamp}", *args.overrides])
+    lines = submit(stack, name, ["jobs/train_fmow.py", "--config", CONFIG,
+                                 *[x for s in sets for x in ("--set", s)],
+                                 "--register", args.register, "--json"])
+    summary = last_json(lines, "checkpoint")
+    nodes = job_actor_nodes(stack.endpoints["ray_dashboard"], Path(stack.env["RAY_AUTH_TOKEN_PATH"]),
+                            name, "RayTrainWorker")
+    say(f"training workers ran on {len(nodes)} node(s): {sorted(n[:8] for n in nodes)}")
+    return summary, len(nodes)
+
+
+def retrain(stack, manifest: str, args, stamp: str) -> dict:
+    """One scheduled retraining (promote or keep); returns its decision."""
+    sets = train_sets(manifest, args.retrain_epochs, [f"run.name=stack-demo-{stamp}", *args.overrides])
+    lines = submit(stack, f"stack-demo-retrain-{stamp}",
+                   ["jobs/retrain.py", "--config", CONFIG, "--register", args.register,
+                    *[x for s in sets for x in ("--set", s)], "--json"])
+    return last_json(lines, "promoted")
+
+
+def batch_predict(stack, manifest: str, model: str, stamp: str) -> tuple[str | None, int | None]:
+    """Batch inference job into ``s3://pyramids/predictions/<stamp>.parquet``; returns the
+    URI and its row count, or (None, None) when ``jobs/batch_predict.py`` is not here."""
+    if not (ROOT / "jobs" / "batch_predict.py").exists():
+        say("skipping batch inference: jobs/batch_predict.py is not in this work tree")
+        return None, None
+    out = f"s3://pyramids/predictions/stack-demo-{stamp}.parquet"
+    submit(stack, f"stack-demo-predict-{stamp}",
+           ["jobs/batch_predict.py", "--model", model, "--manifest", manifest, "--out", out])
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pipeline.store import storage
+
+    return out, pq.read_metadata(io.BytesIO(storage.read_bytes(out))).num_rows
+
+
+def champion_version(name: str) -> str | None:
+    """The version behind ``name@champion``, asked from the stack's MLflow server."""
+    from pipeline.track import tracking
+
+    return tracking.alias_version(None, name, "champion")
+
+
+def run_demo(stack, args) -> dict:
+    """Steps 2-6 on a running stack; returns the final JSON object."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    raw, tag = make_raw(args.data, args.train, args.val)
+    manifest = ingest(stack, raw, tag, stamp)
+    summary, train_nodes = train(stack, manifest, args, stamp)
+    decision = retrain(stack, manifest, args, stamp)
+    model = f"models:/{args.register}@champion"
+    predictions, scenes = batch_predict(stack, manifest, model, stamp)
+    checkpoint = summary["checkpoint"]
+    from pipeline.stack.ray_cluster import alive_nodes
+
+    return {
+        "s3_endpoint": stack.endpoints["s3"], "mlflow_uri": stack.endpoints["mlflow"],
+        "mlflow_backend": stack.endpoints["mlflow_backend"],
+        "artifact_root": stack.endpoints["artifact_root"],
+        "ray_nodes": len(alive_nodes(stack.endpoints["ray_dashboard"],
+                                     Path(stack.env["RAY_AUTH_TOKEN_PATH"]))),
+        "train_worker_nodes": train_nodes,
+        "pyramids": manifest.rsplit("/", 1)[0],
+        "checkpoint": checkpoint if "://" in checkpoint else f"s3://{checkpoint}",
+        "registered": f"{args.register}@champion",
+        "champion_version": champion_version(args.register),
+        "val_accuracy": summary["metrics"].get("val/accuracy"),
+        "retrain": {k: decision.get(k) for k in ("promoted", "candidate_version",
+                                                 "candidate_score", "champion_score", "reason")},
+        "predictions": predictions, "predicted_scenes": scenes,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    found = stack_mod.load(args.state_dir)
+    reuse = found is not None and found.alive()
+    if reuse:
+        say(f"using the stack running from {args.state_dir}")
+        stack = found
+    else:
+        stack = stack_mod.up(args.state_dir)
+    os.environ.update({k: stack.env[k] for k in JOB_ENV})  # this process reads MLflow and S3
+    ok = False
+    try:
+        result = run_demo(stack, args)
+        ok = True
+    finally:
+        if not reuse and (not args.keep or not ok):
+            stack_mod.down(args.state_dir)
+    say(f"done in {time.monotonic() - start:.0f} s" + (" (stack left running)" if reuse or args.keep else ""))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

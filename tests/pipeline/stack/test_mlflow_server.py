@@ -1,0 +1,54 @@
+"""The MLflow server on PostgreSQL with artifacts in S3 (SeaweedFS)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.stack.mlflow_server import start_mlflow
+from pipeline.stack.postgres import BIN, start_postgres
+from tests.pipeline.stack.conftest import group_sockets
+from tests.s3 import seaweed_server  # noqa: F401  (fixture)
+from tests.sockets import is_loopback
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3,
+              pytest.mark.skipif(not (BIN / "postgres").exists(), reason="no PostgreSQL 15")]
+
+
+def test_mlflow_server_logs_to_postgres_and_s3(stack_dir, seaweed_server, monkeypatch):  # noqa: F811
+    import os
+
+    from pipeline.store import storage
+
+    bucket = seaweed_server.new_bucket("mlart")
+    s3_env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                         "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    pg = start_postgres(stack_dir / "pg")
+    server = None
+    try:
+        server = start_mlflow(pg.url, f"{bucket}/artifacts", s3_env, stack_dir / "mlflow.log")
+        sockets = group_sockets(server.pid)
+        assert sockets and all(is_loopback(s[2]) for s in sockets), sockets
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        import mlflow
+
+        (stack_dir / "note.txt").write_text("attended chunks only")
+        with mlflow.start_run() as run:
+            mlflow.log_metric("val_accuracy", 0.75)
+            mlflow.log_artifact(str(stack_dir / "note.txt"))
+        fetched = mlflow.MlflowClient().get_run(run.info.run_id)
+        assert fetched.data.metrics["val_accuracy"] == 0.75
+        keys = storage.list_prefix(f"{bucket}/artifacts")
+        assert [k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/note.txt")], keys
+        assert storage.read_bytes([k for k in keys if k.endswith("note.txt")][0]) == \
+            b"attended chunks only"
+        import psycopg  # the run is in PostgreSQL, not in a file of the server's
+
+        with psycopg.connect(pg.url.replace("+psycopg", "")) as conn:
+            row = conn.execute("SELECT value FROM metrics WHERE run_uuid = %s AND key = %s",
+                               (run.info.run_id, "val_accuracy")).fetchone()
+        assert row == (0.75,)
+    finally:
+        if server is not None:
+            assert server.stop()
+        pg.stop()
+    assert server.group.members() == []
