@@ -150,12 +150,9 @@ def retrain(stack, manifest: str, args, stamp: str) -> dict:
     return last_json(lines, "promoted")
 
 
-def batch_predict(stack, manifest: str, model: str, stamp: str) -> tuple[str | None, int | None]:
+def batch_predict(stack, manifest: str, model: str, stamp: str) -> tuple[str, int]:
     """Batch inference job into ``s3://pyramids/predictions/<stamp>.parquet``; returns the
-    URI and its row count, or (None, None) when ``jobs/batch_predict.py`` is not here."""
-    if not (ROOT / "jobs" / "batch_predict.py").exists():
-        say("skipping batch inference: jobs/batch_predict.py is not in this work tree")
-        return None, None
+    URI and its row count."""
     out = f"s3://pyramids/predictions/stack-demo-{stamp}.parquet"
     submit(stack, f"stack-demo-predict-{stamp}",
            ["jobs/batch_predict.py", "--model", model, "--manifest", manifest, "--out", out])
