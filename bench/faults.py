@@ -600,30 +600,15 @@ def _train_scene(setup: Setup) -> str:
 
 
 def _scan_sockets(root_pid: int, seen: dict[tuple, str]) -> None:
+    from pipeline.stack.process import process_tree
     from pipeline.store.seaweed import listening_addresses
 
-    for pid in _process_tree(root_pid):
+    for pid in process_tree(root_pid):
         with contextlib.suppress(OSError):
             for host, port in listening_addresses(pid):
                 if (host, port) not in seen:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
                     seen[(host, port)] = f"{pid} {cmd.decode(errors='replace')[:80]}"
-
-
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                children.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(
-                    int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
 
 
 def entry_bad_scene_quarantined(setup: Setup, run: dict[str, Any]) -> dict[str, Any]:

@@ -6,25 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat_line = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat_line[stat_line.rfind(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
+from pipeline.stack.process import process_tree  # noqa: F401 - the tests import it from here
 
 
 def _socket_owners(pids: list[int]) -> dict[int, int]:

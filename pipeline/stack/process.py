@@ -67,6 +67,11 @@ def stop_group(group: Group, first: int = signal.SIGTERM, timeout_s: float = 30.
     return _end_leftovers(tree) and gone
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (from /proc): whose sockets to list, what to stop."""
+    return [root] + [pid for pid, _ in _descendants([root])]
+
+
 def _descendants(roots: list[int]) -> list[tuple[int, int]]:
     """(pid, start time) of every process below ``roots`` (from /proc), roots excluded."""
     children: dict[int, list[int]] = {}
