@@ -25,3 +25,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 from tests.s3 import s3_server  # noqa: E402,F401  (one S3 server per session, SeaweedFS by default)
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory, request):
+    """One private local Ray instance for the module (``start_ray``: loopback, a 0600 token),
+    shut down at the end; a module sets its CPUs with ``RAY_LOCAL_CPUS = n`` (default 4)."""
+    import ray
+
+    from pipeline.train.driver import start_ray
+
+    cpus = getattr(request.module, "RAY_LOCAL_CPUS", 4)
+    started = start_ray(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=cpus)
+    yield
+    if started:
+        ray.shutdown()

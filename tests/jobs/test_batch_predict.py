@@ -42,17 +42,7 @@ ATS_KWARGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    """One private local Ray instance for the module, shut down at the end."""
-    import ray
-
-    from pipeline.train.driver import start_ray
-
-    started = start_ray(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=3)
-    yield
-    if started:
-        ray.shutdown()
+RAY_LOCAL_CPUS = 3  # the shared ray_local fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

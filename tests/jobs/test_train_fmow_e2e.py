@@ -50,19 +50,6 @@ def s3_manifest(s3_server, tmp_path_factory):
     return f"{bucket}/pyr/manifest.parquet"
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    """One private local Ray instance for the module, shut down at the end."""
-    import ray
-
-    from pipeline.train.driver import start_ray
-
-    started = start_ray(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
