@@ -48,8 +48,9 @@ def test_stack_demo_small(stack_dir, tmp_path, capsys, monkeypatch):
             monkeypatch.setenv(key, running.env[key])
         assert storage.list_prefix(result["checkpoint"])  # the checkpoint is in S3
         assert storage.exists(result["pyramids"] + "/manifest.parquet")
-        if result["predictions"] is not None:
-            assert result["predicted_scenes"] > 0
+        assert result["predictions"].startswith("s3://pyramids/predictions/")
+        assert result["predicted_scenes"] == 8 + 4  # every scene of the manifest
+        assert storage.exists(result["predictions"])
         assert stack_job.main(["env", "--state-dir", str(state)]) == 0
         exports = capsys.readouterr().out
         for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
