@@ -66,8 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.train.driver import start_ray
 
         cpus = math.ceil(spec.concurrency * spec.cpus_per_actor) + 1
+        import ray
+
+        connected = ray.is_initialized()
         start_ray(temp_dir=args.ray_temp_dir, num_cpus=max(os.cpu_count() or 1, cpus))
-        summary = batch.run(job)
+        try:
+            summary = batch.run(job)
+        finally:  # a Ray this job started does not outlive it (tests call main in-process)
+            if not connected:
+                ray.shutdown()
     except Exception as err:  # Ray wraps actor errors; say what failed and keep the exit code
         print(f"error: batch prediction with {args.model} failed: {err}", file=sys.stderr)
         return 1

@@ -332,13 +332,33 @@ def run_training(
     config_path = save_config(config, (run_dir or Path(ray_temp_dir or ".")) / "config.yaml")
     tracker.log_artifact_file(config_path)
 
+    ray_before = _ray_connected()
     try:
         result = _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows,
                       run_dir, ray_temp_dir, output)
     except BaseException:
         tracker.end("FAILED")
+        _leave_ray(ray_before)
         raise
-    return _finish(config, result, tracker, classes, train.manifest)
+    try:
+        return _finish(config, result, tracker, classes, train.manifest)
+    finally:
+        _leave_ray(ray_before)
+
+
+def _ray_connected() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _leave_ray(was_connected: bool) -> None:
+    """Disconnect from (and so stop) a Ray this run started, so that a caller in the same
+    process (a test, a notebook) finds no Ray left behind; a Ray it found stays."""
+    import ray
+
+    if not was_connected and ray.is_initialized():
+        ray.shutdown()
 
 
 

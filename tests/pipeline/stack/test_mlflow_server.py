@@ -30,6 +30,11 @@ def test_mlflow_server_logs_to_postgres_and_s3(stack_dir, seaweed_server, monkey
         assert sockets and all(is_loopback(s[2]) for s in sockets), sockets
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         import mlflow
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        # an earlier test of this process may have called mlflow.set_tracking_uri, which
+        # outranks the variable: this server's URI for this test, the old one restored after
+        monkeypatch.setattr(tracking_utils, "_tracking_uri", server.uri)
 
         (stack_dir / "note.txt").write_text("attended chunks only")
         with mlflow.start_run() as run:
