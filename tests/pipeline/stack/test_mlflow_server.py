@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.s3,
               pytest.mark.skipif(not (BIN / "postgres").exists(), reason="no PostgreSQL 15")]
 
 
-def test_mlflow_server_logs_to_postgres_and_s3(stack_dir, seaweed_server, monkeypatch):  # noqa: F811
+def test_mlflow_server_logs_to_postgres_and_s3(stack_dir, seaweed_server):  # noqa: F811
     import os
 
     from pipeline.store import storage
@@ -28,19 +28,17 @@ def test_mlflow_server_logs_to_postgres_and_s3(stack_dir, seaweed_server, monkey
         server = start_mlflow(pg.url, f"{bucket}/artifacts", s3_env, stack_dir / "mlflow.log")
         sockets = group_sockets(server.pid)
         assert sockets and all(is_loopback(s[2]) for s in sockets), sockets
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         import mlflow
-        from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        # an earlier test of this process may have called mlflow.set_tracking_uri, which
-        # outranks the variable: this server's URI for this test, the old one restored after
-        monkeypatch.setattr(tracking_utils, "_tracking_uri", server.uri)
-
+        # a client of this server only: the fluent API keeps process-wide state (tracking URI,
+        # active experiment) that earlier tests of this process may have set
+        client = mlflow.MlflowClient(tracking_uri=server.uri)
         (stack_dir / "note.txt").write_text("attended chunks only")
-        with mlflow.start_run() as run:
-            mlflow.log_metric("val_accuracy", 0.75)
-            mlflow.log_artifact(str(stack_dir / "note.txt"))
-        fetched = mlflow.MlflowClient().get_run(run.info.run_id)
+        run = client.create_run(client.create_experiment("stack-test"))
+        client.log_metric(run.info.run_id, "val_accuracy", 0.75)
+        client.log_artifact(run.info.run_id, str(stack_dir / "note.txt"))
+        client.set_terminated(run.info.run_id)
+        fetched = client.get_run(run.info.run_id)
         assert fetched.data.metrics["val_accuracy"] == 0.75
         keys = storage.list_prefix(f"{bucket}/artifacts")
         assert [k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/note.txt")], keys
