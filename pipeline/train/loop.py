@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -96,11 +96,9 @@ class EpochStats:
 
     def add(self, other: EpochStats) -> None:
         """Add ``other``'s sums (and confusion counts) into this one."""
-        total = EpochStats.from_vector(self.as_vector() + other.as_vector())
-        for name in ("loss_sum", "correct", "samples", "seconds", "wait_s", "requests", "bytes",
-                     "steps", "log_ratio_sum", "ratio_draws", "retries", "timeouts", "errors",
-                     "hedges"):
-            setattr(self, name, getattr(total, name))
+        total = EpochStats.from_vector(self.as_vector() + other.as_vector(), self.confusion)
+        for item in fields(self):
+            setattr(self, item.name, getattr(total, item.name))
         if self.confusion is not None and other.confusion is not None:
             self.confusion += other.confusion
 
