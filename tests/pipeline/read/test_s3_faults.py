@@ -66,7 +66,9 @@ def test_503s_and_stalls_give_the_fault_free_patches_in_bounded_time(s3_server, 
         assert torch.equal(a, b)  # not one pixel differs
     # the draws are one seeded sequence, whatever request meets them: the counts are fixed
     assert injected["503"] > 20 and injected["stall"] >= 1, injected
-    assert counters.errors == injected["503"]
+    # each 503 is counted as an error, unless it answered a copy of a hedged request whose
+    # other copy answered (a loaded machine sends hedges)
+    assert counters.errors <= injected["503"] <= counters.errors + counters.hedges
     # a stall is hedged (a second copy answers), or, if both copies stall, timed out
     assert counters.hedges + counters.timeouts >= injected["stall"]
     assert counters.retries == counters.errors + counters.timeouts
