@@ -2,16 +2,11 @@
 local stack script really starts MLflow + S3 on loopback and stops them by pid."""
 
 import dataclasses
-import os
 import re
 import shlex
-import signal
-import socket
-import subprocess
 import tomllib
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,72 +183,3 @@ def test_compose_publishes_on_loopback_only_and_mlflow_uses_one_worker():
     assert "--workers=1" in command
     assert any(c.startswith("--artifacts-destination=s3://") for c in command)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@pytest.mark.slow
-def test_local_stack_starts_logs_to_s3_and_stops(tmp_path, tmp_path_factory):
-    from tests.pipeline.tracking_fixtures import fresh_mlflow_uri
-
-    env = {
-        **os.environ,
-        # an already-migrated SQLite file: MLflow's schema creation is the slow part of startup
-        "MLFLOW_BACKEND_URI": fresh_mlflow_uri(tmp_path_factory, "stack-db"),
-        "STACK_DIR": str(tmp_path / "stack"),
-        "S3_PORT": str(_free_port()),
-        "MLFLOW_PORT": str(_free_port()),
-    }
-    started = subprocess.run(
-        [str(INFRA / "local/start.sh")], env=env, capture_output=True, text=True, timeout=300
-    )
-    pids = {n: int((tmp_path / "stack" / f"{n}.pid").read_text()) for n in ("s3", "mlflow")}
-    try:
-        assert started.returncode == 0, started.stderr + started.stdout
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", started.stdout, re.M))
-        assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{env['MLFLOW_PORT']}"
-        code = (
-            "from pipeline.track.tracking import MlflowTracker\n"
-            "t = MlflowTracker('stack', __import__('os').environ['MLFLOW_TRACKING_URI'])\n"
-            "print('RUN', t.start('stack/run', params={'a': 1}))\n"
-            "t.log_text('hello', 'notes/hello.txt')\n"
-            "t.end()\n"
-            "import boto3\n"
-            "s3 = boto3.client('s3')\n"
-            "for o in s3.list_objects_v2(Bucket='mlflow-artifacts')['Contents']: print('KEY', o['Key'])\n"
-        )
-        client_env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-        result = subprocess.run(
-            [str(ROOT / ".venv/bin/python"), "-c", code],
-            env={**client_env, **exports},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert result.returncode == 0, result.stderr
-        (run_id,) = re.findall(r"^RUN (\w+)$", result.stdout, re.M)
-        keys = re.findall(r"^KEY (\S+)$", result.stdout, re.M)
-        # the artifact went through the server into the S3 bucket
-        assert [k for k in keys if k.endswith(f"/{run_id}/artifacts/notes/hello.txt")], keys
-    finally:
-        stopped = subprocess.run(
-            [str(INFRA / "local/stop.sh")], env=env, capture_output=True, text=True, timeout=60
-        )
-        for pid in pids.values():
-            if _alive(pid):  # never leave a server behind, even when stop.sh is broken
-                os.killpg(pid, signal.SIGKILL)
-    assert stopped.returncode == 0, stopped.stderr
-    assert not any(_alive(pid) for pid in pids.values())
-    assert not list((tmp_path / "stack").glob("*.pid"))
