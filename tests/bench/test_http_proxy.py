@@ -38,10 +38,11 @@ def test_the_readers_s3_requests_are_exactly_those_the_server_sees_and_bounded(s
     bucket = s3_server.new_bucket("wire")
     scenes = write_scenes(f"{bucket}/pyr", [(301, 517), (200, 150)])
     request = ReadRequest(random_boxes(2, 24, 301, 517, seed=3), 0, (16, 16))
-    with CountingProxy(s3_server.endpoint, latency_s=0.02) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        for concurrency, max_gap in ((3, 0), (64, 4096)):
-            proxy.reset()
+    # one proxy per setting: a hedge or timed-out copy of the first setting's reads, cancelled
+    # by the reader but already on its way, must not reach the second setting's counts
+    for concurrency, max_gap in ((3, 0), (64, 4096)):
+        with CountingProxy(s3_server.endpoint, latency_s=0.02) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
             source = ZarrPixelSource(concurrency=concurrency, max_gap=max_gap)
             out = source.read(list(scenes), request)
             counts, counted = proxy.counts(), source.counters()
@@ -56,7 +57,8 @@ def test_the_readers_s3_requests_are_exactly_those_the_server_sees_and_bounded(s
                 assert proxy.response_bytes(ok_only=True) >= counted.bytes
             assert 1 < proxy.most_in_flight() <= concurrency
             source.close()
-        assert torch.equal(out, ZarrPixelSource().read(list(scenes), request))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # the proxies are gone
+    assert torch.equal(out, ZarrPixelSource().read(list(scenes), request))
 
 
 def test_fault_rules_parse_and_refuse_unknown_kinds():
