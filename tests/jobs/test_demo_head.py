@@ -47,6 +47,7 @@ def _once_the_raylet_listens(pid: int, timeout_s: float = 120) -> list:
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from /proc (Linux)")
+@pytest.mark.ray
 def test_demo_head_listens_on_loopback_only_and_uses_its_0600_token():
     work = Path(tempfile.mkdtemp(prefix="r13d-", dir="/tmp"))  # Ray's socket paths < 107 bytes
     token = write_token_file(work)

@@ -26,6 +26,7 @@ def test_listening_sees_a_socket_on_every_interface():
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from /proc (Linux)")
+@pytest.mark.ray
 def test_private_ray_listens_on_loopback_only_and_its_token_file_is_0600(monkeypatch):
     """Every port of the processes ``start_ray`` starts (GCS, raylet, agents, metrics, driver,
     a worker) is bound to loopback, and the token file Ray uses is readable by its owner only.
@@ -45,7 +46,8 @@ def test_private_ray_listens_on_loopback_only_and_its_token_file_is_0600(monkeyp
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
                  "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded: what start_ray sets is undone afterwards
+        monkeypatch.delenv(name)
     temp_dir = tempfile.mkdtemp(prefix="r13-", dir="/tmp")  # Ray's socket paths stay < 107 bytes
     started = False
     try:

@@ -64,6 +64,7 @@ def _wait_for(path: Path, thread: threading.Thread, outcome: dict, timeout: floa
         time.sleep(0.2)
 
 
+@pytest.mark.ray
 def test_the_process_group_store_listens_on_loopback_only(monkeypatch):
     """Every socket of every process the run started (Ray's, the two workers', rank 0's
     ``TCPStore``) listens on 127.0.0.1, the store included; the group works (all-reduce = 2)."""
@@ -74,8 +75,9 @@ def test_the_process_group_store_listens_on_loopback_only(monkeypatch):
 
     if ray.is_initialized():
         pytest.skip("a Ray instance is already connected in this process")
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.setenv(name, "")  # recorded: what start_ray sets is undone afterwards
+        monkeypatch.delenv(name)
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     temp_dir = tempfile.mkdtemp(prefix="r13-", dir="/tmp")  # Ray's socket paths stay < 107 bytes
     folder = Path(tempfile.mkdtemp(prefix="pg-"))
