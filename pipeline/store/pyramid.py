@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -237,22 +238,74 @@ def write_pyramid_rows(
     shapes = pyramid_shapes(h, w, coarsest)
     pipeline_attrs = {"format": FORMAT_VERSION, "complete": False, "chunk": chunk,
                       "shard": shard, "coarsest": coarsest, "levels": len(shapes)}
-    group, sinks = _open_levels(store, scene_id, c, shapes, attrs, pipeline_attrs, chunk, shard)
+    storer = _Storer(store)
+    try:
+        group, sinks = _open_levels(storer, scene_id, c, shapes, attrs, pipeline_attrs, chunk,
+                                    shard)
+        _feed(sinks[0], bands, (c, h, w), scene_id)
+        storer.wait()
+    finally:
+        storer.close()
+    for index, sink in enumerate(sinks):
+        group[str(index)].update_attributes(
+            {"pipeline": {"empty_shards": encode_empty_shards(sink.empty)}})
+    group.update_attributes({"pipeline": {**pipeline_attrs, "complete": True}})
+    return scene_uri
+
+
+def _feed(top: _LevelSink, bands: Iterable[np.ndarray], shape: tuple[int, int, int],
+          scene_id: str) -> None:
+    """Push every band into level 0's sink, checking shapes and the row count, then finish."""
+    c, h, w = shape
     received = 0
     for band in bands:
         _check_band(band, (c, w), scene_id)
         received += band.shape[1]
         if received > h:
             raise ValueError(f"scene {scene_id!r}: bands hold more than the {h} rows of {shape}")
-        sinks[0].push(band)
+        top.push(band)
     if received != h:
         raise ValueError(f"scene {scene_id!r}: bands held {received} rows, expected {h}")
-    sinks[0].finish()
-    for index, sink in enumerate(sinks):
-        group[str(index)].update_attributes(
-            {"pipeline": {"empty_shards": encode_empty_shards(sink.empty)}})
-    group.update_attributes({"pipeline": {**pipeline_attrs, "complete": True}})
-    return scene_uri
+    top.finish()
+
+
+class _Storer:
+    """Stores shard rows on an event loop in a helper thread, one row in flight: the next
+    row is encoded while the previous one is being stored (memory: two rows of encoded
+    shards). A failed store raises at the next ``put`` or ``wait``, before the scene is marked
+    complete. zarr's stores keep no state bound to a loop (``LocalStore`` works in threads,
+    ``ObjectStore`` in obstore's runtime, ``MemoryStore`` in a dict)."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pyramid-store",
+                                        daemon=True)
+        self._thread.start()
+        self._pending: Any = None
+
+    def put(self, objects: dict[str, Any]) -> None:
+        """Wait for the previous row, then start storing ``objects`` (key -> zarr buffer)."""
+        self.wait()
+        self._pending = asyncio.run_coroutine_threadsafe(_store_band(self.store, objects),
+                                                         self._loop)
+
+    def wait(self) -> None:
+        """Wait for the row in flight; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Stop the helper thread (after the row in flight, whatever its outcome)."""
+        try:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                pending.exception()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
 
 def _check_band(band: np.ndarray, cw: tuple[int, int], scene_id: str) -> None:
@@ -264,7 +317,7 @@ def _check_band(band: np.ndarray, cw: tuple[int, int], scene_id: str) -> None:
                          f"{cw[1]}) uint8, got {got}")
 
 
-def _open_levels(store: Any, scene_id: str, c: int, shapes: list[tuple[int, int]],
+def _open_levels(storer: _Storer, scene_id: str, c: int, shapes: list[tuple[int, int]],
                  attrs: dict[str, Any], pipeline_attrs: dict[str, Any], chunk: int,
                  shard: int) -> tuple[Any, list[_LevelSink]]:
     """Create the group (incomplete) and every level's array; return the group and one
@@ -272,7 +325,7 @@ def _open_levels(store: Any, scene_id: str, c: int, shapes: list[tuple[int, int]
     import zarr
     from zarr.codecs import ZstdCodec
 
-    group = zarr.open_group(store, mode="w", zarr_format=3,
+    group = zarr.open_group(storer.store, mode="w", zarr_format=3,
                             attributes={"ome": ome_multiscales(scene_id, len(shapes)),
                                         "scene": attrs, "pipeline": pipeline_attrs})
     sinks: list[_LevelSink] = []
@@ -283,7 +336,7 @@ def _open_levels(store: Any, scene_id: str, c: int, shapes: list[tuple[int, int]
             compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=ZSTD_CHECKSUM), fill_value=0,
             dimension_names=("c", "y", "x"),
         )
-        sinks.insert(0, _LevelSink(store, str(index), shapes[index], array.metadata, chunk,
+        sinks.insert(0, _LevelSink(storer, str(index), shapes[index], array.metadata, chunk,
                                    shard, sinks[0] if sinks else None))
     return group, sinks
 
@@ -297,9 +350,9 @@ class _LevelSink:
     as ``downsample2x`` of the whole level does).
     """
 
-    def __init__(self, store: Any, path: str, hw: tuple[int, int], metadata: Any, chunk: int,
-                 shard: int, down: _LevelSink | None):
-        self.store, self.path, self.metadata = store, path, metadata
+    def __init__(self, storer: _Storer, path: str, hw: tuple[int, int], metadata: Any,
+                 chunk: int, shard: int, down: _LevelSink | None):
+        self.storer, self.path, self.metadata = storer, path, metadata
         self.chunk, self.shard, self.down = chunk, shard, down
         self.height = hw[0]
         self.empty = np.zeros((-(-hw[0] // shard), -(-hw[1] // shard)), dtype=bool)
@@ -335,7 +388,7 @@ class _LevelSink:
     def _emit(self, block: np.ndarray) -> None:
         """Store one shard row (rows ``_done`` onwards) and pass it down."""
         sy = self._done // self.shard
-        self.empty[sy] = _write_shards(self.store, self.path, block, sy, self.metadata,
+        self.empty[sy] = _write_shards(self.storer, self.path, block, sy, self.metadata,
                                        self.chunk, self.shard)
         self._done += block.shape[1]
         if self.down is None:
@@ -348,7 +401,7 @@ class _LevelSink:
             self.down.push(downsample2x(block[:, :even]))
 
 
-def _write_shards(store: Any, path: str, block: np.ndarray, sy: int, metadata: Any, chunk: int,
+def _write_shards(storer: _Storer, path: str, block: np.ndarray, sy: int, metadata: Any, chunk: int,
                   shard: int) -> np.ndarray:
     """Encode and store the shards of one shard row ``sy`` of array ``path`` from ``block``
     (C, <=shard, W); return the (gx,) bool row of the shards that were all zero, so not stored.
@@ -358,7 +411,7 @@ def _write_shards(store: Any, path: str, block: np.ndarray, sy: int, metadata: A
     same layout zarr writes them (inner chunks in Morton order, edge chunks padded with the
     fill value 0, all-zero chunks left out, then the uint64 index and its crc32c). A test
     checks that the bytes equal zarr's own. The row's shards are encoded, then stored
-    concurrently, so memory stays near one shard row of compressed shards.
+    concurrently (``_Storer``: while the next row is encoded).
     """
     from zarr.buffer import cpu
 
@@ -371,7 +424,7 @@ def _write_shards(store: Any, path: str, block: np.ndarray, sy: int, metadata: A
         if data:
             key = f"{path}/{metadata.encode_chunk_key((0, sy, sx))}"
             objects[key] = cpu.Buffer.from_bytes(data)
-    _run_sync(_store_band(store, objects))
+    storer.put(objects)
     return empty
 
 
