@@ -353,8 +353,8 @@ class ZarrPixelSource:
         ticket = self._turns.take()
         try:
             fetched = await asyncio.gather(*(
-                self._fetch_scene(key, rows, request.level)
-                for key, rows in zip(keys, boxes, strict=True)
+                self._fetch_scene(key, rows, level)
+                for key, rows, level in zip(keys, boxes, request.levels, strict=True)
             ))
             await self._turns.wait_below(ticket)  # decode in arrival order (see ``Turns``)
             scenes = [await self._finish_scene(f, request.size) for f in fetched]
