@@ -213,6 +213,7 @@ class ZarrPixelSource:
         record_requests: keep every store request for ``requests()`` (tests, benchmarks).
         prefetch_indexes: on the first read of a level of a scene, ask for every shard index
             of that level at once (a few hundred bytes each): later reads need one round trip.
+        prefetch_max_shards: prefetch only levels of at most this many shards.
         retry: S3 timeouts and retries (``ReaderSettings.retry_policy``); None: those of
             ``EXACT_READS``.
     """
@@ -225,6 +226,7 @@ class ZarrPixelSource:
         max_gap: int = EXACT_READS.max_gap,
         record_requests: bool = False,
         prefetch_indexes: bool = EXACT_READS.prefetch_indexes,
+        prefetch_max_shards: int = EXACT_READS.prefetch_max_shards,
         retry: RetryPolicy | None = None,
     ):
         if concurrency < 1 or cache_bytes < 0 or max_gap < 0:
@@ -234,9 +236,10 @@ class ZarrPixelSource:
             )
         self._init_args = {"concurrency": concurrency, "cache_bytes": cache_bytes,
                            "max_gap": max_gap, "record_requests": record_requests,
-                           "prefetch_indexes": prefetch_indexes, "retry": retry}
+                           "prefetch_indexes": prefetch_indexes,
+                           "prefetch_max_shards": prefetch_max_shards, "retry": retry}
         self.concurrency, self.cache_bytes, self.max_gap = concurrency, cache_bytes, max_gap
-        self.prefetch_indexes = prefetch_indexes
+        self.prefetch_indexes, self.prefetch_max_shards = prefetch_indexes, prefetch_max_shards
         self.retry = retry or EXACT_READS.retry_policy()
         self._log = RequestLog(record_requests)
         self._lock = threading.Lock()
@@ -251,6 +254,7 @@ class ZarrPixelSource:
         ``pipeline.read.source.ZarrSourceFactory``, which decides where the reader runs)."""
         return cls(concurrency=settings.concurrency, cache_bytes=settings.cache_bytes,
                    max_gap=settings.max_gap, prefetch_indexes=settings.prefetch_indexes,
+                   prefetch_max_shards=settings.prefetch_max_shards,
                    record_requests=record_requests, retry=settings.retry_policy())
 
     def _reset_loop_state(self) -> None:
@@ -580,14 +584,15 @@ class ZarrPixelSource:
         """``_index`` of every shard: cached ones directly, the others in one batch (read now
         from a local or memory store, all in flight at once on S3), or one task each.
 
-        With ``prefetch_indexes``, the first read of a level of a scene asks for the index of
-        every shard of that level at once, so later reads of the scene need one round trip
+        With ``prefetch_indexes``, the first read of a level of a scene (of at most
+        ``prefetch_max_shards`` shards) asks for the index of every shard of that level at once, so later reads of the scene need one round trip
         (chunks) instead of two (index, then chunks) whenever attention moves to a new shard.
         ``store``: the scene's store.
         """
-        if self.prefetch_indexes and (meta.uri, meta.level) not in self._prefetched:
+        gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
+        if (self.prefetch_indexes and gy * gx <= self.prefetch_max_shards
+                and (meta.uri, meta.level) not in self._prefetched):
             self._prefetched.add((meta.uri, meta.level))
-            gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
             every = [ShardKey(meta.level, sy, sx) for sy in range(gy) for sx in range(gx)]
             # a shard that fails here fails only the read that needs it (asked again below)
             await asyncio.gather(*(self._index(meta, sh) for sh in every), return_exceptions=True)
