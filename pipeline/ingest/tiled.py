@@ -105,9 +105,15 @@ def open_tiled(path: str) -> tuple[TiledImage, dict[str, Any]] | None:
 
 def _windowable(page: Any) -> bool:
     """Whether ``page`` is one interleaved image of 1, 3 or 4 samples of 8 or 16 bits, whose
-    segments ``_decode_segment`` can place (no palette, no depth, no planar layout)."""
+    segments ``_decode_segment`` can place (no palette, no depth, no planar layout) and whose
+    compression ``tifffile`` decodes here (none, deflate, LZMA; JPEG, LZW, packbits, WebP, ...
+    need ``imagecodecs``, not installed: such files are decoded whole by Pillow)."""
     import tifffile
 
+    try:
+        tifffile.TIFF.DECOMPRESSORS[page.compression]
+    except (KeyError, ImportError):
+        return False
     return (page.dtype in (np.uint8, np.uint16)
             and page.samplesperpixel in (1, 3, 4)
             and page.imagedepth == 1

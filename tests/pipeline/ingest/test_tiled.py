@@ -71,6 +71,17 @@ def test_other_tiff_layouts_match_pillows_decode(tmp_path, kind):
     np.testing.assert_array_equal(np.concatenate(bands, axis=1), decode_image(read_source(path), path))
 
 
+def test_a_tiff_whose_compression_tifffile_cannot_decode_here_is_decoded_whole(tmp_path):
+    from PIL import Image
+
+    rgb = textured(3, 120, 90, seed=1).transpose(1, 2, 0)
+    path = str(tmp_path / "lzw.tif")
+    Image.fromarray(rgb).save(path, compression="tiff_lzw")
+    image, geo = open_image(path)
+    assert isinstance(image, np.ndarray) and geo == {}
+    np.testing.assert_array_equal(image, rgb.transpose(2, 0, 1))
+
+
 def _ingest_peak(tmp_path, side: int) -> int:
     """Peak bytes traced (numpy reports to tracemalloc) while ingesting a ``side`` px TIFF."""
     path = str(tmp_path / f"big{side}.tif")
