@@ -774,11 +774,12 @@ class Tiles:
     def __init__(self, meta: LevelMeta, cyx: np.ndarray):
         self.meta, self.cyx = meta, cyx
         self.data = np.empty((len(cyx), *meta.chunk_shape), dtype=np.uint8)
-        # position of every chunk in a dense grid over the fetched chunks' bounding box
-        self.origin = cyx.min(0) if len(cyx) else np.zeros(2, dtype=np.int64)
-        extent = (cyx.max(0) - self.origin + 1) if len(cyx) else np.zeros(2, dtype=np.int64)
-        self.lookup = np.full(tuple(extent.tolist()), -1, dtype=np.int32)  # 1 MB at 512 x 512
-        self.lookup[tuple((cyx - self.origin).T)] = np.arange(len(cyx), dtype=np.int32)
+        # chunks by their row-major id in the level's chunk grid, sorted (memory: the chunks
+        # fetched; a dense grid over their bounding box cost 4 MB on a 32k scene's level 1)
+        self.width = -(-meta.shape[2] // meta.chunk_shape[2])
+        ids = cyx[:, 0].astype(np.int64) * self.width + cyx[:, 1] if len(cyx) else np.zeros(0, np.int64)
+        self.rows = np.argsort(ids, kind="stable").astype(np.int32)
+        self.ids = ids[self.rows]
 
     def crop(self, region: Sequence[int]) -> np.ndarray:
         """(C, y1-y0, x1-x0) uint8 pixels of ``region`` (level pixels, half-open); 0 outside
@@ -790,11 +791,12 @@ class Tiles:
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
         if sy1 <= sy0 or sx1 <= sx0:
             return np.zeros((c, y1 - y0, x1 - x0), dtype=np.uint8)
-        oy, ox = self.origin.tolist()
         cy0, cx0, cy1, cx1 = sy0 // ch, sx0 // cw, (sy1 - 1) // ch + 1, (sx1 - 1) // cw + 1
-        idx = self.lookup[cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox]
-        if idx.shape != (cy1 - cy0, cx1 - cx0) or (idx < 0).any():
+        want = np.arange(cy0, cy1)[:, None] * self.width + np.arange(cx0, cx1)[None, :]
+        pos = np.searchsorted(self.ids, want).clip(max=max(len(self.ids) - 1, 0))
+        if not len(self.ids) or not (self.ids[pos] == want).all():
             raise KeyError(f"region {tuple(region)} needs chunks that were not fetched")
+        idx = self.rows[pos]
         ny, nx = idx.shape
         mosaic = self.data[idx].transpose(2, 0, 3, 1, 4).reshape(c, ny * ch, nx * cw)
         inside = mosaic[:, sy0 - cy0 * ch : sy1 - cy0 * ch, sx0 - cx0 * cw : sx1 - cx0 * cw]
