@@ -167,11 +167,11 @@ class PixelCounter:
         return getattr(self.source, name)
 
     def read(self, keys, request: ReadRequest) -> Tensor:
-        for key, boxes in zip(keys, request.boxes.tolist(), strict=True):
-            level = self.source.pyramids[key][request.level]
+        for key, boxes, at in zip(keys, request.boxes.tolist(), request.levels, strict=True):
+            level = self.source.pyramids[key][at]
             c, h, w = level.shape
             for box in boxes:
-                y0, x0, y1, x1 = box_at_level(box, request.level)
+                y0, x0, y1, x1 = box_at_level(box, at)
                 dy, dx = min(y1, h) - max(y0, 0), min(x1, w) - max(x0, 0)
                 self.nbytes += c * max(dy, 0) * max(dx, 0)
         return self.source.read(keys, request)

@@ -83,13 +83,13 @@ class TensorPyramidSource:
         if len(keys) != request.boxes.shape[0]:
             raise ValueError(f"{len(keys)} keys for {request.boxes.shape[0]} rows of boxes")
         out = []
-        for key, boxes in zip(keys, request.boxes.tolist(), strict=True):
+        for key, boxes, at in zip(keys, request.boxes.tolist(), request.levels, strict=True):
             levels = self._levels(key)
-            if request.level >= len(levels):
-                raise ValueError(f"scene {key!r} has {len(levels)} levels, asked for {request.level}")
-            level = levels[request.level]
+            if at >= len(levels):
+                raise ValueError(f"scene {key!r} has {len(levels)} levels, asked for {at}")
+            level = levels[at]
             patches = [
-                resize_patches(crop_padded(level, *box_at_level(b, request.level))[None].float() / 255.0, request.size)[0]
+                resize_patches(crop_padded(level, *box_at_level(b, at))[None].float() / 255.0, request.size)[0]
                 for b in boxes
             ]
             out.append(torch.stack(patches) if patches else torch.zeros((0, level.shape[0], *request.size)))

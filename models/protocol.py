@@ -32,22 +32,39 @@ class ReadRequest:
 
     Attributes:
         boxes: (B, K, 4) int64, ``[y0, x0, y1, x1]`` in level-0 pixels, half-open.
-        level: pyramid level to read from (0 = full resolution).
+        level: pyramid level to read from (0 = full resolution): one for the whole batch, or a
+            tuple of B, one per scene (scenes of different sizes read at the level that suits
+            each, e.g. Zoom-In's automatic tile level); ``levels`` / ``scene_level`` give it
+            per scene either way.
         size: (h, w) output size in pixels; the region ``box / 2**level`` is resized to it
             (see ``resize_patches``) when its shape differs.
     """
 
     boxes: Tensor
-    level: int
+    level: int | tuple[int, ...]
     size: tuple[int, int]
 
     def __post_init__(self) -> None:
         if self.boxes.ndim != 3 or self.boxes.shape[-1] != 4:
             raise ValueError(f"ReadRequest.boxes must be (B, K, 4), got {tuple(self.boxes.shape)}")
-        if self.level < 0:
+        if isinstance(self.level, tuple) and len(self.level) != self.boxes.shape[0]:
+            raise ValueError(f"ReadRequest.level has {len(self.level)} levels for "
+                             f"{self.boxes.shape[0]} scenes")
+        if min(self.levels, default=0) < 0:
             raise ValueError(f"ReadRequest.level must be >= 0, got {self.level}")
         if len(self.size) != 2 or min(self.size) < 1:
             raise ValueError(f"ReadRequest.size must be (h, w) >= 1, got {self.size}")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The level of each of the B scenes."""
+        if isinstance(self.level, tuple):
+            return tuple(int(v) for v in self.level)
+        return (int(self.level),) * self.boxes.shape[0]
+
+    def scene_level(self, index: int) -> int:
+        """The level of scene ``index`` of the batch."""
+        return int(self.level[index]) if isinstance(self.level, tuple) else int(self.level)
 
 
 @runtime_checkable

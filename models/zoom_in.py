@@ -113,13 +113,13 @@ class ZoomIn(AttentionModel):
         tile_grid: (gh, gw) stage-I tiles over the scene; the stage-I attention map's sides
             must be multiples of it.
         tile_level, tile_view: pyramid level a tile is read from and the (h, w) it is resized
-            to for stage-II attention. ``tile_level=None`` picks, per batch, the coarsest level
-            at which every scene's tiles are still at least ``tile_view`` (and that exists in a
+            to for stage-II attention. ``tile_level=None`` picks, per scene, the coarsest level
+            at which the scene's tiles are still at least ``tile_view`` (and that exists in a
             pyramid built down to ``coarsest`` px): the transient crop then stays about
-            ``tile_view`` whatever the scene's size. With scenes of different sizes in one
-            batch the level is the one of the smallest, so a scene's result can depend on its
-            batch; a fixed level (default) never couples scenes.
-        coarsest: long side of the coarsest pyramid level (the pyramids' convention).
+            ``tile_view`` whatever the scene's size, also in a batch mixing 1k and 32k scenes
+            (the request carries one level per scene). Neither setting couples scenes.
+        coarsest: long side of the coarsest pyramid level (the pyramids' convention; training
+            sets it from the pyramids, ``pipeline.train.driver.pyramids_coarsest``).
         patch_size, patch_level: the final sub-tile read (pixels of that level).
         n_patches: stage-I draws = sub-tiles read per scene (N).
         smoothing: smoothing of alpha and beta.
@@ -223,11 +223,14 @@ class ZoomIn(AttentionModel):
         # contrastive reads (the term would be multiplied by 0 anyway)
         self.contrastive_live = False
 
-    def read_level(self, sizes: Tensor) -> int:
-        """Pyramid level of the tile-view read for scenes of level-0 ``sizes`` (B, 2)."""
+    def read_level(self, sizes: Tensor) -> int | tuple[int, ...]:
+        """Pyramid level of the tile-view read for scenes of level-0 ``sizes`` (B, 2): the fixed
+        ``tile_level``, or (``tile_level=None``) one level per scene, the coarsest at which its
+        tiles still span ``tile_view`` and that its pyramid (built down to ``coarsest`` px)
+        has, so a tile read costs about ``tile_view`` pixels whatever the scene's size."""
         if self.tile_level is not None:
             return self.tile_level
-        level = None
+        levels = []
         for h, w in sizes.tolist():
             th, tw = h // self.tile_grid[0], w // self.tile_grid[1]
             ratio = min(th / self.tile_view[0], tw / self.tile_view[1])
@@ -235,9 +238,8 @@ class ZoomIn(AttentionModel):
             depth, side = 0, max(h, w)
             while side > self.coarsest:  # levels that exist: halve until <= coarsest
                 side, depth = math.ceil(side / 2), depth + 1
-            scene_level = min(fit, depth)
-            level = scene_level if level is None else min(level, scene_level)
-        return level
+            levels.append(min(fit, depth))
+        return tuple(levels)
 
     def attend_tiles(self, views: Tensor) -> tuple[Tensor, Tensor]:
         """Views (B, C, h, w) -> position attention (B, h', w') and tile attention (B, gh*gw)."""

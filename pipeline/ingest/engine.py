@@ -27,12 +27,13 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import numpy as np
 
+from pipeline.ingest.tiled import TIFF_SUFFIXES, TiledImage, open_tiled
 from pipeline.store import storage
 
 # Pillow's decompression-bomb guard (89 Mpx warns, 179 Mpx raises) stays on: fMoW's largest
@@ -79,14 +80,14 @@ class LoadedScene:
     """A loader's result: level-0 pixels and the metadata that goes into the pyramid attrs.
 
     Attributes:
-        image: (C, H, W) uint8.
+        image: (C, H, W) uint8, or a ``TiledImage`` (a TIFF read band by band while writing).
         box: labelled box ``(y0, x0, y1, x1)`` in level-0 px, half-open, or None.
         gsd: ground sample distance in metres, or None.
         timestamp: acquisition time as the source gives it, or None.
         extra: further JSON-serialisable metadata kept in the pyramid's scene attrs.
     """
 
-    image: np.ndarray
+    image: np.ndarray | TiledImage
     box: tuple[int, int, int, int] | None = None
     gsd: float | None = None
     timestamp: str | None = None
@@ -161,6 +162,41 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
         # no object reprs (memory addresses) in the reason: rejects must be reproducible
         reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(exc))
         raise BadInput("unreadable_image", f"cannot decode image {uri}: {reason}") from None
+
+
+def open_image(uri: str) -> tuple[np.ndarray | TiledImage, dict[str, Any]]:
+    """The pixels of the image at ``uri`` and its geo attributes (``tiled.geo_attrs``).
+
+    A local TIFF that ``tiled.open_tiled`` can read window by window comes back as a
+    ``TiledImage`` (nothing decoded yet: the pyramid writer pulls one row of tiles at a time);
+    every other input is decoded whole by ``decode_image`` (attributes empty). ``BadInput``
+    for missing or unreadable files.
+    """
+    parsed = storage.parse_uri(uri)
+    if parsed.scheme == "file" and uri.lower().endswith(TIFF_SUFFIXES):
+        try:
+            opened = open_tiled(parsed.root)
+        except FileNotFoundError:
+            raise BadInput("missing_image", f"missing image {uri}") from None
+        except Exception as exc:  # noqa: BLE001 - tifffile raises several kinds for bad files
+            raise BadInput("unreadable_image", f"cannot read TIFF {uri}: {exc}") from None
+        if opened is not None:
+            return opened
+    return decode_image(read_source(uri), uri), {}
+
+
+def tiled_bands(image: TiledImage, uri: str) -> Iterator[np.ndarray]:
+    """``image.bands()`` with a decoding failure turned into ``BadInput("unreadable_image")``
+    naming ``uri`` (a truncated or corrupt tile is found only while writing)."""
+    bands = image.bands()
+    while True:
+        try:
+            band = next(bands)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - tifffile / codecs raise several kinds
+            raise BadInput("unreadable_image", f"cannot decode TIFF {uri}: {exc}") from None
+        yield band
 
 
 def check_jpeg(data: bytes, uri: str) -> None:
@@ -288,15 +324,10 @@ def ingest_scene(
         loaded = loader(task)
         check_scene_size(loaded.image, task.source)
         attrs = scene_attrs(task, loaded)
-        uri = pyramid.write_pyramid(dst, task.scene_id, loaded.image, attrs, coarsest=coarsest)
-        shapes = [
-            (loaded.image.shape[0], h, w)
-            for h, w in pyramid.pyramid_shapes(
-                loaded.image.shape[1], loaded.image.shape[2], coarsest
-            )
-        ]
-        pixels = loaded.image.shape[1] * loaded.image.shape[2]
-        return Outcome("written", manifest_row(attrs, uri, shapes, classes), pixels)
+        uri = write_scene(dst, task, loaded, attrs, coarsest)
+        c, height, width = loaded.image.shape
+        shapes = [(c, h, w) for h, w in pyramid.pyramid_shapes(height, width, coarsest)]
+        return Outcome("written", manifest_row(attrs, uri, shapes, classes), height * width)
     except BadInput as exc:
         return Outcome("rejected", reject_row(task, exc.kind, str(exc), _bad_path(task, exc)))
     except Exception as exc:  # noqa: BLE001 - one scene's failure must not stop the run
@@ -304,7 +335,21 @@ def ingest_scene(
         return Outcome("rejected", reject_row(task, "error", reason))
 
 
-def check_scene_size(image: np.ndarray, uri: str) -> None:
+def write_scene(dst: str, task: SceneTask, loaded: LoadedScene, attrs: dict[str, Any],
+                coarsest: int) -> str:
+    """Write the pyramid of ``loaded`` (a whole array, or a ``TiledImage`` band by band);
+    return its URI."""
+    from pipeline.store import pyramid
+
+    image = loaded.image
+    if isinstance(image, TiledImage):
+        return pyramid.write_pyramid_rows(dst, task.scene_id, image.shape,
+                                          tiled_bands(image, task.source), attrs,
+                                          coarsest=coarsest)
+    return pyramid.write_pyramid(dst, task.scene_id, image, attrs, coarsest=coarsest)
+
+
+def check_scene_size(image: np.ndarray | TiledImage, uri: str) -> None:
     """``BadInput("too_small")`` naming ``uri`` when the (C, H, W) image is narrower or lower
     than ``pipeline.store.pyramid.MIN_SCENE_SIDE`` px: training could not read it."""
     from pipeline.store.pyramid import MIN_SCENE_SIDE

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pipeline.ingest.engine import LoadedScene, SceneTask, decode_image, read_source
+from pipeline.ingest.engine import LoadedScene, SceneTask, open_image
 from pipeline.store import storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -89,5 +89,9 @@ def _normalise(uri: str) -> str:
 
 
 def load_folder_scene(task: SceneTask) -> LoadedScene:
-    """Loader for ``run_ingest``: decode the image; no box or geo metadata."""
-    return LoadedScene(decode_image(read_source(task.source), task.source))
+    """Loader for ``run_ingest``: the image (a local TIFF read band by band while writing,
+    ``engine.open_image``; anything else decoded whole); no box; a GeoTIFF's ground sample
+    distance as ``gsd`` and its geotransform and EPSG code as scene attributes."""
+    image, geo = open_image(task.source)
+    extra = {k: v for k, v in geo.items() if k != "gsd"}
+    return LoadedScene(image, gsd=geo.get("gsd"), extra=extra)

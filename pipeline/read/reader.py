@@ -213,6 +213,7 @@ class ZarrPixelSource:
         record_requests: keep every store request for ``requests()`` (tests, benchmarks).
         prefetch_indexes: on the first read of a level of a scene, ask for every shard index
             of that level at once (a few hundred bytes each): later reads need one round trip.
+        prefetch_max_shards: prefetch only levels of at most this many shards.
         retry: S3 timeouts and retries (``ReaderSettings.retry_policy``); None: those of
             ``EXACT_READS``.
     """
@@ -225,6 +226,7 @@ class ZarrPixelSource:
         max_gap: int = EXACT_READS.max_gap,
         record_requests: bool = False,
         prefetch_indexes: bool = EXACT_READS.prefetch_indexes,
+        prefetch_max_shards: int = EXACT_READS.prefetch_max_shards,
         retry: RetryPolicy | None = None,
     ):
         if concurrency < 1 or cache_bytes < 0 or max_gap < 0:
@@ -234,9 +236,10 @@ class ZarrPixelSource:
             )
         self._init_args = {"concurrency": concurrency, "cache_bytes": cache_bytes,
                            "max_gap": max_gap, "record_requests": record_requests,
-                           "prefetch_indexes": prefetch_indexes, "retry": retry}
+                           "prefetch_indexes": prefetch_indexes,
+                           "prefetch_max_shards": prefetch_max_shards, "retry": retry}
         self.concurrency, self.cache_bytes, self.max_gap = concurrency, cache_bytes, max_gap
-        self.prefetch_indexes = prefetch_indexes
+        self.prefetch_indexes, self.prefetch_max_shards = prefetch_indexes, prefetch_max_shards
         self.retry = retry or EXACT_READS.retry_policy()
         self._log = RequestLog(record_requests)
         self._lock = threading.Lock()
@@ -251,6 +254,7 @@ class ZarrPixelSource:
         ``pipeline.read.source.ZarrSourceFactory``, which decides where the reader runs)."""
         return cls(concurrency=settings.concurrency, cache_bytes=settings.cache_bytes,
                    max_gap=settings.max_gap, prefetch_indexes=settings.prefetch_indexes,
+                   prefetch_max_shards=settings.prefetch_max_shards,
                    record_requests=record_requests, retry=settings.retry_policy())
 
     def _reset_loop_state(self) -> None:
@@ -353,8 +357,8 @@ class ZarrPixelSource:
         ticket = self._turns.take()
         try:
             fetched = await asyncio.gather(*(
-                self._fetch_scene(key, rows, request.level)
-                for key, rows in zip(keys, boxes, strict=True)
+                self._fetch_scene(key, rows, level)
+                for key, rows, level in zip(keys, boxes, request.levels, strict=True)
             ))
             await self._turns.wait_below(ticket)  # decode in arrival order (see ``Turns``)
             scenes = [await self._finish_scene(f, request.size) for f in fetched]
@@ -580,14 +584,15 @@ class ZarrPixelSource:
         """``_index`` of every shard: cached ones directly, the others in one batch (read now
         from a local or memory store, all in flight at once on S3), or one task each.
 
-        With ``prefetch_indexes``, the first read of a level of a scene asks for the index of
-        every shard of that level at once, so later reads of the scene need one round trip
+        With ``prefetch_indexes``, the first read of a level of a scene (of at most
+        ``prefetch_max_shards`` shards) asks for the index of every shard of that level at once, so later reads of the scene need one round trip
         (chunks) instead of two (index, then chunks) whenever attention moves to a new shard.
         ``store``: the scene's store.
         """
-        if self.prefetch_indexes and (meta.uri, meta.level) not in self._prefetched:
+        gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
+        if (self.prefetch_indexes and gy * gx <= self.prefetch_max_shards
+                and (meta.uri, meta.level) not in self._prefetched):
             self._prefetched.add((meta.uri, meta.level))
-            gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
             every = [ShardKey(meta.level, sy, sx) for sy in range(gy) for sx in range(gx)]
             # a shard that fails here fails only the read that needs it (asked again below)
             await asyncio.gather(*(self._index(meta, sh) for sh in every), return_exceptions=True)
@@ -769,11 +774,12 @@ class Tiles:
     def __init__(self, meta: LevelMeta, cyx: np.ndarray):
         self.meta, self.cyx = meta, cyx
         self.data = np.empty((len(cyx), *meta.chunk_shape), dtype=np.uint8)
-        # position of every chunk in a dense grid over the fetched chunks' bounding box
-        self.origin = cyx.min(0) if len(cyx) else np.zeros(2, dtype=np.int64)
-        extent = (cyx.max(0) - self.origin + 1) if len(cyx) else np.zeros(2, dtype=np.int64)
-        self.lookup = np.full(tuple(extent.tolist()), -1, dtype=np.int32)  # 1 MB at 512 x 512
-        self.lookup[tuple((cyx - self.origin).T)] = np.arange(len(cyx), dtype=np.int32)
+        # chunks by their row-major id in the level's chunk grid, sorted (memory: the chunks
+        # fetched; a dense grid over their bounding box cost 4 MB on a 32k scene's level 1)
+        self.width = -(-meta.shape[2] // meta.chunk_shape[2])
+        ids = cyx[:, 0].astype(np.int64) * self.width + cyx[:, 1] if len(cyx) else np.zeros(0, np.int64)
+        self.rows = np.argsort(ids, kind="stable").astype(np.int32)
+        self.ids = ids[self.rows]
 
     def crop(self, region: Sequence[int]) -> np.ndarray:
         """(C, y1-y0, x1-x0) uint8 pixels of ``region`` (level pixels, half-open); 0 outside
@@ -785,11 +791,12 @@ class Tiles:
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
         if sy1 <= sy0 or sx1 <= sx0:
             return np.zeros((c, y1 - y0, x1 - x0), dtype=np.uint8)
-        oy, ox = self.origin.tolist()
         cy0, cx0, cy1, cx1 = sy0 // ch, sx0 // cw, (sy1 - 1) // ch + 1, (sx1 - 1) // cw + 1
-        idx = self.lookup[cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox]
-        if idx.shape != (cy1 - cy0, cx1 - cx0) or (idx < 0).any():
+        want = np.arange(cy0, cy1)[:, None] * self.width + np.arange(cx0, cx1)[None, :]
+        pos = np.searchsorted(self.ids, want).clip(max=max(len(self.ids) - 1, 0))
+        if not len(self.ids) or not (self.ids[pos] == want).all():
             raise KeyError(f"region {tuple(region)} needs chunks that were not fetched")
+        idx = self.rows[pos]
         ny, nx = idx.shape
         mosaic = self.data[idx].transpose(2, 0, 3, 1, 4).reshape(c, ny * ch, nx * cw)
         inside = mosaic[:, sy0 - cy0 * ch : sy1 - cy0 * ch, sx0 - cx0 * cw : sx1 - cx0 * cw]

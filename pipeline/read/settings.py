@@ -35,6 +35,12 @@ class ReaderSettings:
         prefetch_indexes: on the first read of a scene's level, fetch every shard index of
             that level at once (a few hundred bytes per shard), so that later reads cost one
             round trip instead of two when attention moves to a shard not read before.
+        prefetch_max_shards: ... only for levels of at most this many shards (64: 64 KiB of
+            indexes at 128 px shards, a level of up to 1,024 px a side, so the first read of a
+            scene costs at most that much more). A 32,768 px scene's level 1 has 16,384 shards:
+            prefetching them would cost 16 MiB and 16,384 requests on its first read and crowd
+            ``cache_bytes``; such levels fetch each index when a read first needs it, so a
+            sample's bytes stay flat in the scene's size (``bench/scale.py``).
         request_timeout_s: seconds an S3 range read may take before it is cancelled and sent
             again (a range of a few KB answers in milliseconds; a stalled connection would
             otherwise hold a training step for the HTTP client's 30 s or more).
@@ -58,6 +64,7 @@ class ReaderSettings:
     max_gap: int = 16384
     process: bool = True
     prefetch_indexes: bool = True
+    prefetch_max_shards: int = 64
     request_timeout_s: float = 2.0
     max_retries: int = 6
     retry_initial_delay_s: float = 0.005

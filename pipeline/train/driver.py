@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -154,18 +155,43 @@ def resolve_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def resolve_config(config: TrainConfig, classes: list[str]) -> TrainConfig:
-    """Fill model arguments that follow from the data: ``num_classes`` and ``view_size``."""
+def resolve_config(config: TrainConfig, classes: list[str], coarsest: int | None = None) -> TrainConfig:
+    """Fill model arguments that follow from the data: ``num_classes``, ``view_size`` and, for
+    a model with a ``coarsest`` argument (Zoom-In), the pyramids' own ``coarsest``
+    (``pyramids_coarsest``; None: leave the config's), so that the levels it picks per scene
+    exist in every scene's pyramid whatever the ingest's ``--coarsest`` and the scene sizes."""
     overrides = dict(config.model.overrides)
     overrides.setdefault("num_classes", len(classes))
     if config.data.view_size:
         overrides.setdefault("view_size", list(config.data.view_size))
+    if coarsest is not None and _takes_coarsest(config.model.name, overrides):
+        if overrides.get("coarsest", coarsest) != coarsest:
+            _say(f"model.overrides.coarsest {overrides['coarsest']} -> {coarsest}: the "
+                 f"pyramids' coarsest level (long side, px, largest over the scenes)")
+        overrides["coarsest"] = coarsest
     storage = resolve_storage(config.run.storage_path)
     return dataclasses.replace(
         config,
         model=dataclasses.replace(config.model, overrides=overrides),
         run=dataclasses.replace(config.run, storage_path=storage),
     )
+
+
+def _takes_coarsest(name: str, overrides: dict[str, Any]) -> bool:
+    """Whether model ``name`` has a ``coarsest`` argument (its instance keeps the attribute)."""
+    from models.registry import create_model
+
+    return hasattr(create_model(name, **overrides), "coarsest")
+
+
+def pyramids_coarsest(manifest: Any) -> int | None:
+    """The largest long side (px) of any scene's coarsest level, from the manifest's
+    ``level_shapes`` (Arrow table or DataFrame; no I/O): a model that halves a scene's size
+    until it is at most this finds only levels every scene has (scenes ingested with a smaller
+    ``--coarsest`` have more levels, never fewer). None for an empty manifest."""
+    table = manifest.to_pandas() if hasattr(manifest, "to_pandas") else manifest
+    sides = [max(json.loads(shapes)[-1]) for shapes in table["level_shapes"]]
+    return int(max(sides)) if sides else None
 
 
 @dataclass
@@ -314,7 +340,7 @@ def run_training(
                        config.data.limit)
     val = train.sibling(config.data.val_split)
     classes = list(train.classes)
-    config = resolve_config(config, classes)
+    config = resolve_config(config, classes, pyramids_coarsest(train.manifest))
     source_factory = source_factory or train.source_factory
     model = create_model(config.model.name, **config.model.overrides)
     view_size, read_level = model.view_size, model_read_level(model)

@@ -91,7 +91,7 @@ def find_bad(source: Any, keys: Sequence[str], request: ReadRequest) -> dict[str
     for i, key in enumerate(keys):
         if key in bad:
             continue
-        one = ReadRequest(request.boxes[i : i + 1], request.level, request.size)
+        one = ReadRequest(request.boxes[i : i + 1], request.scene_level(i), request.size)
         try:
             source.read([key], one)
         except READ_ERRORS as err:

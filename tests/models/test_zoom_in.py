@@ -243,10 +243,10 @@ def inference_peak_bytes(model, source, key) -> tuple[int, int]:
 @pytest.mark.parametrize(
     "sizes, level",
     [
-        ([[1024, 1024]], 2),  # tiles of 256 px: level 3 would fit 32 px, the pyramid stops at 2
-        ([[4096, 4096]], 4),
-        ([[512, 512]], 1),  # tiles of 128 px: 32 px at level 2, the pyramid stops at 1
-        ([[4096, 4096], [1024, 1024]], 2),  # one level per batch: the smallest scene's
+        ([[1024, 1024]], (2,)),  # tiles of 256 px: level 3 would fit 32 px, the pyramid stops at 2
+        ([[4096, 4096]], (4,)),
+        ([[512, 512]], (1,)),  # tiles of 128 px: 32 px at level 2, the pyramid stops at 1
+        ([[4096, 4096], [1024, 1024]], (4, 2)),  # one level per scene
     ],
 )
 def test_auto_tile_level(sizes, level):

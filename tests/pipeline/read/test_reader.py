@@ -377,6 +377,17 @@ def test_prefetching_indexes_asks_for_every_shard_of_the_level_once(scenes):
     assert eager.counters().index_requests == level1
 
 
+def test_levels_with_more_shards_than_the_cap_are_not_prefetched(scenes):
+    uri = next(iter(scenes))
+    shape = tuple(scenes[uri].shape)
+    shards = math.ceil(shape[1] / SHARD) * math.ceil(shape[2] / SHARD)
+    plain = ZarrPixelSource()
+    capped = ZarrPixelSource(prefetch_indexes=True, prefetch_max_shards=shards - 1)
+    request = ReadRequest(random_boxes(1, 4, 301, 517, seed=5), 0, (8, 8))
+    assert torch.equal(capped.read([uri], request), plain.read([uri], request))
+    assert capped.counters().index_requests == plain.counters().index_requests < shards
+
+
 def test_concurrent_reads_come_back_in_the_order_they_were_asked(scenes):
     source = ZarrPixelSource()
     keys = list(scenes)
