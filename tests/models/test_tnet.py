@@ -183,3 +183,22 @@ def test_max_pool_and_feature_scale_give_scaled_unit_features():
     model = _model(levels=1, pool="max", feature_scale=16.0)
     _, feat = model._embed(torch.rand(3, 3, 32, 32), torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3), 0)
     assert torch.allclose(feat.norm(dim=-1), torch.full((3,), 16.0), atol=1e-4)
+
+
+def test_view_backbone_keeps_the_views_batchnorm_statistics_apart_from_the_regions():
+    """With ``view_backbone`` the view goes through a backbone of its own, so each backbone's
+    BatchNorm running statistics come from one kind of input only (a shared backbone's mix
+    of views and crops normalised both wrongly in eval mode: README)."""
+    model = TNet(5, (32, 32), backbone="small_cnn", backbone_kwargs={"widths": (8, 8, 8)},
+                 view_backbone=True, region_size=(16, 16))
+    seen = {"features": set(), "view_features": set()}
+    for name in seen:
+        getattr(model, name).register_forward_hook(
+            lambda mod, args, out, name=name: seen[name].add(tuple(args[0].shape[-2:]))
+        )
+    _forward(model.train(), generator=torch.Generator().manual_seed(0))
+    assert seen == {"features": {(16, 16)}, "view_features": {(32, 32)}}
+    shared = TNet(5, (32, 32), backbone="small_cnn", backbone_kwargs={"widths": (8, 8, 8)})
+    assert shared.view_features is None
+    with pytest.raises(ValueError, match="view_backbone"):
+        _model(view_backbone=True)  # a module cannot be built twice
