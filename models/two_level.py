@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import contrast_prior, pooled
+from models.layers import contrast_prior, pooled, scaled_unit
+from models.layers.pool import POOLS
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import crop_resize, multiscale_windows, read_level, to_level0
 from models.registry import register_model
@@ -130,6 +131,10 @@ class TwoLevelAttention(AttentionModel):
         proposals: 0 scores every candidate with the filter net; M > 0 (with the contrast
             prior) scores only the M windows with the most contrast, as the paper's filter net
             sees only selective search's proposals (M times fewer filter-net passes).
+        pool: "avg" or "max": global pooling of the domain net's map of each kept patch.
+        feature_scale: 0 keeps the pooled patch features as they are; > 0 L2-normalises each
+            and multiplies it by this (``ats_mnist``'s cosine-classifier temperature: a fresh
+            linear head on unit features gives logits of about +-1 and learns slowly).
     """
 
     def __init__(
@@ -155,8 +160,13 @@ class TwoLevelAttention(AttentionModel):
         proposal_prior: str = "none",
         prior_strength: float = 5.0,
         proposals: int = 0,
+        pool: str = "avg",
+        feature_scale: float = 0.0,
     ):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.pool, self.feature_scale = pool, float(feature_scale)
         if proposal_prior not in ("none", "contrast"):
             raise ValueError(f"proposal_prior must be 'none' or 'contrast', got {proposal_prior!r}")
         self.prior_strength = float(prior_strength) if proposal_prior == "contrast" else 0.0
@@ -213,7 +223,8 @@ class TwoLevelAttention(AttentionModel):
         level = read_level(boxes0, self.patch_size, sizes, max_level=self.max_level)
         patches = yield ReadRequest(boxes0, level, self.patch_size)  # (B, T, C, h, w)
         b = views.shape[0]
-        feats = pooled(self.domain_net(patches.flatten(0, 1))).view(b, self.keep, -1)
+        feats = pooled(self.domain_net(patches.flatten(0, 1)), self.pool)
+        feats = scaled_unit(feats, self.feature_scale).view(b, self.keep, -1)
         object_logits = self.object_head(feats.mean(1))
         part_feats, choice = select_parts(feats, part_scores(feats, self.assignment, self.parts))
         part_logits = self.part_head(part_feats.flatten(1))
@@ -279,7 +290,9 @@ def two_level(**kwargs) -> TwoLevelAttention:
 # The Megapixel MNIST setting of bench/learning.py: windows of an eighth of the canvas (62 px of
 # 500, every 31 px: a 28 px digit lies whole in one); the filter net sees 10 px cuts of the view
 # of the 20 with the most contrast and ranks them with the contrast prior; 10 kept and read as
-# 24 px at level 1 (the digit at 11 px), the feature CNN of ``ats_mnist`` for both networks.
+# 24 px at level 1 (the digit at 11 px), the feature CNN of ``ats_mnist`` for both networks,
+# and ``ats_mnist``'s max pool and scaled unit features on the domain net's patches (2 epochs on
+# the bench's data: test accuracy 0.220, 0.315 against 0.120, 0.270 without; README).
 MNIST_SETTING = dict(
     in_channels=1,
     num_classes=10,
@@ -293,6 +306,8 @@ MNIST_SETTING = dict(
     backbone_kwargs={"widths": (16, 32, 64)},
     proposal_prior="contrast",
     prior_strength=5.0,
+    pool="max",
+    feature_scale=16.0,
 )
 
 

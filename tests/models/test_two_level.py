@@ -139,3 +139,13 @@ def test_proposals_limit_the_filter_net_to_the_windows_with_most_contrast():
 
     with pytest.raises(ValueError, match="proposals"):
         _model(proposals=5)  # needs the contrast prior
+
+
+def test_max_pool_and_feature_scale_give_scaled_unit_patch_features():
+    model = _model(pool="max", feature_scale=16.0)
+    source, keys = random_scenes([(200, 200), (160, 240)], coarsest=64)
+    out = model(source.view(keys, (32, 32)), source.level0_sizes(keys), source, keys)
+    norms = out.extras["patch_features"].norm(dim=-1)  # (B, keep)
+    assert torch.allclose(norms, torch.full_like(norms, 16.0), atol=1e-4)
+    plain = _model()(source.view(keys, (32, 32)), source.level0_sizes(keys), source, keys)
+    assert not torch.allclose(plain.extras["patch_features"].norm(dim=-1), norms)
