@@ -156,10 +156,11 @@ def build_setup(work: Path) -> Setup:
     return setup
 
 
-def _ingest(src: Path, dst: str, env: dict[str, str], log: Path) -> int:
+def _ingest(src: Path, dst: str, env: dict[str, str], log: Path, *extra: str) -> int:
     """``jobs/ingest_fmow.py`` (coarsest 64: four levels for these small scenes)."""
     return _run_job("jobs.ingest_fmow", ["--src", str(src), "--dst", dst, "--workers", "2",
-                                         "--coarsest", "64", "--progress-s", "600"], env, log)
+                                         "--coarsest", "64", "--progress-s", "600", *extra],
+                    env, log)
 
 
 def _reference(root: Path) -> tuple[list[str], Any]:
@@ -404,17 +405,35 @@ def entry_bit_flips(setup: Setup, flips: int = 150) -> dict[str, Any]:
 def entry_ingest_rejects_unreadable(setup: Setup, corruptions: int = 20) -> dict[str, Any]:
     """Inputs training could not read are rejected naming the file: a 1 x 1 px image, a
     string gsd, and ``corruptions`` JPEGs with 16-64 bytes overwritten mid-file (each a copy of
-    a good scene); nothing of them is ingested as garbage."""
+    a good scene); nothing of them is ingested as garbage. Ingested twice: by the decoder's
+    checks alone (many such JPEGs still decode: reported, not judged), and with the source's
+    published ``sha256sum`` file (``--checksums``, the sums of the files as published: the
+    corrupted copies' sums are their originals'), which must catch every one."""
+    src = setup.work / "raw-bad"
+    planted, corrupted, sums = _plant_bad_inputs(setup.raw, src, corruptions)
+    (setup.work / "SHA256SUMS").write_text(sums)
+    without = _ingest_bad(setup, src, "pyr-bad", planted, corrupted)
+    checked = _ingest_bad(setup, src, "pyr-bad-checked", planted, corrupted,
+                          "--checksums", str(setup.work / "SHA256SUMS"))
+    ok = (checked["planted_rejected"] == len(planted)
+          and checked["corrupt_middle_rejected"] == len(corrupted)
+          and checked["rejects_name_the_file"] and without["planted_rejected"] == len(planted))
+    return {"ok": ok, "planted": len(planted), "corrupt_middle": len(corrupted),
+            "with_checksums": checked, "decoder_only": without}
+
+
+def _plant_bad_inputs(raw: Path, src: Path, corruptions: int) -> tuple[dict, list[str], str]:
+    """Copy ``raw`` to ``src`` with the bad inputs planted; (planted {path: what}, corrupted
+    JPEG paths, the ``sha256sum`` text of the files as published)."""
+    import hashlib
     import io
 
     from PIL import Image
 
-    from pipeline.store.manifest import read_manifest, read_rejects
     from pipeline.synth.fmow_sample import overwrite_middle
 
-    src = setup.work / "raw-bad"
     shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(setup.raw, src)
+    shutil.copytree(raw, src)
     jpegs = sorted(p for p in src.rglob("*_rgb.jpg"))
     planted = {}
     tiny, stringy = jpegs[0], jpegs[1]
@@ -425,6 +444,7 @@ def entry_ingest_rejects_unreadable(setup: Setup, corruptions: int = 20) -> dict
     planted[str(tiny)] = "too_small"
     _edit_meta(stringy, gsd="not a number")
     planted[str(stringy.with_name(stringy.name.replace("_rgb.jpg", "_rgb.json")))] = "string gsd"
+    published = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
     corrupted = []
     for i in range(corruptions):  # copies of good scenes, each with its own corruption
         base = jpegs[2 + i % (len(jpegs) - 2)]
@@ -432,25 +452,32 @@ def entry_ingest_rejects_unreadable(setup: Setup, corruptions: int = 20) -> dict
         stem = f"{folder.name}_0_rgb"
         folder.mkdir()
         (folder / f"{stem}.jpg").write_bytes(overwrite_middle(base.read_bytes(), seed=i))
+        published[folder / f"{stem}.jpg"] = base.read_bytes()
         meta = json.loads(base.with_suffix(".json").read_text())
         (folder / f"{stem}.json").write_text(json.dumps(meta))
         corrupted.append(str(folder / f"{stem}.jpg"))
-    dst = setup.work / "pyr-bad"
+    sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {path.relative_to(src)}\n"
+                   for path, data in sorted(published.items()))
+    return planted, corrupted, sums
+
+
+def _ingest_bad(setup: Setup, src: Path, name: str, planted: dict, corrupted: list[str],
+                *extra: str) -> dict[str, Any]:
+    """Ingest ``src`` into ``<work>/<name>``; what its rejects caught."""
+    from pipeline.store.manifest import read_manifest, read_rejects
+
+    dst = setup.work / name
     shutil.rmtree(dst, ignore_errors=True)
     code = _ingest(src, str(dst), {**os.environ, "PYTHONPATH": str(ROOT)},
-                   setup.work / "ingest-bad.log")
+                   setup.work / f"ingest-{name}.log", *extra)
     manifest = str(dst / "manifest.parquet")
     rejects = read_rejects(manifest).to_pandas()
     rejected = {str(Path(p)) for p in rejects["path"]}
     named = all(Path(p).as_posix() in r for p, r in zip(rejects["path"], rejects["reason"], strict=True))
-    caught = sum(c in rejected for c in corrupted)
-    missed_planted = [p for p in planted if p not in rejected]
-    written = len(read_manifest(manifest))
-    return {"ok": not missed_planted and caught == len(corrupted) and named,
-            "exit_code": code, "planted_rejected": len(planted) - len(missed_planted),
-            "planted": len(planted), "corrupt_middle_rejected": caught,
-            "corrupt_middle": len(corrupted), "rejects_name_the_file": named,
-            "scenes_written": written, "reject_kinds": rejects["kind"].value_counts().to_dict()}
+    return {"exit_code": code, "planted_rejected": sum(p in rejected for p in planted),
+            "corrupt_middle_rejected": sum(c in rejected for c in corrupted),
+            "rejects_name_the_file": named, "scenes_written": len(read_manifest(manifest)),
+            "reject_kinds": rejects["kind"].value_counts().to_dict()}
 
 
 def _edit_meta(jpeg: Path, box: list[int] | None = None, **fields: Any) -> None:

@@ -3,6 +3,7 @@
     python jobs/ingest_fmow.py --src data/sample/raw --dst data/sample/pyramids \
         [--manifest URI] [--splits train,val] [--workers 2] [--coarsest 256] \
         [--classes present|fmow62|airport,dam,...] [--scheduler threads] [--progress-s 5] [--verbose]
+        [--checksums SHA256SUMS]
 
 Resumable: run it again after a crash or a kill and it skips the complete scenes, redoes the
 rest, and ends with the same store as an uninterrupted run. A complete scene is never rewritten,
@@ -20,8 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.ingest import checksums, fmow
 from pipeline.ingest import engine as ingest
-from pipeline.ingest import fmow
 from pipeline.store import manifest, storage
 
 EXIT_OK, EXIT_FATAL, EXIT_REJECTS = 0, 1, 3
@@ -33,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dst", required=True, help="pyramid root URI")
     p.add_argument("--splits", default=None, help="comma-separated splits (default: all found)")
     p.add_argument("--classes", default="present", help="present | fmow62 | comma-separated names")
+    p.add_argument("--checksums", default=None,
+                   help="a sha256sum file of the source (paths relative to --src): each image\n"
+                        "must be listed and match, else it is rejected (checksum_mismatch /\n"
+                        "checksum_missing)")
     ingest.add_engine_options(p, unit="scenes")
     args = p.parse_args(argv)
     ingest.check_engine_options(p, args)
@@ -54,10 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ingest] no fMoW scenes of splits {splits or 'any'} under {args.src}", file=sys.stderr)
         return EXIT_FATAL
     tasks = fmow.fmow_tasks(args.src, fmow.LayoutWalk(tuple(files), walk.ignored))
+    loader = fmow.load_fmow_scene
+    if args.checksums:
+        try:
+            sums = checksums.read_checksums(args.checksums)
+        except (OSError, ValueError) as exc:
+            print(f"[ingest] checksum file: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+        tasks = checksums.with_checksums(tasks, sums, lambda u: _relative(args.src, u))
+        loader = checksums.verifying(loader)
     print(f"[ingest] {len(tasks)} scenes, {len(classes)} classes, {args.src} -> {args.dst}",
           file=sys.stderr)
     report = ingest.run_ingest(
-        tasks, fmow.load_fmow_scene, classes, args.dst, coarsest=args.coarsest,
+        tasks, loader, classes, args.dst, coarsest=args.coarsest,
         workers=args.workers, scheduler=args.scheduler, progress_s=args.progress_s,
         verbose=args.verbose,
     )
@@ -65,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest.write_manifest(manifest_uri, report.rows, classes, report.rejects)
     print(ingest.summary(report, manifest_uri), file=sys.stderr)
     return EXIT_OK if report.all_in else EXIT_REJECTS
+
+
+def _relative(src: str, uri: str) -> str:
+    """``uri``'s path relative to the source root (as a checksum file lists it)."""
+    keys = fmow.relative_keys(src, [uri])
+    return keys[0] if keys else uri
 
 
 def _report_ignored(ignored: tuple[str, ...], show: int = 10) -> None:

@@ -45,7 +45,7 @@ class BadInput(ValueError):
 
     ``kind`` is a short category for counting (``missing_json``, ``malformed_json``,
     ``missing_image``, ``unreadable_image``, ``empty_image``, ``unknown_category``,
-    ``size_mismatch``, ``bad_box``, ...); ``str(exc)`` is the full reason.
+    ``size_mismatch``, ``bad_box``, ``checksum_mismatch``, ...); ``str(exc)`` is the full reason.
     """
 
     def __init__(self, kind: str, reason: str):
@@ -65,6 +65,8 @@ class SceneTask:
         meta: URI of the metadata file (fMoW JSON), or None.
         reject: ``(kind, reason)`` when listing the input already found it unusable
             (e.g. an image without its JSON); the task then only records the reject.
+        sha256: the source's expected SHA-256 (hex) from a published checksum file, or
+            None (``pipeline.ingest.checksums``).
     """
 
     scene_id: str
@@ -73,6 +75,7 @@ class SceneTask:
     category: str
     meta: str | None = None
     reject: tuple[str, str] | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
