@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -119,6 +120,7 @@ class IngestReport:
     counts: Mapping[str, int]  # written, skipped, rejected
     reject_kinds: Mapping[str, int]
     seconds: float
+    nodes: int | None = None  # Ray nodes the scenes ran on (``scheduler="ray"``), else None
 
     @property
     def all_in(self) -> bool:
@@ -435,32 +437,26 @@ def run_ingest(
         coarsest: long side in px of the coarsest pyramid level, at most.
         workers: scenes processed at once (bounds memory: one decoded scene per worker).
         scheduler: dask local scheduler, ``threads`` (default: decoding, downsampling and
-            compression release the GIL), ``processes`` or ``sync``.
+            compression release the GIL), ``processes`` or ``sync``; or ``ray``: one Ray task
+            per scene (1 CPU each, at most ``workers`` in flight) on the cluster at
+            ``RAY_ADDRESS`` (default ``auto``: the one this machine belongs to), the same
+            cluster that trains; ``src`` and ``dst`` must then be reachable from every node
+            (S3, or a shared file system).
         progress_s: seconds between progress lines on ``out`` (None: quiet); verbose: per scene.
 
     Returns the rows and rejects (not yet written; see ``pipeline.store.manifest.write_manifest``).
     """
-    import dask
-    from dask.callbacks import Callback
-
     start = time.monotonic()
     unique, duplicates = _dedupe(tasks)
     progress = _Progress(len(tasks), progress_s, out, verbose)
     for dup in duplicates:
         progress.add(dup)
-    delayed = [
-        dask.delayed(ingest_scene, pure=False)(
-            t, loader, tuple(classes), dst, coarsest, dask_key_name=f"scene-{i}"
-        )
-        for i, t in enumerate(unique)
-    ]
-
-    def posttask(key, result, dsk, state, worker_id):  # dask calls it in the driver
-        if isinstance(result, Outcome):
-            progress.add(result)
-
-    with Callback(posttask=posttask):
-        outcomes = list(dask.compute(*delayed, scheduler=scheduler, num_workers=workers))
+    args = (loader, tuple(classes), dst, coarsest)
+    nodes = None
+    if scheduler == "ray":
+        outcomes, nodes = _compute_on_ray(unique, args, workers, progress)
+    else:
+        outcomes = _compute_on_dask(unique, args, scheduler, workers, progress)
     outcomes += duplicates
     rows = tuple(o.row for o in outcomes if o.status != "rejected")
     rejects = tuple(o.row for o in outcomes if o.status == "rejected")
@@ -470,7 +466,63 @@ def run_ingest(
         counts={s: progress.counts[s] for s in ("written", "skipped", "rejected")},
         reject_kinds=dict(sorted(Counter(r["kind"] for r in rejects).items())),
         seconds=time.monotonic() - start,
+        nodes=nodes,
     )
+
+
+def _compute_on_dask(unique: Sequence[SceneTask], args: tuple, scheduler: str, workers: int,
+                     progress: _Progress) -> list[Outcome]:
+    """``ingest_scene(task, *args)`` of every task, one dask task each, on a local scheduler."""
+    import dask
+    from dask.callbacks import Callback
+
+    delayed = [dask.delayed(ingest_scene, pure=False)(t, *args, dask_key_name=f"scene-{i}")
+               for i, t in enumerate(unique)]
+
+    def posttask(key, result, dsk, state, worker_id):  # dask calls it in the driver
+        if isinstance(result, Outcome):
+            progress.add(result)
+
+    with Callback(posttask=posttask):
+        return list(dask.compute(*delayed, scheduler=scheduler, num_workers=workers))
+
+
+def _ingest_on_node(task: SceneTask, *args: Any) -> tuple[Outcome, str]:
+    """``ingest_scene`` in a Ray task; with the id of the node it ran on."""
+    import ray
+
+    return ingest_scene(task, *args), ray.get_runtime_context().get_node_id()
+
+
+def _compute_on_ray(unique: Sequence[SceneTask], args: tuple, workers: int,
+                    progress: _Progress) -> tuple[list[Outcome], int]:
+    """``ingest_scene(task, *args)`` of every task as Ray tasks on the cluster at
+    ``RAY_ADDRESS`` (at most ``workers`` in flight, so memory stays bounded); the outcomes in
+    task order and how many nodes ran them."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING",
+                 log_to_driver=False, configure_logging=False)
+    remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(_ingest_on_node)
+    shared = [ray.put(a) for a in args]
+    outcomes: list[Outcome | None] = [None] * len(unique)
+    nodes, pending, queue = set(), {}, list(enumerate(unique))[::-1]
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                i, task = queue.pop()
+                pending[remote.remote(task, *shared)] = i
+            done, _ = ray.wait(list(pending), num_returns=1)
+            outcome, node = ray.get(done[0])
+            outcomes[pending.pop(done[0])] = outcome
+            nodes.add(node)
+            progress.add(outcome)
+    finally:
+        if started:
+            ray.shutdown()
+    return outcomes, len(nodes)
 
 
 def _dedupe(tasks: Sequence[SceneTask]) -> tuple[list[SceneTask], list[Outcome]]:
@@ -498,6 +550,8 @@ def summary(report: IngestReport, manifest_uri: str | None = None, show: int = 2
         f"{c['written']} written, {c['skipped']} skipped (already complete), "
         f"{c['rejected']} rejected"
     ]
+    if report.nodes is not None:
+        lines.append(f"[ingest] ran as Ray tasks on {report.nodes} node(s)")
     if report.reject_kinds:
         kinds = ", ".join(f"{k} {n}" for k, n in report.reject_kinds.items())
         lines.append(f"[ingest] rejects by kind: {kinds}")
@@ -516,7 +570,9 @@ def add_engine_options(parser: Any, unit: str = "scenes") -> None:
     parser.add_argument("--manifest", help="manifest URI (default: <dst>/manifest.parquet)")
     parser.add_argument("--workers", type=int, default=2, help=f"{unit} processed at once")
     parser.add_argument("--coarsest", type=int, default=256, help="max long side of the last level")
-    parser.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="threads")
+    parser.add_argument("--scheduler", choices=("threads", "processes", "sync", "ray"),
+                        default="threads", help="dask's local schedulers, or ray: one Ray task "
+                        "per scene on the cluster at RAY_ADDRESS (default auto)")
     parser.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
     parser.add_argument("--verbose", action="store_true", help="also a line per scene")
 
