@@ -53,6 +53,8 @@ from typing import Any
 WORK_TREE = Path(__file__).resolve().parents[2]
 RUN_KEY_TAG = "pipeline.run_key"
 RUN_KEY_HASH_TAG = "pipeline.run_key_sha256"
+DRIVER_TAG = "pipeline.driver"  # JSON {"host", "pid", "started"} of the process that started the run
+ENDED_BY_TAG = "pipeline.ended_by"  # why a run whose driver vanished was marked KILLED
 # MLflow 3 limits (mlflow/utils/validation.py): 6000 chars per param value, 100 params per batch.
 MAX_PARAM_VALUE = 6000
 PARAMS_PER_BATCH = 100
@@ -143,6 +145,11 @@ class Tracker:
 
     def attach(self, run_id: str) -> None:
         """Log into an existing run (created by the driver) without changing its status."""
+
+    def mark_orphans(self) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment whose driver is known to be gone
+        (``driver_alive`` False); returns their ids."""
+        return []
 
     def log_params(self, params: Any) -> None:
         """Log a (nested) config as flattened params; see ``MlflowTracker.log_params``."""
@@ -287,11 +294,12 @@ class MlflowTracker(Tracker):
 
     def start(self, run_key, params=None, tags=None, run_name=None):
         self.run_id = self.find_run(run_key)
+        tags = {DRIVER_TAG: json.dumps(driver_identity()), **(tags or {})}
         if self.run_id is None:
             all_tags = {
                 RUN_KEY_TAG: run_key,
                 RUN_KEY_HASH_TAG: run_key_hash(run_key),
-                **(tags or {}),
+                **tags,
             }
             run = self.client.create_run(
                 self.experiment_id(),
@@ -301,8 +309,7 @@ class MlflowTracker(Tracker):
             self.run_id = run.info.run_id
         else:
             self.client.update_run(self.run_id, status="RUNNING")
-            if tags:
-                self.set_tags(tags)
+            self.set_tags(tags)
         if params is not None:
             self.log_params(params)
         return self.run_id
@@ -310,6 +317,30 @@ class MlflowTracker(Tracker):
     def attach(self, run_id):
         self.client.get_run(run_id)  # fails loudly on a wrong id
         self.run_id = run_id
+
+    def mark_orphans(self):
+        """A driver killed outright (SIGKILL, its node lost) never ends its run: the next
+        start in the experiment marks it KILLED, with the tag ``pipeline.ended_by`` saying why.
+        Only drivers of this host are judged (``driver_alive``); runs without the tag are left."""
+        if self.client.get_experiment_by_name(self.experiment) is None:
+            return []
+        marked = []
+        for run in self.client.search_runs([self.experiment_id()],
+                                           filter_string="attributes.status = 'RUNNING'"):
+            try:
+                driver = json.loads(run.data.tags.get(DRIVER_TAG) or "null")
+            except ValueError:
+                continue
+            if not isinstance(driver, dict) or driver_alive(driver) is not False:
+                continue
+            me = driver_identity()
+            self.client.set_tag(run.info.run_id, ENDED_BY_TAG,
+                                f"driver {driver.get('host')}:{driver.get('pid')} gone; marked "
+                                f"KILLED by {me['host']}:{me['pid']} at "
+                                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run.info.run_id)
+        return marked
 
     def _require_run(self) -> str:
         if self.run_id is None:
@@ -403,6 +434,34 @@ class MlflowTracker(Tracker):
             raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def driver_identity() -> dict[str, Any]:
+    """This process as the driver of a run: host name, pid and start time (clock ticks since
+    boot, ``/proc``), which together tell a live driver from a later process with the same pid."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _proc_start(os.getpid())[1]}
+
+
+def driver_alive(driver: Mapping[str, Any]) -> bool | None:
+    """Whether the driver ``driver_identity`` described still runs: True or False on its own
+    host, None elsewhere (a process of another machine cannot be seen from here)."""
+    import socket
+
+    if driver.get("host") != socket.gethostname():
+        return None
+    try:
+        state, started = _proc_start(int(driver["pid"]))
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return state != "Z" and started == driver.get("started")
+
+
+def _proc_start(pid: int) -> tuple[str, int]:
+    """(state letter, start time in clock ticks since boot) of ``pid`` from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[19])
 
 
 def make_tracker(enabled: bool, experiment: str = "attention-pipeline", **kwargs: Any) -> Tracker:

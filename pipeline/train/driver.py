@@ -328,6 +328,8 @@ def run_training(
 
     run_dir = Path(config.run.storage_path) / config.run.name if "://" not in config.run.storage_path else None
     tracker = tracker or MlflowTracker(experiment=config.run.mlflow_experiment)
+    for run_id in tracker.mark_orphans():
+        _say(f"MLflow run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     tracker.start(config.run.run_key, params=to_dict(config), run_name=config.run.name)
     config_path = save_config(config, (run_dir or Path(ray_temp_dir or ".")) / "config.yaml")
     tracker.log_artifact_file(config_path)
@@ -336,8 +338,8 @@ def run_training(
     try:
         result = _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows,
                       run_dir, ray_temp_dir, output)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as err:  # stopped (SIGTERM, Ctrl-C) is KILLED, anything else FAILED
+        tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         _leave_ray(ray_before)
         raise
     try:

@@ -193,3 +193,50 @@ def test_run_keys_with_quotes_and_backslashes_are_matched_exactly(uri):
     other = MlflowTracker("quotes", uri).start("s3://bucket/it")
     assert MlflowTracker("quotes", uri).start(odd) == run_id != other
     assert tracking.runs_with_key(odd, "quotes", uri) == [run_id]
+
+
+def _gone_process() -> dict:
+    """The identity of a driver process that has exited (started and waited for here)."""
+    code = ("import json; from pipeline.track.tracking import driver_identity; "
+            "print(json.dumps(driver_identity()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}).stdout
+    return json.loads(out)
+
+
+def test_driver_alive_tells_live_gone_reused_and_foreign_drivers():
+    me = tracking.driver_identity()
+    assert tracking.driver_alive(me) is True
+    assert tracking.driver_alive(_gone_process()) is False
+    assert tracking.driver_alive({**me, "started": me["started"] - 1}) is False  # pid reused
+    assert tracking.driver_alive({**me, "host": me["host"] + "-elsewhere"}) is None
+
+
+def test_run_of_a_vanished_driver_is_marked_killed_on_the_next_start(uri):
+    gone = MlflowTracker("orphans", uri)
+    orphan = gone.start("k-orphan")
+    gone.set_tags({tracking.DRIVER_TAG: json.dumps(_gone_process())})  # SIGKILLed mid-run
+    live = MlflowTracker("orphans", uri)
+    running = live.start("k-live")  # this process: alive
+    foreign = MlflowTracker("orphans", uri)
+    elsewhere = foreign.start("k-foreign")
+    me = tracking.driver_identity()
+    foreign.set_tags({tracking.DRIVER_TAG: json.dumps({**me, "host": me["host"] + "-b"})})
+
+    assert MlflowTracker("orphans", uri).mark_orphans() == [orphan]
+    info = tracking.run_info(orphan, uri)
+    assert info["status"] == "KILLED"
+    assert info["tags"][tracking.ENDED_BY_TAG].startswith(f"driver {me['host']}:")
+    assert tracking.run_info(running, uri)["status"] == "RUNNING"
+    assert tracking.run_info(elsewhere, uri)["status"] == "RUNNING"  # cannot be judged here
+    assert MlflowTracker("orphans", uri).mark_orphans() == []  # once
+
+    resumed = MlflowTracker("orphans", uri)  # the same job submitted again: the same run
+    assert resumed.start("k-orphan") == orphan
+    assert tracking.run_info(orphan, uri)["status"] == "RUNNING"
+    assert json.loads(tracking.run_info(orphan, uri)["tags"][tracking.DRIVER_TAG]) == me
+
+
+def test_mark_orphans_without_the_experiment_creates_nothing(uri):
+    assert MlflowTracker("never-started", uri).mark_orphans() == []
+    assert tracking.mlflow_client(uri).get_experiment_by_name("never-started") is None
