@@ -105,7 +105,11 @@ class Job:
         self.started = time.monotonic()
 
     def lines(self) -> list[str]:
-        return self.log.read_text(errors="replace").splitlines()
+        """The job's output so far, up to Ray's closing status (a failed job's status message
+        repeats the tail of its log)."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        end = next((i for i, line in enumerate(lines) if "Status message:" in line), len(lines))
+        return lines[:end]
 
     def epochs_seen(self) -> list[int]:
         """The 1-based epoch numbers of the epoch lines printed so far, in order."""
