@@ -161,7 +161,6 @@ class Job:
 
 def build_rig(work: Path) -> Rig:
     """Stack up, the demo sample generated and ingested into S3 (a job on the stack)."""
-    from jobs.stack_demo import make_raw
     from pipeline.stack import stack as stack_mod
     from pipeline.synth.demo import DEMO_COARSEST
 
@@ -179,6 +178,25 @@ def build_rig(work: Path) -> Rig:
         raise RuntimeError(f"the ingest job failed; log {job.log}")
     rig.manifest = f"{dst}/manifest.parquet"
     return rig
+
+
+def make_raw(root: Path, train: int, val: int) -> tuple[Path, str]:
+    """The demo's sample (``DEMO_SPEC``, fMoW layout) with ``train`` + ``val`` scenes under
+    ``root/raw-<fingerprint>``, generated once (as ``jobs/stack_demo.py`` does)."""
+    import dataclasses
+
+    from pipeline.synth.demo import DEMO_SPEC, spec_fingerprint
+    from pipeline.synth.fmow_sample import generate_sample
+
+    spec = dataclasses.replace(DEMO_SPEC, splits=(("train", train), ("val", val)))
+    tag = spec_fingerprint(spec)
+    raw, marker = root / f"raw-{tag}", root / f"raw-{tag}.complete"
+    if not marker.exists():
+        say(f"generating {dict(spec.splits)} scenes (fMoW layout) in {raw}")
+        for _ in generate_sample(str(raw), spec, workers=2):
+            pass
+        marker.touch()
+    return raw, tag
 
 
 def train_argv(rig: Rig, name: str) -> list[str]:
