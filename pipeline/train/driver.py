@@ -328,9 +328,7 @@ def run_training(
 
     run_dir = Path(config.run.storage_path) / config.run.name if "://" not in config.run.storage_path else None
     tracker = tracker or MlflowTracker(experiment=config.run.mlflow_experiment)
-    for run_id in tracker.mark_orphans():
-        _say(f"MLflow run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
-    tracker.start(config.run.run_key, params=to_dict(config), run_name=config.run.name)
+    _open_run(tracker, config)
     config_path = save_config(config, (run_dir or Path(ray_temp_dir or ".")) / "config.yaml")
     tracker.log_artifact_file(config_path)
 
@@ -346,6 +344,14 @@ def run_training(
         return _finish(config, result, tracker, classes, train.manifest)
     finally:
         _leave_ray(ray_before)
+
+
+def _open_run(tracker: Any, config: TrainConfig) -> None:
+    """Mark KILLED the runs that drivers killed outright left RUNNING (``mark_orphans``), then
+    find or create this training run's MLflow run (RUNNING) with the config as params."""
+    for run_id in tracker.mark_orphans():
+        _say(f"MLflow run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    tracker.start(config.run.run_key, params=to_dict(config), run_name=config.run.name)
 
 
 def _ray_connected() -> bool:
