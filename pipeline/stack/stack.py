@@ -169,11 +169,10 @@ def _start_ray(state_dir: Path, state: dict[str, Any], cpus: tuple[int, int]) ->
     done(t, f"ok, GCS {cluster.gcs_address}, jobs API {cluster.dashboard}")
 
 
-def restart_mlflow(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, pause_s: float = 0.0,
-                   while_down: Any = None) -> float:
-    """Stop the stack's MLflow server, wait ``pause_s`` (and for ``while_down()``, when given),
-    start it again on the same port with the same backend and artifacts, and record the new
-    process group; returns the seconds it did not answer. Clients keep their URI."""
+def restart_mlflow(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, pause_s: float = 0.0) -> float:
+    """Stop the stack's MLflow server, wait ``pause_s``, start it again on the same port with
+    the same backend and artifacts, and record the new process group; returns the seconds it
+    did not answer. Clients keep their URI."""
     state_dir = Path(state_dir).absolute()
     stack = load(state_dir)
     if stack is None or not stack.alive():
@@ -183,8 +182,6 @@ def restart_mlflow(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, pause_s: fl
     stopped_at = time.monotonic()
     stop_group(Group(record["pid"], record["start_time"]), timeout_s=30)
     time.sleep(pause_s)
-    if while_down is not None:
-        while_down()
     s3_env = {k: v for k, v in state["env"].items() if k.startswith("AWS_")}
     ml = start_mlflow(backend_url(state_dir / "postgres", pg["ports"]["port"]), ARTIFACT_ROOT,
                       s3_env, Path(record["log"]), state.get("mlflow_workers", 2),
