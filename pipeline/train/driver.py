@@ -445,11 +445,26 @@ def _in_order() -> Any:
                             verbose_progress=current.verbose_progress)
 
 
+def _tidy_checkpoints(config: TrainConfig) -> None:
+    """Remove the run's checkpoint folders that Ray Train no longer lists (a failure of this
+    tidying is reported, never fatal: the run itself has finished)."""
+    from pipeline.train.checkpoint import remove_orphan_checkpoints
+
+    try:
+        removed = remove_orphan_checkpoints(f"{config.run.storage_path.rstrip('/')}/{config.run.name}")
+    except Exception as err:  # noqa: BLE001 - a leftover folder must not fail a finished run
+        _say(f"warning: could not tidy the run's checkpoints: {err}")
+        return
+    if removed:
+        _say(f"removed {len(removed)} checkpoint folder(s) Ray Train no longer lists: {removed}")
+
+
 def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], manifest: Any) -> TrainOutcome:
     """Log the final model, register it if asked, close the MLflow run."""
     from pipeline.train.checkpoint import load_model, read_meta
 
     _say("training finished; logging the final model")
+    _tidy_checkpoints(config)
     if result.checkpoint is None:
         tracker.end("FAILED")
         raise RuntimeError(f"run {config.run.name!r} finished without a checkpoint")
