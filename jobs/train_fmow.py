@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -39,9 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _stopped(signum: int, frame) -> None:
+    """SIGTERM (``ray job stop``) ends the job like Ctrl-C: its MLflow run is marked KILLED."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Train; 0 on success, 2 on a bad config, 1 when training failed."""
+    """Train; 0 on success, 2 on a bad config, 1 when training failed (128 + 15 when stopped
+    with SIGTERM)."""
     args = parse_args(argv)
+    if __name__ == "__main__":  # run as the job's script, not imported by a test
+        signal.signal(signal.SIGTERM, _stopped)
     try:
         config = load_job_config(args.config, args.overrides, args.register, args.alias)
     except ConfigError as err:

@@ -50,11 +50,13 @@ class MlflowServer:
 
 
 def start_mlflow(backend_uri: str, artifacts: str, s3_env: dict[str, str], log_path: Path,
-                 workers: int = 2, timeout_s: float = 300.0) -> MlflowServer:
+                 workers: int = 2, timeout_s: float = 300.0,
+                 port: int | None = None) -> MlflowServer:
     """Start the server (see the module docstring); ``s3_env`` holds ``AWS_ENDPOINT_URL``,
-    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``. Raises
-    RuntimeError with the log's tail if it exits or does not answer within ``timeout_s``."""
-    port = free_ports(1)[0]
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``; ``port``: a
+    given one (a restart, so that clients find it again) or a free one. Raises RuntimeError
+    with the log's tail if it exits or does not answer within ``timeout_s``."""
+    port = port or free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     # the backend URI holds PostgreSQL's password: in the environment (readable by its owner
     # only), not on the command line (``ps`` shows that to every user)

@@ -150,6 +150,12 @@ def start_postgres(data_root: str | os.PathLike, timeout_s: float = 60.0) -> Pos
     return server
 
 
+def backend_url(data_root: str | os.PathLike, port: int) -> str:
+    """The ``mlflow`` database's URL (with its password) of the server ``start_postgres(data_root)``
+    started on ``port``: what a restarted MLflow server connects to."""
+    return _url(DB_USER, _passwords(Path(data_root).absolute())[DB_USER], port)
+
+
 def _url(user: str, password: str, port: int, database: str = DATABASE) -> str:
     return f"postgresql+psycopg://{user}:{password}@127.0.0.1:{port}/{database}"
 

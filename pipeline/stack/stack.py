@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stack.mlflow_server import start_mlflow
-from pipeline.stack.postgres import masked, start_postgres
+from pipeline.stack.postgres import backend_url, masked, start_postgres
 from pipeline.stack.process import Group, done, progress, stop_group
 from pipeline.stack.ray_cluster import start_cluster
 from pipeline.store.seaweed import REGION, remove_unix_sockets, start_seaweed
@@ -128,6 +128,7 @@ def _start_all(state_dir: Path, state: dict[str, Any], cpus: tuple[int, int],
     _record(state_dir, state, "mlflow", ml.pid, ml.start_time, {"port": ml.port}, ml.log_path)
     state["endpoints"].update(mlflow=ml.uri, artifact_root=ARTIFACT_ROOT)
     state["env"]["MLFLOW_TRACKING_URI"] = ml.uri
+    state["mlflow_workers"] = mlflow_workers
     done(t, f"ok, {ml.uri}")
     _start_ray(state_dir, state, cpus)
     _save(state_dir, state)
@@ -166,6 +167,27 @@ def _start_ray(state_dir: Path, state: dict[str, Any], cpus: tuple[int, int]) ->
     state["env"].update(RAY_ADDRESS=cluster.dashboard, RAY_AUTH_MODE="token",
                         RAY_AUTH_TOKEN_PATH=str(token))
     done(t, f"ok, GCS {cluster.gcs_address}, jobs API {cluster.dashboard}")
+
+
+def restart_mlflow(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, pause_s: float = 0.0) -> float:
+    """Stop the stack's MLflow server, wait ``pause_s``, start it again on the same port with
+    the same backend and artifacts, and record the new process group; returns the seconds it
+    did not answer. Clients keep their URI."""
+    state_dir = Path(state_dir).absolute()
+    stack = load(state_dir)
+    if stack is None or not stack.alive():
+        raise RuntimeError(f"no running stack recorded in {state_dir}")
+    state = stack.state
+    record, pg = state["services"]["mlflow"], state["services"]["postgres"]
+    stopped_at = time.monotonic()
+    stop_group(Group(record["pid"], record["start_time"]), timeout_s=30)
+    time.sleep(pause_s)
+    s3_env = {k: v for k, v in state["env"].items() if k.startswith("AWS_")}
+    ml = start_mlflow(backend_url(state_dir / "postgres", pg["ports"]["port"]), ARTIFACT_ROOT,
+                      s3_env, Path(record["log"]), state.get("mlflow_workers", 2),
+                      port=record["ports"]["port"])
+    _record(state_dir, state, "mlflow", ml.pid, ml.start_time, {"port": ml.port}, ml.log_path)
+    return time.monotonic() - stopped_at
 
 
 def _record(state_dir: Path, state: dict[str, Any], name: str, pid: int, start_time: int,

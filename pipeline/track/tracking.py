@@ -53,11 +53,20 @@ from typing import Any
 WORK_TREE = Path(__file__).resolve().parents[2]
 RUN_KEY_TAG = "pipeline.run_key"
 RUN_KEY_HASH_TAG = "pipeline.run_key_sha256"
+DRIVER_TAG = "pipeline.driver"  # JSON {"host", "pid", "started"} of the process that started the run
+ENDED_BY_TAG = "pipeline.ended_by"  # why a run whose driver vanished was marked KILLED
 # MLflow 3 limits (mlflow/utils/validation.py): 6000 chars per param value, 100 params per batch.
 MAX_PARAM_VALUE = 6000
 PARAMS_PER_BATCH = 100
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+# A tracking server that does not answer (restarted, its database restarted) is waited for this
+# long by a tracker's logging calls, on top of MLflow's own retries (about 2 min), then they fail.
+OUTAGE_S = 600.0
+# MlflowException codes that say the request itself is wrong: never retried.
+NOT_TRANSIENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                 "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                 "ENDPOINT_NOT_FOUND"}
 # Inference params of the logged model (``Predictor.predict_any``) and their defaults.
 PREDICT_PARAMS = {"seed": 0, "batch_size": 8}
 
@@ -143,6 +152,11 @@ class Tracker:
 
     def attach(self, run_id: str) -> None:
         """Log into an existing run (created by the driver) without changing its status."""
+
+    def mark_orphans(self) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment whose driver is known to be gone
+        (``driver_alive`` False); returns their ids."""
+        return []
 
     def log_params(self, params: Any) -> None:
         """Log a (nested) config as flattened params; see ``MlflowTracker.log_params``."""
@@ -232,6 +246,7 @@ class MlflowTracker(Tracker):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.run_id = run_id
         self._client_cache = None
+        self._logged: dict[str, set[int]] | None = None  # (key -> steps) the run has
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -243,6 +258,7 @@ class MlflowTracker(Tracker):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._client_cache = None
+        self._logged = None
 
     @property
     def client(self):
@@ -287,11 +303,12 @@ class MlflowTracker(Tracker):
 
     def start(self, run_key, params=None, tags=None, run_name=None):
         self.run_id = self.find_run(run_key)
+        tags = {DRIVER_TAG: json.dumps(driver_identity()), **(tags or {})}
         if self.run_id is None:
             all_tags = {
                 RUN_KEY_TAG: run_key,
                 RUN_KEY_HASH_TAG: run_key_hash(run_key),
-                **(tags or {}),
+                **tags,
             }
             run = self.client.create_run(
                 self.experiment_id(),
@@ -301,8 +318,7 @@ class MlflowTracker(Tracker):
             self.run_id = run.info.run_id
         else:
             self.client.update_run(self.run_id, status="RUNNING")
-            if tags:
-                self.set_tags(tags)
+            self.set_tags(tags)
         if params is not None:
             self.log_params(params)
         return self.run_id
@@ -310,6 +326,30 @@ class MlflowTracker(Tracker):
     def attach(self, run_id):
         self.client.get_run(run_id)  # fails loudly on a wrong id
         self.run_id = run_id
+
+    def mark_orphans(self):
+        """A driver killed outright (SIGKILL, its node lost) never ends its run: the next
+        start in the experiment marks it KILLED, with the tag ``pipeline.ended_by`` saying why.
+        Only drivers of this host are judged (``driver_alive``); runs without the tag are left."""
+        if self.client.get_experiment_by_name(self.experiment) is None:
+            return []
+        marked = []
+        for run in self.client.search_runs([self.experiment_id()],
+                                           filter_string="attributes.status = 'RUNNING'"):
+            try:
+                driver = json.loads(run.data.tags.get(DRIVER_TAG) or "null")
+            except ValueError:
+                continue
+            if not isinstance(driver, dict) or driver_alive(driver) is not False:
+                continue
+            me = driver_identity()
+            self.client.set_tag(run.info.run_id, ENDED_BY_TAG,
+                                f"driver {driver.get('host')}:{driver.get('pid')} gone; marked "
+                                f"KILLED by {me['host']}:{me['pid']} at "
+                                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run.info.run_id)
+        return marked
 
     def _require_run(self) -> str:
         if self.run_id is None:
@@ -340,27 +380,56 @@ class MlflowTracker(Tracker):
         run_id = self._require_run()
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH])
+            batch = items[i : i + PARAMS_PER_BATCH]
+            self._retry(lambda batch=batch: self.client.log_batch(run_id, tags=batch))
 
     def log_metrics(self, metrics, step):
+        """Log each metric at ``step`` once per run: a (key, step) the run already has is not
+        sent again (a worker restarted after logging an epoch redoes it; a request retried after
+        the server went away may have arrived). Waits out a server outage (``OUTAGE_S``)."""
         from mlflow.entities import Metric
 
         run_id = self._require_run()
         now = int(time.time() * 1000)
-        items = []
-        for key, value in metrics.items():
-            value = float(value)
-            if math.isnan(value):
-                continue  # MLflow stores NaN, but charts and comparisons choke on it
-            items.append(Metric(key, value, now, int(step)))
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if not math.isnan(float(v))]  # MLflow stores NaN, but charts choke on it
+        fresh = True
+        while items:
+            try:
+                items = self._unlogged(run_id, items, refresh=not fresh)
+                for i in range(0, len(items), 1000):
+                    self.client.log_batch(run_id, metrics=items[i : i + 1000])
+                for m in items:
+                    self._logged.setdefault(m.key, set()).add(m.step)
+                return
+            except Exception as err:  # noqa: BLE001 - classified by _wait_out
+                fresh = _wait_out(err, now)
+
+    def _unlogged(self, run_id: str, items: list[Any], refresh: bool) -> list[Any]:
+        """The points of ``items`` whose (key, step) the run does not have yet; the run's steps
+        are asked once per key (again when ``refresh``: a failed request may have arrived)."""
+        self._logged = {} if self._logged is None else self._logged
+        for key in {m.key for m in items}:
+            if refresh or key not in self._logged:
+                self._logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
+        return [m for m in items if m.step not in self._logged[m.key]]
+
+    def _retry(self, call: Any) -> Any:
+        """``call()``, called again while the server is away (``_wait_out``): for requests
+        that may safely arrive twice (artifacts overwrite, tags and status are set)."""
+        since = int(time.time() * 1000)
+        while True:
+            try:
+                return call()
+            except Exception as err:  # noqa: BLE001 - classified by _wait_out
+                _wait_out(err, since)
 
     def log_artifact_file(self, path, subdir=None):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"MlflowTracker.log_artifact_file: no file at {path}")
-        self.client.log_artifact(self._require_run(), str(path), artifact_path=subdir)
+        run_id = self._require_run()
+        self._retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path=subdir))
 
     def log_bytes(self, data, name):
         run_id = self._require_run()
@@ -370,10 +439,8 @@ class MlflowTracker(Tracker):
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / rel.name
             local.write_bytes(data)
-            parent = rel.parent.as_posix()
-            self.client.log_artifact(
-                run_id, str(local), artifact_path=None if parent == "." else parent
-            )
+            parent = None if rel.parent.as_posix() == "." else rel.parent.as_posix()
+            self._retry(lambda: self.client.log_artifact(run_id, str(local), artifact_path=parent))
 
     def log_confusion(self, matrix, class_names, step, prefix="confusion"):
         from pipeline.track import pictures as visualize
@@ -402,7 +469,53 @@ class MlflowTracker(Tracker):
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
         if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+            self._retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def driver_identity() -> dict[str, Any]:
+    """This process as the driver of a run: host name, pid and start time (clock ticks since
+    boot, ``/proc``), which together tell a live driver from a later process with the same pid."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _proc_start(os.getpid())[1]}
+
+
+def driver_alive(driver: Mapping[str, Any]) -> bool | None:
+    """Whether the driver ``driver_identity`` described still runs: True or False on its own
+    host, None elsewhere (a process of another machine cannot be seen from here)."""
+    import socket
+
+    if driver.get("host") != socket.gethostname():
+        return None
+    try:
+        state, started = _proc_start(int(driver["pid"]))
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return state != "Z" and started == driver.get("started")
+
+
+def _proc_start(pid: int) -> tuple[str, int]:
+    """(state letter, start time in clock ticks since boot) of ``pid`` from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[19])
+
+
+def _wait_out(err: Exception, since_ms: int) -> bool:
+    """After a failed logging call begun at ``since_ms`` (ms since the epoch): re-raise ``err``
+    unless it is transient (the server unreachable or failing, not a wrong request) and
+    ``OUTAGE_S`` has not passed; else sleep a little and return False (call again)."""
+    from mlflow.exceptions import MlflowException
+
+    code = getattr(err, "error_code", None) if isinstance(err, MlflowException) else None
+    if code in NOT_TRANSIENT or not isinstance(err, (MlflowException, OSError)):
+        raise err
+    waited = time.time() - since_ms / 1000
+    if waited > OUTAGE_S:
+        raise err
+    print(f"[track] the tracking server failed ({str(err).splitlines()[0][:160]}); "
+          f"trying again ({waited:.0f} s of {OUTAGE_S:.0f})", flush=True)
+    time.sleep(min(10.0, 1.0 + waited / 10))
+    return False
 
 
 def make_tracker(enabled: bool, experiment: str = "attention-pipeline", **kwargs: Any) -> Tracker:

@@ -25,6 +25,7 @@ from torch import nn
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it keeps
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +156,33 @@ def load_model(directory: str | Path) -> nn.Module:
     model = create_model(spec["name"], **spec["kwargs"])
     load_checkpoint(directory, model=model)
     return model.eval()
+
+
+def remove_orphan_checkpoints(run_dir: str) -> list[str]:
+    """Delete the ``checkpoint_*`` folders under ``run_dir`` (storage path / run name, a local
+    path or an ``s3://`` URI) that Ray Train's snapshot (``SNAPSHOT_FILE``) does not list;
+    returns their names, sorted. Nothing is deleted without a snapshot.
+
+    Ray Train deletes the checkpoints beyond ``num_to_keep`` it knows about, but one that was
+    restored from when a worker died stayed in S3, listed nowhere (``bench/faults.py
+    worker_killed``), as does a folder whose upload a killed worker left half done."""
+    import json
+
+    from pipeline.store import storage
+
+    base = run_dir.rstrip("/")
+    keys = storage.list_prefix(base)
+    if f"{base}/{SNAPSHOT_FILE}" not in keys:
+        return []
+    results = json.loads(storage.read_bytes(f"{base}/{SNAPSHOT_FILE}"))["checkpoint_results"]
+    kept = {r["checkpoint_dir_name"] for r in results}
+    removed = set()
+    for key in keys:
+        folder = key[len(base) + 1:].split("/", 1)[0]
+        if folder.startswith("checkpoint_") and folder not in kept | {SNAPSHOT_FILE}:
+            storage.delete_object(key)
+            removed.add(folder)
+    for folder in removed if "://" not in base else ():  # local: the emptied folders too
+        for sub in sorted(Path(base, folder).glob("**/"), reverse=True):
+            sub.rmdir()
+    return sorted(removed)

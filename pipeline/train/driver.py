@@ -354,7 +354,7 @@ def run_training(
 
     run_dir = Path(config.run.storage_path) / config.run.name if "://" not in config.run.storage_path else None
     tracker = tracker or MlflowTracker(experiment=config.run.mlflow_experiment)
-    tracker.start(config.run.run_key, params=to_dict(config), run_name=config.run.name)
+    _open_run(tracker, config)
     config_path = save_config(config, (run_dir or Path(ray_temp_dir or ".")) / "config.yaml")
     tracker.log_artifact_file(config_path)
 
@@ -362,14 +362,22 @@ def run_training(
     try:
         result = _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows,
                       run_dir, ray_temp_dir, output)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as err:  # stopped (SIGTERM, Ctrl-C) is KILLED, anything else FAILED
+        tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         _leave_ray(ray_before)
         raise
     try:
         return _finish(config, result, tracker, classes, train.manifest)
     finally:
         _leave_ray(ray_before)
+
+
+def _open_run(tracker: Any, config: TrainConfig) -> None:
+    """Mark KILLED the runs that drivers killed outright left RUNNING (``mark_orphans``), then
+    find or create this training run's MLflow run (RUNNING) with the config as params."""
+    for run_id in tracker.mark_orphans():
+        _say(f"MLflow run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    tracker.start(config.run.run_key, params=to_dict(config), run_name=config.run.name)
 
 
 def _ray_connected() -> bool:
@@ -463,11 +471,26 @@ def _in_order() -> Any:
                             verbose_progress=current.verbose_progress)
 
 
+def _tidy_checkpoints(config: TrainConfig) -> None:
+    """Remove the run's checkpoint folders that Ray Train no longer lists (a failure of this
+    tidying is reported, never fatal: the run itself has finished)."""
+    from pipeline.train.checkpoint import remove_orphan_checkpoints
+
+    try:
+        removed = remove_orphan_checkpoints(f"{config.run.storage_path.rstrip('/')}/{config.run.name}")
+    except Exception as err:  # noqa: BLE001 - a leftover folder must not fail a finished run
+        _say(f"warning: could not tidy the run's checkpoints: {err}")
+        return
+    if removed:
+        _say(f"removed {len(removed)} checkpoint folder(s) Ray Train no longer lists: {removed}")
+
+
 def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], manifest: Any) -> TrainOutcome:
     """Log the final model, register it if asked, close the MLflow run."""
     from pipeline.train.checkpoint import load_model, read_meta
 
     _say("training finished; logging the final model")
+    _tidy_checkpoints(config)
     if result.checkpoint is None:
         tracker.end("FAILED")
         raise RuntimeError(f"run {config.run.name!r} finished without a checkpoint")

@@ -251,6 +251,9 @@ def restore(
         restored = load_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler)
     if len(restored.rank_rng) == world:
         restore_rng(restored.rank_rng[rank], sampling)
+    if rank == 0:  # a restart or a resubmitted job: where it goes on from (bench/stack_faults.py)
+        print(f"[train] resumed from the checkpoint before epoch {restored.epoch + 1} "
+              f"(step {restored.step})", flush=True)
     return restored.epoch, restored.step
 
 

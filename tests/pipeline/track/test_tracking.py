@@ -193,3 +193,130 @@ def test_run_keys_with_quotes_and_backslashes_are_matched_exactly(uri):
     other = MlflowTracker("quotes", uri).start("s3://bucket/it")
     assert MlflowTracker("quotes", uri).start(odd) == run_id != other
     assert tracking.runs_with_key(odd, "quotes", uri) == [run_id]
+
+
+def _gone_process() -> dict:
+    """The identity of a driver process that has exited (started and waited for here)."""
+    code = ("import json; from pipeline.track.tracking import driver_identity; "
+            "print(json.dumps(driver_identity()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}).stdout
+    return json.loads(out)
+
+
+def test_driver_alive_tells_live_gone_reused_and_foreign_drivers():
+    me = tracking.driver_identity()
+    assert tracking.driver_alive(me) is True
+    assert tracking.driver_alive(_gone_process()) is False
+    assert tracking.driver_alive({**me, "started": me["started"] - 1}) is False  # pid reused
+    assert tracking.driver_alive({**me, "host": me["host"] + "-elsewhere"}) is None
+
+
+def test_run_of_a_vanished_driver_is_marked_killed_on_the_next_start(uri):
+    gone = MlflowTracker("orphans", uri)
+    orphan = gone.start("k-orphan")
+    gone.set_tags({tracking.DRIVER_TAG: json.dumps(_gone_process())})  # SIGKILLed mid-run
+    live = MlflowTracker("orphans", uri)
+    running = live.start("k-live")  # this process: alive
+    foreign = MlflowTracker("orphans", uri)
+    elsewhere = foreign.start("k-foreign")
+    me = tracking.driver_identity()
+    foreign.set_tags({tracking.DRIVER_TAG: json.dumps({**me, "host": me["host"] + "-b"})})
+
+    assert MlflowTracker("orphans", uri).mark_orphans() == [orphan]
+    info = tracking.run_info(orphan, uri)
+    assert info["status"] == "KILLED"
+    assert info["tags"][tracking.ENDED_BY_TAG].startswith(f"driver {me['host']}:")
+    assert tracking.run_info(running, uri)["status"] == "RUNNING"
+    assert tracking.run_info(elsewhere, uri)["status"] == "RUNNING"  # cannot be judged here
+    assert MlflowTracker("orphans", uri).mark_orphans() == []  # once
+
+    resumed = MlflowTracker("orphans", uri)  # the same job submitted again: the same run
+    assert resumed.start("k-orphan") == orphan
+    assert tracking.run_info(orphan, uri)["status"] == "RUNNING"
+    assert json.loads(tracking.run_info(orphan, uri)["tags"][tracking.DRIVER_TAG]) == me
+
+
+def test_mark_orphans_without_the_experiment_creates_nothing(uri):
+    assert MlflowTracker("never-started", uri).mark_orphans() == []
+    assert tracking.mlflow_client(uri).get_experiment_by_name("never-started") is None
+
+
+class _Flaky:
+    """A client whose next ``fail`` calls of ``method`` fail with ``error``: after doing the
+    call (``arrived``: the server committed, the answer was lost) or before it."""
+
+    def __init__(self, client, method: str, error: Exception, fail: int, arrived: bool):
+        self._client, self._method, self._error = client, method, error
+        self.fail, self.arrived, self.calls = fail, arrived, 0
+
+    def __getattr__(self, name):
+        real = getattr(self._client, name)
+        if name != self._method:
+            return real
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.fail > 0:
+                self.fail -= 1
+                if self.arrived:
+                    real(*args, **kwargs)
+                raise self._error
+            return real(*args, **kwargs)
+
+        return call
+
+
+def _unavailable():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    return MlflowException("API request failed: 503 Service Unavailable",
+                           error_code=TEMPORARILY_UNAVAILABLE)
+
+
+@pytest.mark.parametrize("arrived", [False, True])
+def test_metrics_survive_a_server_outage_without_duplicates(uri, monkeypatch, arrived):
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    tracker = MlflowTracker("outage", uri)
+    run_id = tracker.start(f"k-outage-{arrived}")
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    flaky = _Flaky(tracker.client, "log_batch", _unavailable(), fail=3, arrived=arrived)
+    tracker._client_cache = flaky
+    tracker.log_metrics({"train/loss": 0.5, "val/accuracy": 0.75}, step=1)
+    assert flaky.calls == (1 if arrived else 4)  # what arrived is asked for, not sent again
+    assert tracking.metric_history(run_id, "train/loss", uri) == [(0, 1.0), (1, 0.5)]
+    assert tracking.metric_history(run_id, "val/accuracy", uri) == [(1, 0.75)]
+
+
+def test_an_epoch_logged_again_by_a_restarted_worker_is_not_duplicated(uri):
+    driver = MlflowTracker("redo", uri)
+    run_id = driver.start("k-redo")
+    first = pickle.loads(pickle.dumps(driver))  # rank 0, logs epoch 1 then is killed
+    first.log_metrics({"train/loss": 0.9}, step=0)
+    first.log_metrics({"train/loss": 0.7}, step=1)
+    restarted = pickle.loads(pickle.dumps(driver))  # resumes from the checkpoint of epoch 0
+    restarted.log_metrics({"train/loss": 0.71}, step=1)
+    restarted.log_metrics({"train/loss": 0.5}, step=2)
+    assert tracking.metric_history(run_id, "train/loss", uri) == [(0, 0.9), (1, 0.7), (2, 0.5)]
+
+
+def test_a_wrong_request_is_not_retried_and_an_outage_ends(uri, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    tracker = MlflowTracker("outage-limits", uri)
+    tracker.start("k-limits")
+    wrong = MlflowException("bad", error_code=INVALID_PARAMETER_VALUE)
+    flaky = _Flaky(tracker.client, "log_batch", wrong, fail=5, arrived=False)
+    tracker._client_cache = flaky
+    with pytest.raises(MlflowException, match="bad"):
+        tracker.log_metrics({"x": 1.0}, step=0)
+    assert flaky.calls == 1
+    monkeypatch.setattr(tracking, "OUTAGE_S", -1.0)  # the outage outlasted the wait
+    flaky = _Flaky(tracker.client._client, "log_batch", _unavailable(), fail=5, arrived=False)
+    tracker._client_cache = flaky
+    with pytest.raises(MlflowException, match="Unavailable"):
+        tracker.log_metrics({"x": 1.0}, step=0)
+    assert flaky.calls == 1
