@@ -18,8 +18,10 @@ event loop's thread. S3 reads are coroutines (``read``, ``read_batch``), many in
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -45,7 +47,10 @@ class RetryPolicy:
         hedge_after_s: seconds a batch may go without any answer before each of its requests
             still unanswered gets one duplicate (a hedge; the original is not cancelled, the
             first answer of the two is used, the other cancelled): a rare stall then costs
-            about this, not ``timeout_s``. 0 (or ``>= timeout_s``): no hedges.
+            about this, not ``timeout_s``. 0 (or ``>= timeout_s``): no hedges. This is the
+            most: once ``HEDGE_SAMPLES`` batches have answered, the wait is
+            ``HEDGE_FACTOR`` times the median time to a batch's first answer (at least
+            ``HEDGE_FLOOR_S``), so a stall costs a few round trips of this store.
     """
 
     timeout_s: float
@@ -57,6 +62,15 @@ class RetryPolicy:
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry ``retry`` (0-based)."""
         return min(self.max_delay_s, self.initial_delay_s * 2**retry)
+
+
+# Adaptive hedging (``S3Ranges._hedge_after``): after this many batches, hedge after this many
+# times their median first-answer time, never sooner than the floor (nor later than the policy's
+# ``hedge_after_s``). On loopback SeaweedFS + 20 ms a batch's first answer takes ~25 ms, so a
+# stall cost ~0.1 s instead of 0.2 s (``bench/faults.py --only s3_stalls``).
+HEDGE_SAMPLES = 8
+HEDGE_FACTOR = 4.0
+HEDGE_FLOOR_S = 0.02
 
 
 class S3ReadError(OSError):
@@ -198,6 +212,7 @@ class S3Ranges(RangeStore):
 
         super().__init__(root, log)
         self.concurrency = concurrency
+        self._first_answers: collections.deque[float] = collections.deque(maxlen=64)
         # without a policy (the reader always passes ReaderSettings'): no timeout, no retry
         self.policy = policy or RetryPolicy(math.inf, 0, 0.0, 0.0)
         self._kv = ts.KvStore.open(s3_kvstore_spec(root), context=ts.Context({
@@ -274,7 +289,7 @@ class S3Ranges(RangeStore):
     async def _hedged(self, requests: list[tuple[str, Range]],
                       copies: dict[int, list[Any]]) -> None:
         """``_wait_hedged``'s waits; appends each hedge to its request's ``copies``."""
-        timeout, hedge = self.policy.timeout_s, self.policy.hedge_after_s
+        timeout, hedge = self.policy.timeout_s, self._hedge_after()
         futures = {i: sent[0] for i, sent in copies.items()}
         if not 0 < hedge < timeout:
             if math.isinf(timeout):
@@ -282,7 +297,10 @@ class S3Ranges(RangeStore):
             else:
                 await _wait_progress(list(futures.values()), timeout, cancel=False)
             return
+        first = _first_answer_time(list(futures.values()))
         await _wait_progress(list(futures.values()), hedge, cancel=False)
+        if first:
+            self._first_answers.append(first[0])
         late = [i for i, f in futures.items() if not f.done()]
         if late:
             self.log.add_faults(hedges=len(late))
@@ -290,10 +308,34 @@ class S3Ranges(RangeStore):
                 copies[i].append(self._start(*requests[i]))
             await _wait_first([copies[i] for i in late], timeout - hedge)
 
+    def _hedge_after(self) -> float:
+        """Seconds a batch may go without an answer before its late requests are hedged: the
+        policy's ``hedge_after_s``, or less once this store's answers are known (see
+        ``HEDGE_FACTOR``)."""
+        most = self.policy.hedge_after_s
+        if most <= 0 or len(self._first_answers) < HEDGE_SAMPLES:
+            return most
+        return min(most, max(HEDGE_FLOOR_S, HEDGE_FACTOR * statistics.median(self._first_answers)))
+
     async def read_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
         """``read`` of every ``(key, range)``, all in flight at once (tensorstore bounds how
         many go out together), each counted once; timeouts and failures retried."""
         return self._count_many(requests, await self._fetch_batch(requests))
+
+
+def _first_answer_time(futures: list[Any]) -> list[float]:
+    """A list that gets the seconds from now to the first of ``futures`` to finish, when it
+    does (filled on tensorstore's callback thread)."""
+    start, seen, lock = time.monotonic(), [], threading.Lock()
+
+    def finished(_: Any) -> None:
+        with lock:
+            if not seen:
+                seen.append(time.monotonic() - start)
+
+    for future in futures:
+        future.add_done_callback(finished)
+    return seen
 
 
 def _answered(future: Any) -> bool:

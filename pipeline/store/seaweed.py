@@ -148,6 +148,9 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+PORT_ATTEMPTS = 3  # launches with fresh ports when another process took one first
+
+
 def start_seaweed(
     data_dir: str | os.PathLike,
     *,
@@ -182,6 +185,24 @@ def start_seaweed(
     config = data_dir / "s3.json"
     config.touch(mode=0o600)
     config.write_text(json.dumps(identity))
+    for attempt in range(PORT_ATTEMPTS):
+        server = _launch(data_dir, config, log)
+        try:
+            _wait_ready(server, list(buckets), time.monotonic() + timeout_s)
+            return server
+        except RuntimeError as err:
+            server.stop(timeout_s=0)
+            # a free port taken by another process before weed bound it: new ports
+            if "address already in use" not in str(err) or attempt == PORT_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            server.stop(timeout_s=0)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _launch(data_dir: Path, config: Path, log: Path) -> SeaweedServer:
+    """Start ``weed server`` on fresh free ports of 127.0.0.1 (not yet ready)."""
     ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     cmd = [
         weed_binary(), "-logtostderr", f"-config_dir={data_dir / 'config'}", "server",
@@ -192,13 +213,7 @@ def start_seaweed(
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = SeaweedServer(f"http://127.0.0.1:{ports['s3']}", proc.pid, ports, data_dir, log, proc)
-    try:
-        _wait_ready(server, list(buckets), time.monotonic() + timeout_s)
-    except BaseException:
-        server.stop(timeout_s=0)
-        raise
-    return server
+    return SeaweedServer(f"http://127.0.0.1:{ports['s3']}", proc.pid, ports, data_dir, log, proc)
 
 
 def _wait_ready(server: SeaweedServer, buckets: list[str], deadline: float) -> None:
