@@ -438,8 +438,9 @@ def run_ingest(
         workers: scenes processed at once (bounds memory: one decoded scene per worker).
         scheduler: dask local scheduler, ``threads`` (default: decoding, downsampling and
             compression release the GIL), ``processes`` or ``sync``; or ``ray``: one Ray task
-            per scene (1 CPU each, at most ``workers`` in flight) on the cluster at
-            ``RAY_ADDRESS`` (default ``auto``: the one this machine belongs to), the same
+            per scene (1 CPU each, at most ``workers`` in flight, dealt to the nodes in turn)
+            on the cluster at ``RAY_ADDRESS`` (default ``auto``: the one this machine
+            belongs to), the same
             cluster that trains; ``src`` and ``dst`` must then be reachable from every node
             (S3, or a shared file system).
         progress_s: seconds between progress lines on ``out`` (None: quiet); verbose: per scene.
@@ -494,6 +495,19 @@ def _ingest_on_node(task: SceneTask, *args: Any) -> tuple[Outcome, str]:
     return ingest_scene(task, *args), ray.get_runtime_context().get_node_id()
 
 
+def _round_robin_over_nodes() -> list[Any]:
+    """One soft node-affinity strategy per alive node with a CPU, for scenes dealt out in
+    turn: every node gets scenes even when one node alone could keep up (Ray's own SPREAD
+    left a second node idle while its workers started); soft, so a scene whose node died
+    runs elsewhere."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes()
+                   if n["Alive"] and n["Resources"].get("CPU", 0) >= 1)
+    return [NodeAffinitySchedulingStrategy(node, soft=True) for node in nodes] or ["DEFAULT"]
+
+
 def _compute_on_ray(unique: Sequence[SceneTask], args: tuple, workers: int,
                     progress: _Progress) -> tuple[list[Outcome], int]:
     """``ingest_scene(task, *args)`` of every task as Ray tasks on the cluster at
@@ -505,7 +519,8 @@ def _compute_on_ray(unique: Sequence[SceneTask], args: tuple, workers: int,
     if started:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING",
                  log_to_driver=False, configure_logging=False)
-    remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(_ingest_on_node)
+    remote = ray.remote(num_cpus=1, max_retries=2)(_ingest_on_node)
+    placements = _round_robin_over_nodes()
     shared = [ray.put(a) for a in args]
     outcomes: list[Outcome | None] = [None] * len(unique)
     nodes, pending, queue = set(), {}, list(enumerate(unique))[::-1]
@@ -513,7 +528,8 @@ def _compute_on_ray(unique: Sequence[SceneTask], args: tuple, workers: int,
         while queue or pending:
             while queue and len(pending) < workers:
                 i, task = queue.pop()
-                pending[remote.remote(task, *shared)] = i
+                where = placements[i % len(placements)]
+                pending[remote.options(scheduling_strategy=where).remote(task, *shared)] = i
             done, _ = ray.wait(list(pending), num_returns=1)
             outcome, node = ray.get(done[0])
             outcomes[pending.pop(done[0])] = outcome
