@@ -751,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
             results = run_matrix(args.names, args.keep)
         else:
             with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
+                # the stack's PostgreSQL runs as its own user: it must be able to pass (not
+                # list) the work dir, which mkdtemp makes 0700
+                os.chmod(tmp, 0o711)
                 results = run_matrix(args.names, Path(tmp))
     finally:  # the set-up points AWS_* at its own server
         for key in [k for k in os.environ if k.startswith("AWS_")]:
