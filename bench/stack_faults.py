@@ -309,9 +309,12 @@ def entry_worker_killed(rig: Rig) -> dict[str, Any]:
 
 
 def _restart_ok(f: dict[str, Any], committed: int) -> bool:
-    """Finished with one run and every point once, resumed from the last committed checkpoint,
-    at most one checkpoint interval (one epoch) redone, no orphan checkpoint."""
-    return (_common_ok(f) and f["resumed_before_epoch"] == [committed + 1]
+    """Finished with one run and every point once, resumed once, from a checkpoint no older
+    than the last one committed at the fault (a later one when the run got to commit another
+    before Ray noticed the fault: a dead node is seen only after its heartbeats time out), at
+    most one checkpoint interval (one epoch) redone, no orphan checkpoint."""
+    resumed = f["resumed_before_epoch"]
+    return (_common_ok(f) and len(resumed) == 1 and resumed[0] >= committed + 1
             and f["epochs_redone"] <= 1 and not f["orphans"])
 
 
