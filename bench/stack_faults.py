@@ -181,22 +181,10 @@ def build_rig(work: Path) -> Rig:
 
 
 def make_raw(root: Path, train: int, val: int) -> tuple[Path, str]:
-    """The demo's sample (``DEMO_SPEC``, fMoW layout) with ``train`` + ``val`` scenes under
-    ``root/raw-<fingerprint>``, generated once (as ``jobs/stack_demo.py`` does)."""
-    import dataclasses
+    """The demo sample under ``root/raw-<fingerprint>``, generated once."""
+    from pipeline.synth.demo import demo_raw_once
 
-    from pipeline.synth.demo import DEMO_SPEC, spec_fingerprint
-    from pipeline.synth.fmow_sample import generate_sample
-
-    spec = dataclasses.replace(DEMO_SPEC, splits=(("train", train), ("val", val)))
-    tag = spec_fingerprint(spec)
-    raw, marker = root / f"raw-{tag}", root / f"raw-{tag}.complete"
-    if not marker.exists():
-        say(f"generating {dict(spec.splits)} scenes (fMoW layout) in {raw}")
-        for _ in generate_sample(str(raw), spec, workers=2):
-            pass
-        marker.touch()
-    return raw, tag
+    return demo_raw_once(root, train, val, say)
 
 
 def train_argv(rig: Rig, name: str) -> list[str]:

@@ -23,7 +23,6 @@ its runtime environment, and ``ray job submit`` the cluster's token.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from pipeline.stack import stack as stack_mod
 from pipeline.stack.ray_cluster import VENV_BIN, job_actor_nodes, ray_env
-from pipeline.synth.demo import DEMO_COARSEST, DEMO_SPEC, spec_fingerprint
+from pipeline.synth.demo import DEMO_COARSEST, DEMO_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "jobs/configs/fmow_demo.yaml"
@@ -64,18 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_raw(root: Path, train: int, val: int) -> tuple[Path, str]:
-    """The demo sample (fMoW layout) under ``root/raw-<fingerprint>``, generated once."""
-    from pipeline.synth.fmow_sample import generate_sample
+    """The demo sample under ``root/raw-<fingerprint>``, generated once."""
+    from pipeline.synth.demo import demo_raw_once
 
-    spec = dataclasses.replace(DEMO_SPEC, splits=(("train", train), ("val", val)))
-    tag = spec_fingerprint(spec)
-    raw, marker = root / f"raw-{tag}", root / f"raw-{tag}.complete"
-    if not marker.exists():
-        say(f"generating {dict(spec.splits)} scenes (fMoW layout) in {raw}")
-        for _ in generate_sample(str(raw), spec, workers=2):
-            pass
-        marker.touch()
-    return raw, tag
+    return demo_raw_once(root, train, val, say)
 
 
 def submit(stack: stack_mod.Stack, name: str, entrypoint: list[str]) -> list[str]:

@@ -51,6 +51,22 @@ class DemoData:
     manifest: str
 
 
+def demo_raw_once(root: Path, train: int, val: int,
+                  say: Callable[[str], None] = print) -> tuple[Path, str]:
+    """The demo sample with ``train`` / ``val`` scenes (fMoW layout) under
+    ``root/raw-<fingerprint>``, generated once (a ``.complete`` marker beside it); the folder
+    and the fingerprint."""
+    spec = dataclasses.replace(DEMO_SPEC, splits=(("train", train), ("val", val)))
+    tag = spec_fingerprint(spec)
+    raw, marker = root / f"raw-{tag}", root / f"raw-{tag}.complete"
+    if not marker.exists():
+        say(f"generating {dict(spec.splits)} scenes (fMoW layout) in {raw}")
+        for _ in generate_sample(str(raw), spec, workers=2):
+            pass
+        marker.touch()
+    return raw, tag
+
+
 def spec_fingerprint(spec: SampleSpec) -> str:
     """A short hash of every field of ``spec``: equal specs generate the same sample."""
     text = json.dumps(dataclasses.asdict(spec), sort_keys=True)
