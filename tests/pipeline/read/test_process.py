@@ -3,6 +3,7 @@ failed, a dead child reported (and replaced on the next call), nothing left runn
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import signal
@@ -43,6 +44,10 @@ def alive(pid: int) -> bool:
     return True
 
 
+def _without_faults(counters):
+    return dataclasses.replace(counters, retries=0, timeouts=0, errors=0, hedges=0)
+
+
 def test_same_tensors_and_counters_as_in_process(shared_root, source):
     scenes = write_scenes(shared_root, [(301, 517), (200, 150)])
     keys = list(scenes)
@@ -54,7 +59,9 @@ def test_same_tensors_and_counters_as_in_process(shared_root, source):
         assert torch.equal(theirs, inner.read(keys, request))
     assert torch.equal(source.view(keys, (32, 48)), inner.view(keys, (32, 48)))
     assert torch.equal(source.level0_sizes(keys), inner.level0_sizes(keys))
-    assert source.counters() == inner.counters()
+    # the same requests and bytes; how many S3 requests were hedged or retried depends on
+    # timing (a loaded machine hedges more), not on the process
+    assert _without_faults(source.counters()) == _without_faults(inner.counters())
     assert source.counters().chunk_requests > 0
     source.reset_counters()
     assert source.counters().requests == 0
