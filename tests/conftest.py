@@ -18,9 +18,10 @@ torch.set_num_threads(1)
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n 2 --dist loadgroup`` (``make test``): every test that starts Ray
-    (marked ``ray``) runs in one group, one after another on one worker, while the other worker
-    runs the rest module by module (each module's fixtures set up once). Two Ray instances
-    starting at once on 2 cores miss Ray's own 30 s start-up limit."""
+    (marked ``ray``) gets one xdist group, meant to run one after another on one worker, the
+    rest one group per module (each module's fixtures set up once). Two Ray instances
+    starting at once on 2 cores can miss Ray's own 30 s start-up limit under load. (In the
+    fresh-clone runs of 2026-12-02 xdist still ran Ray modules on both workers at once.)"""
     for item in items:
         group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
