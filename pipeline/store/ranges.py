@@ -297,10 +297,9 @@ class S3Ranges(RangeStore):
             else:
                 await _wait_progress(list(futures.values()), timeout, cancel=False)
             return
-        first = _first_answer_time(list(futures.values()))
-        await _wait_progress(list(futures.values()), hedge, cancel=False)
-        if first:
-            self._first_answers.append(first[0])
+        first = await _wait_progress(list(futures.values()), hedge, cancel=False)
+        if first is not None:
+            self._first_answers.append(first)
         late = [i for i, f in futures.items() if not f.done()]
         if late:
             self.log.add_faults(hedges=len(late))
@@ -321,21 +320,6 @@ class S3Ranges(RangeStore):
         """``read`` of every ``(key, range)``, all in flight at once (tensorstore bounds how
         many go out together), each counted once; timeouts and failures retried."""
         return self._count_many(requests, await self._fetch_batch(requests))
-
-
-def _first_answer_time(futures: list[Any]) -> list[float]:
-    """A list that gets the seconds from now to the first of ``futures`` to finish, when it
-    does (filled on tensorstore's callback thread)."""
-    start, seen, lock = time.monotonic(), [], threading.Lock()
-
-    def finished(_: Any) -> None:
-        with lock:
-            if not seen:
-                seen.append(time.monotonic() - start)
-
-    for future in futures:
-        future.add_done_callback(finished)
-    return seen
 
 
 def _answered(future: Any) -> bool:
@@ -379,18 +363,22 @@ async def _all_done(futures: list[Any], cancel: bool = True) -> None:
         raise
 
 
-async def _wait_progress(futures: list[Any], timeout: float, cancel: bool = True) -> None:
+async def _wait_progress(futures: list[Any], timeout: float,
+                         cancel: bool = True) -> float | None:
     """Wait until every tensorstore future is done, or until none has finished for
     ``timeout`` seconds (those left are then cancelled unless ``cancel`` is False; the caller
     retries or hedges them): a stalled request costs about ``timeout`` after the last answer
     of its batch. One wake-up of the loop for the batch, plus one per ``timeout`` while it
-    lasts."""
-    last = [time.monotonic()]
+    lasts. Returns the seconds to the first future's finish (None: none finished)."""
+    start = time.monotonic()
+    last, first = [start], []
     lock = threading.Lock()
 
     def finished(_: Any) -> None:
         with lock:
             last[0] = time.monotonic()
+            if not first:
+                first.append(last[0] - start)
 
     for future in futures:
         future.add_done_callback(finished)
@@ -404,6 +392,8 @@ async def _wait_progress(futures: list[Any], timeout: float, cancel: bool = True
     if not everything.done():
         everything.cancel()  # cancels the futures not done, if asked (see _all_done)
         await asyncio.gather(everything, return_exceptions=True)
+    with lock:
+        return first[0] if first else None
 
 
 async def _wait_first(groups: list[list[Any]], timeout: float) -> None:
