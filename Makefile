@@ -24,7 +24,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check pipeline models jobs bench tests
 	$(VENV)/bin/lint-imports
-	$(VPY) -m pytest -q -m "not stack" -n 2 --dist loadgroup --durations=25
+	$(VPY) -m pytest -q -m "not stack" -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 
 # The production stack's end-to-end test (four servers, four Ray jobs: ~15 min on 2 cores),
 # kept out of `make test`'s 15-minute budget; the stack's servers are tested there.

@@ -15,16 +15,33 @@ import torch  # noqa: E402  (after the environment above)
 torch.set_num_threads(1)
 
 
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``): every test that starts Ray
-    (marked ``ray``) gets one xdist group, meant to run one after another on one worker, the
-    rest one group per module (each module's fixtures set up once). Two Ray instances
-    starting at once on 2 cores can miss Ray's own 30 s start-up limit under load. (In the
-    fresh-clone runs of 2026-12-02 xdist still ran Ray modules on both workers at once.)"""
+    """Under ``pytest -n 2 --dist loadgroup --no-loadscope-reorder`` (``make test``): each
+    module is one xdist group, so its module fixtures (a private Ray, an ingested sample) are
+    set up once, on one worker; and modules that start Ray or are marked ``slow`` come first
+    (collection order is the order xdist hands groups out), so the long ones do not end up
+    last on one worker while the other idles."""
     for item in items:
-        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(_module(item)))
+    weight: dict[str, int] = {}
+    for item in items:
+        rank = 2 if item.get_closest_marker("ray") else 1 if item.get_closest_marker("slow") else 0
+        weight[_module(item)] = max(weight.get(_module(item), 0), rank)
+    items.sort(key=lambda item: -weight[_module(item)])  # stable: same order on every worker
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """Stop the run when xdist's loadgroup did not tag the node ids with their group (pytest
+    9.2 moved node ids out of ``Item._nodeid``, where xdist 3.8 writes the group: every group
+    then silently split across workers, and each module's fixtures ran on both)."""
+    if node.config.getoption("dist", "no") == "loadgroup" and not all("@" in i for i in ids):
+        pytest.exit(f"pytest-xdist's --dist loadgroup does not group tests under pytest "
+                    f"{pytest.__version__}: install the pinned versions of pyproject.toml", 4)
 
 
 @pytest.fixture(autouse=True)

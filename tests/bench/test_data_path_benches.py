@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,19 +61,34 @@ def test_demo_learning_prints_per_epoch_accuracies(tiny_manifest, capsys):
     assert all(0.0 <= row["val_accuracy"] <= 1.0 for row in report["history"])
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_demo_seeds_prints_the_spread_over_seeds(tiny_manifest, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_demo_seeds_runs_each_seed_and_prints_the_spread(tiny_manifest, tmp_path, monkeypatch, capsys):
+    """The bench's own part: one training run per seed with that seed and the bench's run
+    settings, and the spread over them. ``run_training`` is replaced by a recorder (a real
+    run, its Ray start and its seed, is what tests/jobs/test_train_fmow_e2e.py tests)."""
+    from types import SimpleNamespace
+
+    from pipeline.train import driver
+
+    seen = []
+
+    def fake_run_training(config, ray_temp_dir=None):
+        seen.append((config.run.seed, config.run.mlflow_experiment, config.optim.epochs,
+                     config.data.manifest, ray_temp_dir))
+        acc = {3: 0.5, 4: 1.0, 5: 0.75}[config.run.seed]
+        metrics = {"val/accuracy": acc, "train/accuracy": acc, "train/bytes_per_sample": 100.0 * acc}
+        return SimpleNamespace(metrics=metrics, full_scene_bytes_per_sample=1000.0)
+
+    monkeypatch.setattr(driver, "run_training", fake_run_training)
     bench = load_bench(BENCH.parent / "demo_seeds.py")
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    assert bench.main(["--seeds", "3", "--manifest", tiny_manifest, "--runs", str(tmp_path / "runs"),
-                       "--ray-temp-dir", ray_tmp, "--config",
+    assert bench.main(["--seeds", "3,4,5", "--manifest", tiny_manifest, "--runs", str(tmp_path / "runs"),
+                       "--ray-temp-dir", str(tmp_path / "ray"), "--config",
                        str(BENCH.parents[1] / "jobs" / "configs" / "tiny.yaml"),
-                       "--set", "optim.epochs=1", "--set", "data.batch_size=2", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert summary["seeds"] == [3] and len(summary["val_accuracy"]) == 1
-    assert summary["val_scenes"] == 1
-    assert summary["min"] <= summary["median"] <= summary["max"]
-    assert 0 < summary["bytes_per_sample"] < summary["full_scene_bytes"]
+                       "--set", "optim.epochs=1", "--json"]) == 0
+    assert seen == [(seed, "demo-seeds", 1, tiny_manifest, tmp_path / "ray") for seed in (3, 4, 5)]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("[seeds] seed ") for line in lines) == 3
+    summary = json.loads(lines[-1])
+    assert summary["seeds"] == [3, 4, 5] and summary["val_accuracy"] == [0.5, 1.0, 0.75]
+    assert (summary["min"], summary["median"], summary["max"]) == (0.5, 0.75, 1.0)
+    assert summary["val_scenes"] == 1 and summary["full_scene_bytes"] == 1000.0
+    assert summary["bytes_per_sample"] == pytest.approx(75.0)
