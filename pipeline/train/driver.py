@@ -34,6 +34,11 @@ WORK_TREE = Path(__file__).resolve().parents[2]
 
 
 LOOPBACK = "127.0.0.1"
+# Ray waits a hard-coded 30 s for a new node's raylet to register with its GCS
+# (``ray._private.node``); on a loaded machine it sometimes takes longer, and a fresh start
+# then succeeds: a private instance is started at most this often.
+RAY_START_ATTEMPTS = 3
+RAY_START_TIMEOUT = "timed out during startup"
 _OUR_TOKENS: set[str] = set()  # token files ``private_token`` wrote in this process
 
 
@@ -65,8 +70,52 @@ def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: i
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
     loopback_only()
     private_token(temp_dir)
-    ray.init(**kwargs)
+    init_local(ray, kwargs)
     return True
+
+
+def init_local(ray, kwargs: dict[str, Any], attempts: int = RAY_START_ATTEMPTS) -> None:
+    """``ray.init(**kwargs)`` for a new local instance, started again (at most ``attempts``
+    times in all) when its node does not register within Ray's 30 s; the processes a failed
+    start left behind (this process's new children: GCS, raylet, their helpers) are killed
+    first. Any other error is raised at once."""
+    for attempt in range(1, attempts + 1):
+        before = child_pids()
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if RAY_START_TIMEOUT not in str(err) or attempt == attempts:
+                raise
+            for pid in child_pids() - before:
+                _kill(pid)
+            ray.shutdown()
+            logging.getLogger(__name__).warning(
+                "Ray's node did not register within Ray's 30 s (a loaded machine?); starting "
+                "it again (attempt %d of %d)", attempt + 1, attempts)
+
+
+def child_pids() -> set[int]:
+    """PIDs of this process's live children (from ``/proc``; empty where there is none)."""
+    me, found = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _kill(pid: int) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 def loopback_only() -> None:

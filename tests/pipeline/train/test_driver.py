@@ -98,3 +98,39 @@ def test_a_second_private_instance_gets_a_fresh_token_when_the_first_ones_folder
     user.write_text("x" * 64)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(user))
     assert driver.private_token(tmp_path / "c") is None
+
+
+def test_a_local_start_that_times_out_is_cleaned_up_and_started_again():
+    """Ray's node gets a hard-coded 30 s to register; the first start that misses it leaves
+    its processes behind: they are killed and the start is tried again. Other errors, and a
+    last attempt that times out too, are raised."""
+    import subprocess
+
+    from pipeline.train.driver import RAY_START_TIMEOUT, child_pids, init_local
+
+    class FakeRay:
+        def __init__(self, failures, error=RAY_START_TIMEOUT):
+            self.failures, self.error, self.calls, self.left = failures, error, [], []
+
+        def init(self, **kwargs):
+            self.calls.append(kwargs)
+            if len(self.calls) <= self.failures:
+                self.left.append(subprocess.Popen(["sleep", "60"]))  # a GCS left behind
+                raise Exception(f"The current node {self.error}. This could happen ...")
+
+        def shutdown(self):
+            pass
+
+    ray = FakeRay(failures=1)
+    init_local(ray, {"address": "local"})
+    assert ray.calls == [{"address": "local"}] * 2
+    assert ray.left[0].poll() is not None, "the failed start's process was not stopped"
+    assert ray.left[0].pid not in child_pids()
+
+    for fake in (FakeRay(failures=3), FakeRay(failures=1, error="failed to bind a port")):
+        with pytest.raises(Exception, match="timed out during startup|failed to bind"):
+            init_local(fake, {}, attempts=3)
+        assert len(fake.calls) == min(fake.failures, 3)
+        for proc in fake.left:
+            proc.kill()
+            proc.wait()
