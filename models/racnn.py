@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from models.backbones import build_backbone
 from models.layers import pooled
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
-from models.regions import crop_resize, read_level, sub_region, to_level0, to_normalised
+from models.regions import (
+    DEFAULT_COARSEST,
+    crop_resize,
+    read_level,
+    sub_region,
+    to_level0,
+    to_normalised,
+)
 from models.registry import register_model
 
 PHASES = ("joint", "cls", "apn", "pretrain")
@@ -136,6 +143,9 @@ class RACNN(AttentionModel):
             reads (an APN that learns to zoom out reads the whole scene at every scale).
         read_margin: extra context read around each crop, as a fraction of its side.
         max_level: deepest pyramid level to read from (None: whatever the scene has).
+        coarsest: long side (px) of the pyramids' coarsest level (training sets it from
+            the pyramids: ``pipeline.train.driver.pyramids_coarsest``), so that reads use
+            only the levels each scene's pyramid has.
         alternate_epochs: 0 trains everything jointly; n > 0 runs the paper's alternating
             schedule by epochs: n epochs of "cls" (classifiers, APNs fixed), then n of "apn"
             (APNs, classifiers fixed), and so on (``begin_epoch``; resumes with the epoch).
@@ -163,6 +173,7 @@ class RACNN(AttentionModel):
         max_side: float = 1.0,
         read_margin: float = 0.0,
         max_level: int | None = None,
+        coarsest: int = DEFAULT_COARSEST,
         alternate_epochs: int = 0,
         apn_pretrain_epochs: int = 0,
     ):
@@ -180,6 +191,7 @@ class RACNN(AttentionModel):
             raise ValueError(f"need 0 < min_side <= max_side <= 1, got {min_side}, {max_side}")
         self.min_side, self.max_side = min_side, max_side
         self.read_margin, self.max_level = read_margin, max_level
+        self.coarsest = int(coarsest)
         first = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         if share_backbone or isinstance(backbone, nn.Module):
             nets = [first] * scales  # an injected module cannot be copied safely: share it
@@ -291,7 +303,8 @@ class RACNN(AttentionModel):
         side = crop[:, 2:] - crop[:, :2]
         grown = torch.cat([crop[:, :2] - self.read_margin * side, crop[:, 2:] + self.read_margin * side], -1)
         boxes0 = to_level0(grown[:, None], sizes)
-        level = read_level(boxes0, self.read_size, sizes, max_level=self.max_level)
+        level = read_level(boxes0, self.read_size, sizes, coarsest=self.coarsest,
+                           max_level=self.max_level)
         patches = yield ReadRequest(boxes0, level, self.read_size)
         return patches[:, 0], to_normalised(boxes0, sizes)[:, 0], boxes0
 

@@ -28,7 +28,7 @@ from models.backbones import build_backbone
 from models.layers import contrast_prior, pooled, scaled_unit
 from models.layers.pool import POOLS
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
-from models.regions import read_level, to_level0, to_normalised
+from models.regions import DEFAULT_COARSEST, read_level, to_level0, to_normalised
 from models.registry import register_model
 
 
@@ -197,6 +197,9 @@ class STNGlimpse(AttentionModel):
             ``{"norm": "group"}`` (``models.backbones.build_backbone``).
         loc_hidden: width of the localisation net's hidden layer.
         max_level: the deepest pyramid level to read from (None: whatever the scene has).
+        coarsest: long side (px) of the pyramids' coarsest level (training sets it from
+            the pyramids: ``pipeline.train.driver.pyramids_coarsest``), so that reads use
+            only the levels each scene's pyramid has.
         pool: "avg" or "max" global pooling of each glimpse's feature map.
         feature_scale: 0 averages the glimpses' features as they are; > 0 L2-normalises each
             and multiplies it by this (``models.layers.scaled_unit``).
@@ -220,6 +223,7 @@ class STNGlimpse(AttentionModel):
         backbone_kwargs: dict | None = None,
         loc_hidden: int = 32,
         max_level: int | None = None,
+        coarsest: int = DEFAULT_COARSEST,
         pool: str = "avg",
         feature_scale: float = 0.0,
     ):
@@ -231,6 +235,7 @@ class STNGlimpse(AttentionModel):
         self.glimpse_size = tuple(glimpse_size)
         self.read_size = tuple(max(1, round(s * read_scale)) for s in glimpse_size)
         self.max_level = max_level
+        self.coarsest = int(coarsest)
         self.head = GlimpseHead(in_channels, glimpses, glimpse_scale, min_scale, max_scale,
                                 anchors, anchor_grid, loc_hidden, max_shift)
         self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
@@ -241,7 +246,8 @@ class STNGlimpse(AttentionModel):
         b, k = theta.shape[:2]
         boxes = grid_bbox(theta.detach().flatten(0, 1)).view(b, k, 4)
         boxes0 = to_level0(boxes, sizes)  # (B, K, 4)
-        level = read_level(boxes0, self.read_size, sizes, max_level=self.max_level)
+        level = read_level(boxes0, self.read_size, sizes, coarsest=self.coarsest,
+                           max_level=self.max_level)
         patches = yield ReadRequest(boxes0, level, self.read_size)  # (B, K, C, h, w)
         local = theta_in_box(theta.flatten(0, 1), to_normalised(boxes0, sizes).flatten(0, 1))
         grid = F.affine_grid(local, [b * k, 1, *self.glimpse_size], align_corners=False)

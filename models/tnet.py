@@ -24,7 +24,7 @@ from models.backbones import build_backbone
 from models.layers import SEBlock, contrast_prior, pooled, scaled_unit
 from models.layers.pool import POOLS
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
-from models.regions import grid_regions, read_level, sub_region, to_level0
+from models.regions import DEFAULT_COARSEST, grid_regions, read_level, sub_region, to_level0
 from models.registry import register_model
 from models.sampling import sample_without_replacement_from_logits
 
@@ -130,6 +130,9 @@ class TNet(AttentionModel):
             fitted to the view alone slowed learning (README).
         sample_in_eval: sample locations at inference too (default: top-k).
         max_level: deepest pyramid level to read from (None: whatever the scene has).
+        coarsest: long side (px) of the pyramids' coarsest level (training sets it from
+            the pyramids: ``pipeline.train.driver.pyramids_coarsest``), so that reads use
+            only the levels each scene's pyramid has.
         pool: "avg" or "max": global pooling of each region's feature map (max keeps a small
             object's response whole; the average dilutes it over the empty rest).
         feature_scale: 0 keeps the transformed features as they are; > 0 L2-normalises each
@@ -165,6 +168,7 @@ class TNet(AttentionModel):
         level_weight: float = 0.3,
         sample_in_eval: bool = False,
         max_level: int | None = None,
+        coarsest: int = DEFAULT_COARSEST,
         pool: str = "avg",
         feature_scale: float = 0.0,
         detach_location: bool = False,
@@ -189,6 +193,7 @@ class TNet(AttentionModel):
         self.levels, self.locations = levels, locations
         self.reinforce_weight, self.level_weight = reinforce_weight, level_weight
         self.sample_in_eval, self.max_level = sample_in_eval, max_level
+        self.coarsest = int(coarsest)
         self.features = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
         self.view_features = (
             build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
@@ -243,7 +248,8 @@ class TNet(AttentionModel):
             child = sub_region(boxes.reshape(-1, 1, 4), self.candidates[chosen])  # (B * R, k, 4)
             boxes = child.reshape(b, -1, 4)
             boxes0 = to_level0(boxes, sizes)
-            lvl = read_level(boxes0, self.region_size, sizes, max_level=self.max_level)
+            lvl = read_level(boxes0, self.region_size, sizes, coarsest=self.coarsest,
+                             max_level=self.max_level)
             patches = yield ReadRequest(boxes0, lvl, self.region_size)  # (B, R', C, h, w)
             images = patches.flatten(0, 1)
             fmap, feat = self._embed(images, boxes.reshape(-1, 4), level)

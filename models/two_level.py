@@ -32,7 +32,7 @@ from models.backbones import build_backbone
 from models.layers import contrast_prior, pooled, scaled_unit
 from models.layers.pool import POOLS
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
-from models.regions import crop_resize, multiscale_windows, read_level, to_level0
+from models.regions import DEFAULT_COARSEST, crop_resize, multiscale_windows, read_level, to_level0
 from models.registry import register_model
 
 
@@ -124,6 +124,9 @@ class TwoLevelAttention(AttentionModel):
         parts: number of part detectors. object_weight, part_weight, filter_weight: loss weights.
         memory: patch features kept for re-clustering; recluster_every: steps between them.
         max_level: deepest pyramid level to read from (None: whatever the scene has).
+        coarsest: long side (px) of the pyramids' coarsest level (training sets it from
+            the pyramids: ``pipeline.train.driver.pyramids_coarsest``), so that reads use
+            only the levels each scene's pyramid has.
         proposal_prior: "none" or "contrast": the candidates are ranked by the filter net's
             confidence plus ``prior_strength`` times their mean local contrast in the view
             (0..1, the bottom-up objectness that the paper takes from selective search; see
@@ -157,6 +160,7 @@ class TwoLevelAttention(AttentionModel):
         memory: int = 512,
         recluster_every: int = 100,
         max_level: int | None = None,
+        coarsest: int = DEFAULT_COARSEST,
         proposal_prior: str = "none",
         prior_strength: float = 5.0,
         proposals: int = 0,
@@ -180,6 +184,7 @@ class TwoLevelAttention(AttentionModel):
         self.object_weight, self.part_weight = object_weight, part_weight
         self.filter_weight, self.recluster_every = filter_weight, recluster_every
         self.max_level = max_level
+        self.coarsest = int(coarsest)
         self.register_buffer(
             "candidates", multiscale_windows(tuple(window_scales), window_stride), persistent=False
         )
@@ -220,7 +225,8 @@ class TwoLevelAttention(AttentionModel):
     def steps(self, views: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Steps:
         kept = self._keep(views)
         boxes0 = to_level0(self.candidates[kept.index], sizes)
-        level = read_level(boxes0, self.patch_size, sizes, max_level=self.max_level)
+        level = read_level(boxes0, self.patch_size, sizes, coarsest=self.coarsest,
+                           max_level=self.max_level)
         patches = yield ReadRequest(boxes0, level, self.patch_size)  # (B, T, C, h, w)
         b = views.shape[0]
         feats = pooled(self.domain_net(patches.flatten(0, 1)), self.pool)

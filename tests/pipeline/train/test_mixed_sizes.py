@@ -107,3 +107,25 @@ def test_without_the_pyramids_coarsest_the_model_asks_for_a_missing_level(mixed_
                          ["model.overrides.tile_level=null", "model.overrides.coarsest=16"])
     with pytest.raises(Exception, match="has 2 levels, asked for 2"):  # the 1,100 px scene
         _train_one_batch(split, resolve_config(config, list(split.classes)))
+
+
+@pytest.mark.parametrize("name", ["stn", "tnet", "racnn", "two_level"])
+def test_models_that_choose_a_read_level_take_the_pyramids_coarsest(name):
+    """STN, TNet, RA-CNN and two-level attention choose their read level per batch: with the
+    pyramids' coarsest (here 1,024 px: a 1,100 px scene has 2 levels) they ask only for levels
+    that exist; with the old fixed 256 px they asked for a third."""
+    from models.memory import TensorPyramidSource
+
+    image = torch.randint(0, 256, (3, 1100, 1100), dtype=torch.uint8)
+    source = TensorPyramidSource.from_images({"a": image}, coarsest=1024)
+    config = resolve_config(load_config(None, [f"model.name={name}"]), ["x", "y"], coarsest=1024)
+    assert config.model.overrides["coarsest"] == 1024
+
+    def run(coarsest: int):
+        model = create_model(name, **{**config.model.overrides, "coarsest": coarsest}).eval()
+        return model(source.view(["a"], model.view_size), source.level0_sizes(["a"]), source,
+                     ["a"], torch.Generator().manual_seed(0))
+
+    assert run(1024).logits.shape == (1, 2)
+    with pytest.raises(ValueError, match="has 2 levels, asked for 3"):
+        run(256)
