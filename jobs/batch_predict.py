@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: see above)")
     parser.add_argument("--ray-temp-dir", type=Path, default=ROOT / "ray_tmp",
                         help="temp dir of a local Ray instance started by this job")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's and Ray Data's INFO lines too (off by default)")
     return parser.parse_args(argv)
 
 
@@ -63,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         job = batch.prepare(spec)  # model and manifest checked before Ray starts
-        from pipeline.train.driver import start_ray
+        from pipeline.train.driver import ray_output, start_ray
 
         cpus = math.ceil(spec.concurrency * spec.cpus_per_actor) + 1
         import ray
 
         connected = ray.is_initialized()
-        start_ray(temp_dir=args.ray_temp_dir, num_cpus=max(os.cpu_count() or 1, cpus))
+        output = ray_output(args.verbose)  # Ray's and Ray Data's INFO lines off by default
+        start_ray(temp_dir=args.ray_temp_dir, num_cpus=max(os.cpu_count() or 1, cpus),
+                  logging_level=output.level)
         try:
             summary = batch.run(job)
         finally:  # a Ray this job started does not outlive it (tests call main in-process)

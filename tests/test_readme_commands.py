@@ -75,9 +75,35 @@ def test_readme_using_it_commands_run(tmp_path):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MLFLOW_", "RAY_", "AWS_"))}
         env["PYTHONPATH"] = str(tree)  # the copy's code, not the installed work tree's
+        outs = []
         for i, block in enumerate(blocks):
             status, out = run_block(block, tree, env, timeout_s=1400)
             (tmp_path / f"block{i}.log").write_text(out)
             assert status == 0, f"block {i} exited {status}:\n{block}\n{out[-4000:]}"
+            outs.append(out)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
+    assert_quiet_output("\n".join(outs))
+
+
+EPOCH_LINE = re.compile(r"\[train\] epoch (\d+)/(\d+): train loss")
+
+
+def assert_quiet_output(out: str) -> None:
+    """What the jobs print by default (stdout and stderr, as in a log file): their own lines,
+    one per epoch from rank 0 with the elapsed time, the summary; no colour codes, no Ray
+    (Data / Train) INFO lines, no deprecation warnings. (``--verbose``'s wiring:
+    tests/jobs/test_train_logs.py.)"""
+    epochs = [int(m.group(1)) for m in EPOCH_LINE.finditer(out)]
+    assert epochs == [1, 2, 1, 2], out  # training, then retraining: 2 epochs each, once each
+    assert re.search(r"elapsed \d+ s", out), "the epoch line gives the elapsed time"
+    assert "val accuracy" in out and "bytes read per sample" in out  # the training summary
+    assert "Reporting training result" not in out
+    assert "\x1b[" not in out, "colour codes in a log that is not a terminal"
+    assert "streaming_executor" not in out, "Ray Data's INFO lines"
+    assert "Deprecat" not in out, out
+    # the jobs' own lines, Ray's warnings and errors; not hundreds of Ray lines. (With another
+    # Ray instance on the machine, Ray Train's placement group cleaner dies with "Found
+    # multiple active Ray instances", a traceback of 28 lines: Ray's, left out.)
+    lines = [x for x in out.splitlines() if not x.startswith("(PlacementGroupCleaner")]
+    assert len(lines) < 90, out
