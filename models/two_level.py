@@ -183,11 +183,9 @@ class TwoLevelAttention(AttentionModel):
         self.filter_size, self.keep, self.parts = tuple(filter_size), keep, parts
         self.object_weight, self.part_weight = object_weight, part_weight
         self.filter_weight, self.recluster_every = filter_weight, recluster_every
-        self.max_level = max_level
-        self.coarsest = int(coarsest)
-        self.register_buffer(
-            "candidates", multiscale_windows(tuple(window_scales), window_stride), persistent=False
-        )
+        self.max_level, self.coarsest = max_level, int(coarsest)
+        windows = multiscale_windows(tuple(window_scales), window_stride)
+        self.register_buffer("candidates", windows, persistent=False)
         if not 1 <= keep <= self.candidates.shape[0]:
             raise ValueError(f"keep must be in [1, {self.candidates.shape[0]}], got {keep}")
         self.filter_net = build_backbone(filter_backbone, in_channels, **(backbone_kwargs or {}))
