@@ -108,11 +108,17 @@ class RayCluster:
 
 
 def node_ports(head: bool) -> dict[str, int]:
-    """Free ports for one node by ``ray start`` flag name, including a free worker range."""
+    """Free ports for one node by ``ray start`` flag name, including a free worker range that
+    holds none of the single ports (both are free when picked, none is held: a range drawn
+    over the dashboard agent's port made ``ray start`` refuse to start, "used by other
+    components")."""
     names = (*_HEAD_PORTS, *_NODE_PORTS) if head else _NODE_PORTS
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    first = free_port_range(WORKER_PORTS)
-    return {**ports, "min-worker-port": first, "max-worker-port": first + WORKER_PORTS - 1}
+    for _ in range(100):
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
+        first = free_port_range(WORKER_PORTS)
+        if not any(first <= port < first + WORKER_PORTS for port in ports.values()):
+            return {**ports, "min-worker-port": first, "max-worker-port": first + WORKER_PORTS - 1}
+    raise RuntimeError("no worker port range apart from the node's own ports was found")
 
 
 def start_node(name: str, temp_dir: Path, env: dict[str, str], log_path: Path, *,
