@@ -50,3 +50,17 @@ def test_a_raylet_that_died_while_starting_ends_the_wait(monkeypatch, tmp_path):
     finally:
         stop_group(node.group, timeout_s=5)
     assert time.monotonic() - start < 30
+
+
+def test_the_raylet_is_told_the_agent_listen_port():
+    from pipeline.stack.ray_start import raylet_command
+
+    agent = "--dashboard_agent_command=python -u agent.py --grpc-port=52375 --listen-port=38027"
+    command = ["raylet", "--node_manager_port=1", agent]
+    assert raylet_command(command) == [*command, "--dashboard_agent_listen_port=38027"]
+    told = [*command, "--dashboard_agent_listen_port=40000"]
+    assert raylet_command(told) == told  # already given: unchanged
+    assert raylet_command(["raylet", "--dashboard_agent_command=python agent.py"]) == [
+        "raylet",
+        "--dashboard_agent_command=python agent.py",
+    ]
