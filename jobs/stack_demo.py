@@ -16,13 +16,16 @@
    was already running is left running).
 
 Every job gets the stack's client environment (MLflow server, S3 endpoint and keys) through
-its runtime environment, and ``ray job submit`` the cluster's token. ``--one-job`` submits
-steps 3-6 as one Ray job (``sh -c 'python jobs/ingest_fmow.py ... && python ...'``): the same
-job files on the same servers, one job's start-up instead of four (the tiny test in
-``tests/pipeline/stack/test_stack_tiny.py`` runs it).
+its runtime environment, and ``ray job submit`` the cluster's token. ``--two-jobs`` submits
+steps 3-4 as one Ray job and 5-6 as a second (``sh -c 'python jobs/ingest_fmow.py ... &&
+python jobs/train_fmow.py ...'``): the same job files on the same servers, two jobs' start-up
+instead of four (the tiny test, ``tests/pipeline/stack/test_stack_tiny.py``, runs it). Not one
+job: each ``python`` step that joins the cluster is a Ray driver of its own, and the jobs API
+names only the last driver of a submission, so the state API could not tell which training
+workers were the training's.
 
     python jobs/stack_demo.py [--train N] [--val N] [--epochs E] [--retrain-epochs R]
-        [--one-job] [--keep]
+        [--two-jobs] [--keep]
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where the raw sample is generated")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="extra training overrides (repeatable)")
-    parser.add_argument("--one-job", action="store_true",
-                        help="ingest, training, retraining and batch inference as one Ray job")
+    parser.add_argument("--two-jobs", action="store_true",
+                        help="ingest and training as one Ray job, retraining and batch "
+                             "inference as a second")
     parser.add_argument("--keep", action="store_true", help="leave the stack running")
     return parser.parse_args(argv)
 
@@ -186,7 +190,7 @@ def champion_version(name: str) -> str | None:
 
 
 def run_steps(stack, args, stamp: str) -> dict:
-    """Steps 3-6 as separate jobs, or as one (``--one-job``); what the final JSON needs from
+    """Steps 3-6 as four jobs, or as two (``--two-jobs``); what the final JSON needs from
     them: the manifest, the training summary, the hosts of its workers, the retraining's
     decision (None without one) and the predictions' URI."""
     raw, tag = make_raw(args.data, args.train, args.val)
@@ -194,10 +198,11 @@ def run_steps(stack, args, stamp: str) -> dict:
     train = train_step(manifest, args, stamp)
     retrain = retrain_step(manifest, args, stamp) if args.retrain_epochs > 0 else None
     predict, predictions = predict_step(manifest, f"models:/{args.register}@champion", stamp)
-    if args.one_job:
-        job = f"stack-demo-{stamp}"
-        lines = submit(stack, job, *[s for s in (ingest, train, retrain, predict) if s])
-        train_lines = retrain_lines = lines
+    if args.two_jobs:
+        job = f"stack-demo-train-{stamp}"
+        train_lines = submit(stack, job, ingest, train)
+        retrain_lines = submit(stack, f"stack-demo-predict-{stamp}",
+                               *[s for s in (retrain, predict) if s])
     else:
         job = f"stack-demo-train-{stamp}"
         submit(stack, f"stack-demo-ingest-{stamp}", ingest)

@@ -36,7 +36,7 @@ from typing import Any
 
 from pipeline.stack.mlflow_server import start_mlflow
 from pipeline.stack.postgres import backend_url, masked, start_postgres
-from pipeline.stack.process import Group, done, done_line, progress, stop_group
+from pipeline.stack.process import Group, done_line, stop_group
 from pipeline.stack.ray_cluster import start_cluster
 from pipeline.store.seaweed import REGION, remove_unix_sockets, start_seaweed
 
@@ -45,8 +45,10 @@ DEFAULT_STATE_DIR = WORK_TREE / "runs" / "stack"
 STATE_FILE = "stack.json"
 BUCKETS = ("pyramids", "mlflow-artifacts", "checkpoints")
 ARTIFACT_ROOT = "s3://mlflow-artifacts/"
-# stop order: the Ray nodes (their jobs write to MLflow and S3) first, S3 last
+# stop order: the Ray nodes (their jobs write to MLflow and S3) first, S3 last; each wave's
+# servers are stopped side by side
 _STOP_ORDER = ("ray_node2", "ray_head", "mlflow", "postgres", "seaweed")
+_STOP_WAVES = (("ray_node2", "ray_head"), ("mlflow", "postgres", "seaweed"))
 _STOP_SIGNAL = {"postgres": signal.SIGINT}  # PostgreSQL's fast shutdown
 # the state dict and its file: written by ``up``'s thread and the Ray cluster's thread
 _STATE_LOCK = threading.RLock()
@@ -233,25 +235,22 @@ def _record(state_dir: Path, state: dict[str, Any], name: str, pid: int, start_t
 
 def down(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, quiet: bool = False) -> list[str]:
     """Stop every server the state file records (by process group; already-gone ones are
-    skipped), remove Ray's temp dir and token and mark the state file stopped; returns the
-    names of the servers that were still running. Idempotent."""
+    skipped): the two Ray nodes side by side, then MLflow, PostgreSQL and SeaweedFS side by
+    side (each may wait out its 30 s SIGTERM grace: one after another that was 79 s); remove
+    Ray's temp dir and token and mark the state file stopped; returns the names of the
+    servers that were still running, in ``_STOP_ORDER``. Idempotent."""
     stack = load(state_dir)
     if stack is None:
         return []
-    state, stopped = stack.state, []
-    for name in _STOP_ORDER:
-        record = state.get("services", {}).get(name)
-        if record is None:
-            continue
-        group = Group(record["pid"], record["start_time"])
-        if group.members():
-            t = None if quiet else progress(f"stopping {name} (process group {group.pgid})")
-            gone = stop_group(group, _STOP_SIGNAL.get(name, signal.SIGTERM), timeout_s=30)
-            stopped.append(name)
-            if t is not None:
-                done(t, "ok" if gone else "STILL RUNNING")
-        if name == "seaweed":
-            remove_unix_sockets(record["ports"].values())
+    state = stack.state
+    running = [n for n in _STOP_ORDER if n in state.get("services", {})]
+    stopped: list[str] = []
+    for wave in _STOP_WAVES:
+        names = [n for n in running if n in wave]
+        records = [state["services"][n] for n in names]
+        with ThreadPoolExecutor(max(len(names), 1), thread_name_prefix="stack-stop") as pool:
+            were = list(pool.map(_stop_service, records, names, [quiet] * len(names)))
+        stopped += [n for n, was in zip(names, were, strict=True) if was]
     for key in ("ray_temp_dir", "ray_token"):
         if state.get(key):
             target = Path(state[key])
@@ -261,3 +260,18 @@ def down(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, quiet: bool = False) 
     if not quiet and not stopped:
         print("nothing was running", file=sys.stderr)
     return stopped
+
+
+def _stop_service(record: dict[str, Any], name: str, quiet: bool) -> bool:
+    """Stop one recorded server's process group; True when it was still running."""
+    group = Group(record["pid"], record["start_time"])
+    was_running = bool(group.members())
+    if was_running:
+        t = time.monotonic()
+        gone = stop_group(group, _STOP_SIGNAL.get(name, signal.SIGTERM), timeout_s=30)
+        if not quiet:
+            done_line(f"stopping {name} (process group {group.pgid})", t,
+                      "ok" if gone else "STILL RUNNING")
+    if name == "seaweed":
+        remove_unix_sockets(record["ports"].values())
+    return was_running

@@ -2,9 +2,9 @@
 
 One stack for the module (``pipeline.stack.stack.up``: SeaweedFS as S3, PostgreSQL with the
 MLflow server on it and its artifacts in S3, a two-node Ray cluster, one MLflow worker), then
-``jobs/stack_demo.py --one-job``: one ``ray job submit`` that ingests 4 + 2 generated scenes
-into ``s3://pyramids``, trains 1 epoch with 2 workers spread over both nodes and checkpoints in
-``s3://checkpoints``, registers ``@champion`` and predicts every scene from
+``jobs/stack_demo.py --two-jobs``: one ``ray job submit`` that ingests 4 + 2 generated scenes
+into ``s3://pyramids``, trains 1 epoch with 2 workers spread over both nodes, checkpoints in
+``s3://checkpoints`` and registers ``@champion``, and a second that predicts every scene from
 ``models:/...@champion`` into Parquet in S3 (no retraining). Marked ``stack_tiny``, not
 ``stack``: it runs in ``make test``; the full path, with retraining and separate jobs, is
 ``make test-stack`` (``test_stack_e2e.py``).
@@ -39,7 +39,7 @@ NAME = "tiny-stack"
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The stack up and the one job run: ``(stack, the demo's JSON object)``; the stack is
+    """The stack up and the two jobs run: ``(stack, the demo's JSON object)``; the stack is
     stopped (by process group) and its folder removed afterwards. This process gets the
     stack's client environment (S3 endpoint and keys, MLflow server) meanwhile."""
     from jobs import stack_demo
@@ -53,7 +53,7 @@ def tiny():
             running = stack.up(state, mlflow_workers=1)
             for key in stack_demo.JOB_ENV:
                 env.setenv(key, running.env[key])
-            argv = f"--one-job --train {TRAIN} --val {VAL} --epochs 1 --retrain-epochs 0"
+            argv = f"--two-jobs --train {TRAIN} --val {VAL} --epochs 1 --retrain-epochs 0"
             where = ["--state-dir", str(state), "--data", str(folder / "data")]
             args = stack_demo.parse_args([*argv.split(), "--register", NAME, *where])
             yield running, stack_demo.run_demo(running, args)
@@ -62,7 +62,7 @@ def tiny():
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_one_job_trained_on_both_nodes_with_s3_and_postgres(tiny):
+def test_trained_on_both_nodes_with_s3_and_postgres(tiny):
     from pipeline.store import storage
 
     running, result = tiny
