@@ -50,6 +50,10 @@ ARTIFACT_ROOT = "s3://mlflow-artifacts/"
 _STOP_ORDER = ("ray_node2", "ray_head", "mlflow", "postgres", "seaweed")
 _STOP_WAVES = (("ray_node2", "ray_head"), ("mlflow", "postgres", "seaweed"))
 _STOP_SIGNAL = {"postgres": signal.SIGINT}  # PostgreSQL's fast shutdown
+# seconds between the stop signal and SIGKILL: a Ray node keeps nothing we need (the GCS is in
+# memory) and its head took 33 s to end on SIGTERM (GCS and autoscaler monitor); MLflow,
+# PostgreSQL and SeaweedFS (its filer flushes for up to 15 s) get the full grace
+_STOP_GRACE_S = {"ray_head": 5.0, "ray_node2": 5.0}
 # the state dict and its file: written by ``up``'s thread and the Ray cluster's thread
 _STATE_LOCK = threading.RLock()
 
@@ -235,8 +239,8 @@ def _record(state_dir: Path, state: dict[str, Any], name: str, pid: int, start_t
 
 def down(state_dir: str | os.PathLike = DEFAULT_STATE_DIR, quiet: bool = False) -> list[str]:
     """Stop every server the state file records (by process group; already-gone ones are
-    skipped): the two Ray nodes side by side, then MLflow, PostgreSQL and SeaweedFS side by
-    side (each may wait out its 30 s SIGTERM grace: one after another that was 79 s); remove
+    skipped): the two Ray nodes side by side (5 s before SIGKILL), then MLflow, PostgreSQL and
+    SeaweedFS side by side (30 s: one after another, with Ray's nodes, that took 79 s); remove
     Ray's temp dir and token and mark the state file stopped; returns the names of the
     servers that were still running, in ``_STOP_ORDER``. Idempotent."""
     stack = load(state_dir)
@@ -268,7 +272,8 @@ def _stop_service(record: dict[str, Any], name: str, quiet: bool) -> bool:
     was_running = bool(group.members())
     if was_running:
         t = time.monotonic()
-        gone = stop_group(group, _STOP_SIGNAL.get(name, signal.SIGTERM), timeout_s=30)
+        gone = stop_group(group, _STOP_SIGNAL.get(name, signal.SIGTERM),
+                          timeout_s=_STOP_GRACE_S.get(name, 30.0))
         if not quiet:
             done_line(f"stopping {name} (process group {group.pgid})", t,
                       "ok" if gone else "STILL RUNNING")
