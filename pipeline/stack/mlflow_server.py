@@ -6,7 +6,8 @@ is not on the command line; MLflow creates its tables on first start),
 ``--artifacts-destination s3://BUCKET/...`` (clients upload and download artifacts *through
 the server*, so they need no S3 credentials: the server gets ``AWS_*`` and
 ``MLFLOW_S3_ENDPOINT_URL``), ``--host 127.0.0.1``, a free port and ``--workers`` worker
-processes, in its own process group; it waits until ``/health`` answers.
+processes, without MLflow 3's server jobs (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``), in its
+own process group; it waits until ``/health`` answers.
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ def start_mlflow(backend_uri: str, artifacts: str, s3_env: dict[str, str], log_p
     # the backend URI holds PostgreSQL's password: in the environment (readable by its owner
     # only), not on the command line (``ps`` shows that to every user)
     env.update(s3_env, MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"],
-               MLFLOW_BACKEND_STORE_URI=backend_uri)
+               MLFLOW_BACKEND_STORE_URI=backend_uri,
+               # MLflow 3's server jobs (GenAI scorers, prompt optimisation, trace rollups)
+               # start a job runner and 7 huey consumers, 8 more Python processes importing
+               # MLflow beside the server's own worker: the start took 144 s at a load of 30
+               # on 2 cores. The pipeline uses none of them.
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow), "server", "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(workers),

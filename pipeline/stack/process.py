@@ -217,3 +217,12 @@ def done(start: float, word: str = "ok") -> None:
     import sys
 
     print(f" {word} ({time.monotonic() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+def done_line(message: str, start: float, word: str = "ok") -> None:
+    """``message ... ok (3.1 s)`` as one line on stderr, printed when the step is done (steps
+    running side by side, as in the stack's start, do not cut into each other's lines)."""
+    import sys
+
+    print(f"{message} ... {word} ({time.monotonic() - start:.1f} s)", file=sys.stderr,
+          flush=True)

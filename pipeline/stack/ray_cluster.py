@@ -108,11 +108,17 @@ class RayCluster:
 
 
 def node_ports(head: bool) -> dict[str, int]:
-    """Free ports for one node by ``ray start`` flag name, including a free worker range."""
+    """Free ports for one node by ``ray start`` flag name, including a free worker range that
+    holds none of the single ports (both are free when picked, none is held: a range drawn
+    over the dashboard agent's port made ``ray start`` refuse to start, "used by other
+    components")."""
     names = (*_HEAD_PORTS, *_NODE_PORTS) if head else _NODE_PORTS
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    first = free_port_range(WORKER_PORTS)
-    return {**ports, "min-worker-port": first, "max-worker-port": first + WORKER_PORTS - 1}
+    for _ in range(100):
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
+        first = free_port_range(WORKER_PORTS)
+        if not any(first <= port < first + WORKER_PORTS for port in ports.values()):
+            return {**ports, "min-worker-port": first, "max-worker-port": first + WORKER_PORTS - 1}
+    raise RuntimeError("no worker port range apart from the node's own ports was found")
 
 
 def start_node(name: str, temp_dir: Path, env: dict[str, str], log_path: Path, *,
@@ -227,15 +233,36 @@ def alive_nodes(dashboard: str, token: Path) -> list[dict]:
     return [n for n in nodes if n.get("state") == "ALIVE"]
 
 
+def raylet_pids(node: RayNode) -> list[int]:
+    """The node's ``raylet`` processes (in its process group), read from ``/proc``."""
+    found = []
+    for pid in node.group.members():
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if argv0.endswith(b"/raylet"):
+            found.append(pid)
+    return found
+
+
 def wait_nodes(dashboard: str, token: Path, count: int, deadline: float,
                nodes: list[RayNode]) -> None:
-    """Wait until ``count`` nodes are alive; fail at once when a node's group has died."""
-    last = "no answer yet"
+    """Wait until ``count`` nodes are alive; fail at once when a node's group has died, or
+    when its raylet has started and died: Ray gives the dashboard agent a fixed 15 s to write
+    its port files, the raylet aborts when the agent misses it (its import took longer under
+    a load of 25 on 2 cores) and ``ray start`` itself only notices 4 minutes later."""
+    last, seen = "no answer yet", {node.name: False for node in nodes}
     while time.monotonic() < deadline:
         for node in nodes:
             if not node.group.members():
                 raise _NodeExited(f"Ray {node.name} exited; log {node.log_path}:\n"
                                   f"{tail(node.log_path)}")
+            raylets = bool(raylet_pids(node))
+            if seen[node.name] and not raylets:
+                raise _NodeExited(f"Ray {node.name}'s raylet exited while starting (its "
+                                  f"raylet.out in Ray's temp dir says why); log {node.log_path}")
+            seen[node.name] |= raylets
         try:
             alive = alive_nodes(dashboard, token)
             if len(alive) >= count:

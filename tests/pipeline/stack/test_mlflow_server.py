@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.stack.mlflow_server import start_mlflow
@@ -28,6 +30,9 @@ def test_mlflow_server_logs_to_postgres_and_s3(stack_dir, seaweed_server):  # no
         server = start_mlflow(pg.url, f"{bucket}/artifacts", s3_env, stack_dir / "mlflow.log")
         sockets = group_sockets(server.pid)
         assert sockets and all(is_loopback(s[2]) for s in sockets), sockets
+        # no MLflow server jobs: their runner starts with the server (then 7 huey consumers)
+        commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in server.group.members()]
+        assert not [c for c in commands if b"_job_runner" in c or b"huey" in c], commands
         import mlflow
 
         # a client of this server only: the fluent API keeps process-wide state (tracking URI,
