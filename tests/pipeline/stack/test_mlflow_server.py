@@ -1,4 +1,8 @@
-"""The MLflow server on PostgreSQL with artifacts in S3 (SeaweedFS)."""
+"""The MLflow server on PostgreSQL with artifacts in S3 (SeaweedFS), alone.
+
+Marked ``stack`` (``make test-stack``): in ``make test`` the same server, on the same
+PostgreSQL and S3, is covered by the tiny stack test (``test_stack_tiny.py``: backend on
+PostgreSQL, the champion's artifacts in S3, loopback only)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from tests.pipeline.stack.conftest import group_sockets
 from tests.s3 import seaweed_server  # noqa: F401  (fixture)
 from tests.sockets import is_loopback
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3,
+pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.stack,
               pytest.mark.skipif(not (BIN / "postgres").exists(), reason="no PostgreSQL 15")]
 
 
