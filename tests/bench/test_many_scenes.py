@@ -47,11 +47,12 @@ def test_compare_gives_the_ratio_and_the_marginal_cost():
 
 def test_reads_the_ingest_engines_own_progress_and_summary_lines():
     progress = _Progress(total=10, every_s=0.0, out=io.StringIO())
-    for status in ("written", "written", "skipped"):
-        progress.add(Outcome(status, {}, pixels=100))
-    seen = many_scenes.parse_progress(progress.line(progress.start + 2.0))
+    for i, status in enumerate(("written", "written", "skipped")):
+        progress.add(Outcome(status, {}, pixels=100), now=progress.start + 1.0 + i / 2)
+    now = progress.start + 2.0
+    seen = many_scenes.parse_progress(progress.line(now))
     assert (seen["done"], seen["total"], seen["written"], seen["skipped"]) == (3, 10, 2, 1)
-    assert seen["rate"] == 1.5 and seen["eta_s"] == pytest.approx(7 / 1.5, abs=0.5)
+    assert seen["rate"] == 1.5 and seen["eta_s"] == pytest.approx(progress.eta(now), abs=0.5)
     assert many_scenes.parse_progress("[ingest] 3 scenes, 4 classes") is None
     report = IngestReport(
         rows=(),
