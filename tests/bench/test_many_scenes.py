@@ -33,16 +33,17 @@ def test_overhead_is_setup_plus_epoch_minus_compute_per_scene():
     assert f["batch_wait_per_batch_s"] == 3.0 / 12 and f["fit_other_s"] == 10.0
 
 
-def test_compare_gives_the_ratio_and_the_marginal_cost():
+def test_compare_takes_the_small_run_with_the_least_overhead():
     small = [
-        {"scenes": 200, "overhead_s": 20.0, "per_scene_s": 0.1},
         {"scenes": 200, "overhead_s": 28.0, "per_scene_s": 0.14},
+        {"scenes": 200, "overhead_s": 20.0, "per_scene_s": 0.1},
     ]
     large = {"scenes": 5000, "overhead_s": 504.0, "per_scene_s": 504.0 / 5000}
     c = many_scenes.compare(large, small)
-    assert c["small_per_scene_s"] == pytest.approx(0.12)
-    assert c["ratio"] == pytest.approx((504.0 / 5000) / 0.12)
-    assert c["marginal_per_scene_s"] == pytest.approx((504.0 - 24.0) / 4800)
+    assert c["small_per_scene_s"] == 0.1 and c["small_mean_per_scene_s"] == pytest.approx(0.12)
+    assert c["ratio"] == pytest.approx((504.0 / 5000) / 0.1)
+    assert c["ratio_to_mean"] == pytest.approx((504.0 / 5000) / 0.12)
+    assert c["marginal_per_scene_s"] == pytest.approx((504.0 - 20.0) / 4800)
 
 
 def test_reads_the_ingest_engines_own_progress_and_summary_lines():
