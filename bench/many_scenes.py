@@ -188,7 +188,7 @@ def small_manifest(full: str, out: str, small: int, seed: int = 0) -> str:
 
 def parse_progress(line: str) -> dict[str, Any] | None:
     """An ingest progress line's figures (done, total, written, skipped, rejected, rate in
-    scenes/s, eta in s), or None for another line."""
+    scenes/s, eta in s or None while unknown), or None for another line."""
     m = PROGRESS.search(line)
     if not m:
         return None
@@ -200,7 +200,7 @@ def parse_progress(line: str) -> dict[str, Any] | None:
         "skipped": skipped,
         "rejected": rejected,
         "rate": float(m.group(6)),
-        "eta_s": float(m.group(7)),
+        "eta_s": None if m.group(7) == "?" else float(m.group(7)),
         "line": line.strip(),
     }
 

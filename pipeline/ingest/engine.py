@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -384,9 +385,10 @@ class _Progress:
     (``verbose``: also one line per scene: its status, id and where it went or why not).
 
     The line's rate is since the start; its ETA is the scenes left at the rate of the last
-    ``ETA_WINDOW_S`` seconds of finished scenes, so neither the start before the first scene
-    (35 s for 5,000 scenes on a loaded machine: an ETA of two days at the first line) nor the
-    fast skips at the start of a resumed run distort it."""
+    ``ETA_WINDOW_S`` seconds of finished scenes (``?`` until two have finished), so neither
+    the start before the first scene (20-35 s for 5,000 scenes on a loaded machine: an ETA of
+    one to two days at the first line) nor the fast skips at the start of a resumed run
+    distort it."""
 
     def __init__(self, total: int, every_s: float, out: TextIO | None, verbose: bool = False):
         self.total, self.every_s, self.out, self.verbose = total, every_s, out, verbose
@@ -421,23 +423,25 @@ class _Progress:
 
     def eta(self, now: float) -> float:
         """Seconds left: the scenes left over the rate since the window's first finished
-        scene; over the rate since the start while fewer than two have finished."""
+        scene; NaN (unknown: the line says ``eta ?``) while fewer than two have finished."""
         left = self.total - self.done
+        if left <= 0:
+            return 0.0
         if len(self.recent) >= 2 and self.done > self.recent[0][1]:
             since, done_then = self.recent[0]
             return left * max(now - since, 1e-9) / (self.done - done_then)
-        rate = self.done / max(now - self.start, 1e-9)
-        return left / rate if rate > 0 else float("nan")
+        return float("nan")
 
     def line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
         eta = self.eta(now)
+        eta_text = "?" if math.isnan(eta) else f"{eta:.0f}"
         c = self.counts
         return (
             f"[ingest] {self.done}/{self.total} scenes | {c['written']} written, "
             f"{c['skipped']} skipped, {c['rejected']} rejected | {rate:.2f} scenes/s, "
-            f"{self.pixels / elapsed / 1e6:.1f} Mpx/s | elapsed {elapsed:.0f} s, eta {eta:.0f} s"
+            f"{self.pixels / elapsed / 1e6:.1f} Mpx/s | elapsed {elapsed:.0f} s, eta {eta_text} s"
         )
 
 

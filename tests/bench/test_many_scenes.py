@@ -108,3 +108,8 @@ def test_small_manifest_keeps_n_train_scenes_and_every_val_scene(tmp_path):
     assert read_manifest(again).equals(read_manifest(out))  # seeded
     with pytest.raises(ValueError):
         many_scenes.small_manifest(full, str(tmp_path / "x.parquet"), 31)
+
+
+def test_an_unknown_eta_reads_as_none():
+    line = "[ingest] 1/5008 scenes | 1 written, 0 skipped, 0 rejected | 0.04 scenes/s, 0.0 Mpx/s | elapsed 26 s, eta ? s"
+    assert many_scenes.parse_progress(line)["eta_s"] is None
