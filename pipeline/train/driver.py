@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +246,12 @@ def pyramids_coarsest(manifest: Any) -> int | None:
 
 @dataclass
 class TrainOutcome:
-    """What a finished run produced (for the job's summary and the tests)."""
+    """What a finished run produced (for the job's summary and the tests).
+
+    ``timings``: driver wall seconds (``bench/many_scenes.py``): ``open_s`` reading the
+    manifest and its splits' rows, ``train_datasets_s`` / ``val_datasets_s`` dealing a split to
+    the ranks and materialising its view datasets (``pipeline.train.data.rank_datasets``),
+    ``fit_s`` the ``TorchTrainer.fit`` call (worker start, every epoch, checkpoints)."""
 
     metrics: dict[str, float]
     checkpoint_dir: str
@@ -254,6 +260,7 @@ class TrainOutcome:
     registered_version: str | None = None
     classes: list[str] = field(default_factory=list)
     full_scene_bytes_per_sample: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
@@ -381,13 +388,10 @@ def run_training(
     """
     output = ray_output(verbose)  # first: MLflow reads its level when imported
     from models.registry import create_model
-    from pipeline.read.source import open_split
     from pipeline.track.tracking import MlflowTracker
     from pipeline.train.quarantine import model_read_level, with_level_check
 
-    train = open_split(config.data.manifest, config.data.train_split, config.reader,
-                       config.data.limit)
-    val = train.sibling(config.data.val_split)
+    train, val, timings = _open_splits(config)
     classes = list(train.classes)
     config = resolve_config(config, classes, pyramids_coarsest(train.manifest))
     source_factory = source_factory or train.source_factory
@@ -410,15 +414,27 @@ def run_training(
     ray_before = _ray_connected()
     try:
         result = _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows,
-                      run_dir, ray_temp_dir, output)
+                      run_dir, ray_temp_dir, output, timings)
     except BaseException as err:  # stopped (SIGTERM, Ctrl-C) is KILLED, anything else FAILED
         tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         _leave_ray(ray_before)
         raise
     try:
-        return _finish(config, result, tracker, classes, train.manifest)
+        return _finish(config, result, tracker, classes, train.manifest, timings)
     finally:
         _leave_ray(ray_before)
+
+
+def _open_splits(config: TrainConfig) -> tuple[Any, Any, dict[str, float]]:
+    """The train and validation ``SplitData`` of the config's manifest, and ``timings`` with
+    the seconds it took to read them (``open_s``)."""
+    from pipeline.read.source import open_split
+
+    began = time.perf_counter()
+    train = open_split(config.data.manifest, config.data.train_split, config.reader,
+                       config.data.limit)
+    val = train.sibling(config.data.val_split)
+    return train, val, {"open_s": time.perf_counter() - began}
 
 
 def _open_run(tracker: Any, config: TrainConfig) -> None:
@@ -446,8 +462,9 @@ def _leave_ray(was_connected: bool) -> None:
 
 
 def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_rows, run_dir,
-         ray_temp_dir, output):
-    """Start Ray if needed, build the datasets, run the ``TorchTrainer``; its ``Result``."""
+         ray_temp_dir, output, timings):
+    """Start Ray if needed, build the datasets, run the ``TorchTrainer``; its ``Result``.
+    ``timings`` (a dict) gets the seconds of the datasets and of the fit (``TrainOutcome``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -465,11 +482,8 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     env = {**data.reader_env(), **output.env}
     _say(f"reading the views of {len(train_rows['key'])} train and {len(val_rows['key'])} val scenes")
     view_factory = getattr(source_factory, "in_process", lambda: source_factory)()
-    seed = config.data.data_seed(config.run.seed)
-    datasets = {
-        **data.rank_datasets("train", train_rows, workers, view_factory, view_size, env, seed=seed),
-        **data.rank_datasets("val", val_rows, workers, view_factory, view_size, env, seed=None),
-    }
+    datasets = _view_datasets(config, {"train": train_rows, "val": val_rows}, view_factory,
+                              view_size, env, timings)
     loop_config = {
         "config": to_dict(config),
         "classes": classes,
@@ -504,7 +518,34 @@ def _fit(config, source_factory, tracker, classes, view_size, train_rows, val_ro
     )
     _say(f"training {config.model.name} on {workers} workers for {config.optim.epochs} epochs "
          f"(run {config.run.name!r}, checkpoints in {config.run.storage_path})")
-    return trainer.fit()
+    return _timed_fit(trainer, timings)
+
+
+def _timed_fit(trainer: Any, timings: dict[str, float]) -> Any:
+    """``trainer.fit()``; its wall seconds go to ``timings["fit_s"]``, also when it raises."""
+    began = time.perf_counter()
+    try:
+        return trainer.fit()
+    finally:
+        timings["fit_s"] = time.perf_counter() - began
+
+
+def _view_datasets(config: TrainConfig, rows: dict[str, Any], view_factory: Any,
+                   view_size: tuple[int, int], env: dict[str, str],
+                   timings: dict[str, float]) -> dict[str, Any]:
+    """The per-rank view datasets of the ``train`` and ``val`` rows
+    (``pipeline.train.data.rank_datasets``; train dealt with the data seed, val in order);
+    ``timings`` gets each split's seconds (``<split>_datasets_s``)."""
+    from pipeline.train import data
+
+    seeds = {"train": config.data.data_seed(config.run.seed), "val": None}
+    datasets: dict[str, Any] = {}
+    for split, split_rows in rows.items():
+        began = time.perf_counter()
+        datasets |= data.rank_datasets(split, split_rows, config.scaling.num_workers,
+                                       view_factory, view_size, env, seed=seeds[split])
+        timings[f"{split}_datasets_s"] = time.perf_counter() - began
+    return datasets
 
 
 def _in_order() -> Any:
@@ -534,8 +575,10 @@ def _tidy_checkpoints(config: TrainConfig) -> None:
         _say(f"removed {len(removed)} checkpoint folder(s) Ray Train no longer lists: {removed}")
 
 
-def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], manifest: Any) -> TrainOutcome:
-    """Log the final model, register it if asked, close the MLflow run."""
+def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], manifest: Any,
+            timings: dict[str, float]) -> TrainOutcome:
+    """Log the final model, register it if asked, close the MLflow run; ``timings`` go into
+    the outcome as they are."""
     from pipeline.train.checkpoint import load_model, read_meta
 
     _say("training finished; logging the final model")
@@ -565,4 +608,5 @@ def _finish(config: TrainConfig, result: Any, tracker: Any, classes: list[str], 
         registered_version=version,
         classes=classes,
         full_scene_bytes_per_sample=full_scene_bytes(manifest, config.data.train_split),
+        timings=timings,
     )

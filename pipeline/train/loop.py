@@ -66,6 +66,11 @@ class EpochStats:
     timed out, that failed, that it hedged (``pipeline.store.counting.ReadCounters``).
     ``log_ratio_sum`` / ``ratio_draws``: sum of |log(a/q)| over the draws read ahead (a: the
     attention they were used for, q: the one they were drawn from) and their number.
+    ``batch_wait_s``: wall time blocked on the batch iterator (under Ray Train, Ray Data's
+    ``iter_batches``: fetching blocks, the local shuffle, formatting), outside the steps;
+    ``pass_s``: wall time of the whole pass over the batches (steps, iterator and the loop's
+    own bookkeeping). So ``pass_s - seconds - batch_wait_s`` is the loop's own time, and
+    ``seconds - wait_s`` the model's compute (with gradient averaging).
     ``confusion`` is (num_classes, num_classes) counts, row = true label.
     """
 
@@ -83,16 +88,13 @@ class EpochStats:
     timeouts: int = 0
     errors: int = 0
     hedges: int = 0
+    batch_wait_s: float = 0.0
+    pass_s: float = 0.0
     confusion: np.ndarray | None = None
 
     def as_vector(self) -> Tensor:
-        """(14,) float64 of every sum but ``confusion``, in field order (for all-reduce)."""
-        return torch.tensor(
-            [self.loss_sum, self.correct, self.samples, self.seconds, self.wait_s,
-             self.requests, self.bytes, self.steps, self.log_ratio_sum, self.ratio_draws,
-             self.retries, self.timeouts, self.errors, self.hedges],
-            dtype=torch.float64,
-        )
+        """(16,) float64 of every sum but ``confusion``, in field order (for all-reduce)."""
+        return torch.tensor([float(getattr(self, name)) for name in _summed()], dtype=torch.float64)
 
     def add(self, other: EpochStats) -> None:
         """Add ``other``'s sums (and confusion counts) into this one."""
@@ -105,15 +107,19 @@ class EpochStats:
     @classmethod
     def from_vector(cls, v: Tensor, confusion: np.ndarray | None = None) -> EpochStats:
         """Inverse of ``as_vector`` (counts back to int), with ``confusion`` attached."""
-        x = v.tolist()
-        return cls(x[0], int(x[1]), int(x[2]), x[3], x[4], int(x[5]), int(x[6]), int(x[7]),
-                   x[8], int(x[9]), int(x[10]), int(x[11]), int(x[12]), int(x[13]), confusion)
+        counts = {f.name for f in fields(cls) if f.type in (int, "int")}
+        values = {name: int(x) if name in counts else x
+                  for name, x in zip(_summed(), v.tolist(), strict=True)}
+        return cls(**values, confusion=confusion)
 
     def metrics(self, prefix: str, world_size: int = 1) -> dict[str, float]:
         """Per-epoch metrics: loss and accuracy per sample, bytes and requests per sample, the
         S3 requests retried, timed out, failed and hedged (totals),
-        data-wait fraction of step time, samples per second (all workers together); with
-        draws read ahead, their mean |log(a/q)| (0: the weights did not move the attention)."""
+        data-wait fraction of step time, samples per second (all workers together); the
+        steps and seconds of one worker's pass (means over the ``world_size`` workers):
+        ``pass_s`` in all, ``batch_wait_s`` waiting for the batch iterator, ``step_s`` in
+        steps, of which ``storage_wait_s`` waiting for the reader; with draws read ahead, their mean
+        |log(a/q)| (0: the weights did not move the attention)."""
         n = max(self.samples, 1)
         per_worker_seconds = self.seconds / max(world_size, 1)
         ahead = {}
@@ -132,7 +138,17 @@ class EpochStats:
             f"{prefix}/read_timeouts": float(self.timeouts),
             f"{prefix}/read_errors": float(self.errors),
             f"{prefix}/read_hedges": float(self.hedges),
+            f"{prefix}/steps": self.steps / max(world_size, 1),
+            f"{prefix}/pass_s": self.pass_s / max(world_size, 1),
+            f"{prefix}/batch_wait_s": self.batch_wait_s / max(world_size, 1),
+            f"{prefix}/step_s": per_worker_seconds,
+            f"{prefix}/storage_wait_s": self.wait_s / max(world_size, 1),
         }
+
+
+def _summed() -> tuple[str, ...]:
+    """The names of ``EpochStats``' sums, in field order (everything but ``confusion``)."""
+    return tuple(f.name for f in fields(EpochStats) if f.name != "confusion")
 
 
 def to_tensors(batch: Batch) -> tuple[list[str], Tensor, Tensor, Tensor]:
@@ -386,12 +402,14 @@ def train_epoch(
     """One pass over ``batches``; ``after_step(step_in_epoch)`` runs after every step.
 
     ``model.begin_epoch(epoch)`` runs first (alternating schedules such as RA-CNN's)."""
+    start = time.perf_counter()
     runner.model.begin_epoch(epoch)
     stats = EpochStats()
-    for i, (batch, next_batch) in enumerate(with_next(batches)):
+    for i, (batch, next_batch) in enumerate(with_next(timed(batches, stats))):
         runner.train_step(batch, epoch, stats, next_batch)
         if after_step is not None:
             after_step(i)
+    stats.pass_s = time.perf_counter() - start
     return stats
 
 
@@ -403,11 +421,29 @@ def evaluate(
     keep: Callable[[MicroBatch, ModelOutput], None] | None = None,
 ) -> EpochStats:
     """Loss, accuracy and confusion matrix over ``batches``; sampling seeded by ``seed``."""
+    start = time.perf_counter()
     stats = EpochStats(confusion=np.zeros((num_classes, num_classes), dtype=np.int64))
     generator = torch.Generator().manual_seed(seed)
-    for batch, next_batch in with_next(batches):
+    for batch, next_batch in with_next(timed(batches, stats)):
         runner.eval_step(batch, generator, stats, keep, next_batch)
+    stats.pass_s = time.perf_counter() - start
     return stats
+
+
+def timed(items: Iterable[Batch], stats: EpochStats) -> Iterator[Batch]:
+    """``items`` as they come, the time spent waiting for each (and for the iterator's end:
+    Ray Data finishes its streaming there) added to ``stats.batch_wait_s``."""
+    start = time.perf_counter()
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            stats.batch_wait_s += time.perf_counter() - start
+            return
+        stats.batch_wait_s += time.perf_counter() - start
+        yield item
+        start = time.perf_counter()
 
 
 def with_next(items: Iterable[Batch]) -> Iterator[tuple[Batch, Batch | None]]:

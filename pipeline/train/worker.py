@@ -39,7 +39,14 @@ from pipeline.train.config import TrainConfig, from_dict
 from pipeline.train.data import rank_dataset_name
 from pipeline.train.driver import apply_ray_output
 from pipeline.train.grad_sync import GradSync
-from pipeline.train.loop import EpochStats, StepRunner, cosine_schedule, evaluate, train_epoch
+from pipeline.train.loop import (
+    EpochStats,
+    StepRunner,
+    cosine_schedule,
+    evaluate,
+    reader_counters,
+    train_epoch,
+)
 from pipeline.train.microbatch import MicroBatch
 from pipeline.train.quarantine import Quarantine, merge_records
 
@@ -217,7 +224,7 @@ def build_runner(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        source=loop_config["source_factory"](),
+        source=started_source(loop_config["source_factory"]),
         micro_batches=config.data.micro_batches,
         ramp=config.data.ramp_micro_batches,
         read_ahead=config.data.read_ahead,
@@ -229,6 +236,16 @@ def build_runner(
         quarantine=Quarantine(),
     )
     return runner, start_epoch, step
+
+
+def started_source(factory: Callable[[], Any]) -> Any:
+    """``factory()``'s reader, started now: a ``ProcessPixelSource`` starts its child process
+    (imports, store clients; seconds, tens of seconds on a loaded machine) on its first call,
+    which otherwise fell inside the first training step and counted as model compute. Its
+    start is now part of the worker's start, as the model's build is."""
+    source = factory()
+    reader_counters(source)  # the first call: starts the child of a ProcessPixelSource
+    return source
 
 
 def restore(

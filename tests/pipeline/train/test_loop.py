@@ -232,3 +232,33 @@ def test_read_faults_and_hedges_add_up_and_become_metrics():
     assert (a.retries, a.timeouts, a.errors, a.hedges) == (4, 1, 3, 5)
     metrics = a.metrics("train")
     assert metrics["train/read_hedges"] == 5.0 and metrics["train/read_retries"] == 4.0
+
+
+def test_epoch_times_the_wait_for_batches_apart_from_the_steps():
+    """``batch_wait_s``: time blocked on the batch iterator (Ray Data's, in training), outside
+    the steps; ``pass_s``: the whole pass; both survive the all-reduce vector."""
+    import time
+
+    from pipeline.train.loop import EpochStats
+
+    source, keys, views, sizes, labels = _data()
+    batches = _batches(keys, views, sizes, labels)
+
+    def slow(delay=0.05):
+        for batch in batches:
+            time.sleep(delay)
+            yield batch
+
+    stats = train_epoch(_runner(source), slow(), epoch=0)
+    assert stats.steps == len(batches) == 3
+    assert 3 * 0.05 <= stats.batch_wait_s < stats.pass_s
+    assert stats.seconds + stats.batch_wait_s <= stats.pass_s
+    back = EpochStats.from_vector(stats.as_vector())
+    assert (back.batch_wait_s, back.pass_s, back.steps) == (stats.batch_wait_s, stats.pass_s, 3)
+    metrics = stats.metrics("train", world_size=2)
+    assert metrics["train/batch_wait_s"] == stats.batch_wait_s / 2
+    assert metrics["train/pass_s"] == stats.pass_s / 2 and metrics["train/steps"] == 1.5
+    assert metrics["train/step_s"] == stats.seconds / 2
+    assert metrics["train/storage_wait_s"] == stats.wait_s / 2
+    quick = evaluate(_runner(source), slow(0.0), seed=0, num_classes=2)
+    assert 0 < quick.batch_wait_s < quick.pass_s
