@@ -39,7 +39,7 @@ class ReadCounters:
     """Totals since the last reset. ``chunks`` / ``pixels``: inner chunks the reader decoded
     (or filled, when absent) and their element count, i.e. the pixels fetched. ``retries``:
     requests sent again after a timeout or an error; ``timeouts``: requests that took longer
-    than the reader's ``request_timeout_s`` (cancelled, then retried); ``errors``: requests
+    than the reader's ``request_timeout_s`` (given up on, then retried); ``errors``: requests
     that failed (an HTTP 5xx, a reset connection; retried); ``hedges``: requests sent a second
     time, without cancelling the first, because their batch had no answer for the reader's
     ``hedge_after_s`` (the first answer of the two is used). Requests and bytes count the

@@ -39,14 +39,15 @@ class RetryPolicy:
 
     Attributes:
         timeout_s: seconds a batch of requests may go without any answer; its requests still
-            unanswered then are cancelled and sent again (``_wait_progress``).
+            unanswered then are sent again (``_wait_progress``; the first copies are left
+            to finish, see ``abandon``).
         max_retries: how many times a request that timed out or failed (HTTP 5xx, a reset
             connection) is sent again before the read fails with ``S3ReadError``.
         initial_delay_s, max_delay_s: the wait before retry k is
             ``min(max_delay_s, initial_delay_s * 2**k)``.
         hedge_after_s: seconds a batch may go without any answer before each of its requests
             still unanswered gets one duplicate (a hedge; the original is not cancelled, the
-            first answer of the two is used, the other cancelled): a rare stall then costs
+            first answer of the two is used, the other left to finish): a rare stall then costs
             about this, not ``timeout_s``. 0 (or ``>= timeout_s``): no hedges. This is the
             most: once ``HEDGE_SAMPLES`` batches have answered, the wait is
             ``HEDGE_FACTOR`` times the median time to a batch's first answer (at least
@@ -196,10 +197,11 @@ class S3Ranges(RangeStore):
     Faults are bounded here, not in tensorstore (its own retries are off, and it has no
     per-request timeout): when no request of a batch has been answered for the policy's
     ``hedge_after_s``, each unanswered one is sent a second time (a hedge, counted with
-    ``RequestLog.add_faults``), the first of the two answers is used and the other cancelled;
-    when no request (or copy) has been answered for the policy's timeout in all, the
-    unanswered requests are cancelled (a stall costs about one timeout, however
-    large the batch), and those and the failed ones (5xx, resets) are sent again
+    ``RequestLog.add_faults``), the first of the two answers is used and the other left to
+    finish (``abandon``: a tensorstore future is never cancelled); when no request (or copy)
+    has been answered for the policy's timeout in all, the unanswered requests are given up
+    (a stall costs about one timeout, however large the batch), and those and the failed
+    ones (5xx, resets) are sent again
     after a backoff, up to ``max_retries`` times; each is counted (``RequestLog.add_faults``).
     A 404 is no fault: the object is missing (None), which the reader reports.
     """
@@ -255,7 +257,7 @@ class S3Ranges(RangeStore):
             future = _first_answer(sent)
             for other in sent:
                 if other is not future:
-                    other.cancel()  # the loser of a hedge, or an unanswered request
+                    abandon(other)  # the loser of a hedge, or an unanswered request
             if future is None:
                 timeouts += 1
                 again.append(i)
@@ -282,7 +284,7 @@ class S3Ranges(RangeStore):
             await self._hedged(requests, copies)
         except asyncio.CancelledError:
             for future in (f for sent in copies.values() for f in sent):
-                future.cancel()
+                abandon(future)
             raise
         return copies
 
@@ -295,9 +297,9 @@ class S3Ranges(RangeStore):
             if math.isinf(timeout):
                 await _all_done(list(futures.values()))
             else:
-                await _wait_progress(list(futures.values()), timeout, cancel=False)
+                await _wait_progress(list(futures.values()), timeout)
             return
-        first = await _wait_progress(list(futures.values()), hedge, cancel=False)
+        first = await _wait_progress(list(futures.values()), hedge)
         if first is not None:
             self._first_answers.append(first)
         late = [i for i, f in futures.items() if not f.done()]
@@ -327,6 +329,26 @@ def _answered(future: Any) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
+_ABANDONED: list[Any] = []  # tensorstore futures given up on and not yet done
+_ABANDONED_LOCK = threading.Lock()
+
+
+def abandon(future: Any) -> None:
+    """Give up on a tensorstore future without cancelling it: it is kept referenced until
+    it is done (pruned at the next call), its answer unused.
+
+    ``Future.cancel()`` (tensorstore 0.1.86) unregisters the future's ready callback holding
+    the GIL and waits for that callback if it is running, while the callback waits for the
+    GIL to run the Python done-callbacks: a hedge's loser answering just as it was cancelled
+    deadlocked the reader's I/O thread (seen in ``make stack-demo``: training stopped in
+    epoch 13 with both threads waiting). A stalled request given up on thus holds one of
+    ``concurrency`` connections until the server ends it."""
+    with _ABANDONED_LOCK:
+        _ABANDONED[:] = [f for f in _ABANDONED if not f.done()]
+        if not future.done():
+            _ABANDONED.append(future)
+
+
 def _first_answer(copies: list[Any]) -> Any | None:
     """The copy of a request whose answer to use: one with a result, else a failed one (its
     error is retried), else None (no copy answered: a timeout)."""
@@ -335,10 +357,10 @@ def _first_answer(copies: list[Any]) -> Any | None:
     return (answered or done or [None])[0]
 
 
-async def _all_done(futures: list[Any], cancel: bool = True) -> None:
+async def _all_done(futures: list[Any]) -> None:
     """Wait, on the running event loop, until every tensorstore future is done: one wake-up
-    for the batch (its callbacks run on tensorstore's threads). If the wait is cancelled,
-    so are the futures not done (unless ``cancel`` is False)."""
+    for the batch (its callbacks run on tensorstore's threads). Cancelling the wait leaves
+    the futures alone (the caller abandons them)."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     left = [len(futures)]
@@ -355,19 +377,12 @@ async def _all_done(futures: list[Any], cancel: bool = True) -> None:
         return
     for future in futures:
         future.add_done_callback(finished)
-    try:
-        await done
-    except asyncio.CancelledError:
-        for future in futures if cancel else ():
-            future.cancel()
-        raise
+    await done
 
 
-async def _wait_progress(futures: list[Any], timeout: float,
-                         cancel: bool = True) -> float | None:
+async def _wait_progress(futures: list[Any], timeout: float) -> float | None:
     """Wait until every tensorstore future is done, or until none has finished for
-    ``timeout`` seconds (those left are then cancelled unless ``cancel`` is False; the caller
-    retries or hedges them): a stalled request costs about ``timeout`` after the last answer
+    ``timeout`` seconds (the caller retries or hedges those left): a stalled request costs about ``timeout`` after the last answer
     of its batch. One wake-up of the loop for the batch, plus one per ``timeout`` while it
     lasts. Returns the seconds to the first future's finish (None: none finished)."""
     start = time.monotonic()
@@ -382,7 +397,7 @@ async def _wait_progress(futures: list[Any], timeout: float,
 
     for future in futures:
         future.add_done_callback(finished)
-    everything = asyncio.ensure_future(_all_done(futures, cancel))
+    everything = asyncio.ensure_future(_all_done(futures))
     while not everything.done():
         with lock:
             idle = time.monotonic() - last[0]
@@ -390,7 +405,7 @@ async def _wait_progress(futures: list[Any], timeout: float,
             break
         await asyncio.wait([everything], timeout=timeout - idle)
     if not everything.done():
-        everything.cancel()  # cancels the futures not done, if asked (see _all_done)
+        everything.cancel()  # the wait, not the futures
         await asyncio.gather(everything, return_exceptions=True)
     with lock:
         return first[0] if first else None
