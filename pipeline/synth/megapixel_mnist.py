@@ -223,18 +223,24 @@ def _paint(out: np.ndarray, y0: int, x0: int, stamps: np.ndarray, corners: np.nd
             out[ty0:ty1, tx0:tx1] = stamp[sy : sy + ty1 - ty0, sx : sx + tx1 - tx0]
 
 
-def render_region(spec: MegapixelMNISTSpec, lay: CanvasLayout, box: Sequence[int]) -> np.ndarray:
+def _layers(spec: MegapixelMNISTSpec, lay: CanvasLayout) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What is painted, in order: (stamps (k, 28, 28) uint8, top-left corners (k, 2))."""
+    images, _ = mnist_digits()
+    digits = (images[lay.digits], np.asarray(lay.positions).reshape(-1, 2))
+    noise = (noise_bank(spec.noise_bank, spec.seed, lay.split)[lay.noise],
+             np.asarray(lay.noise_positions).reshape(-1, 2))
+    return [digits, noise] if spec.noise_over_digits else [noise, digits]
+
+
+def render_region(spec: MegapixelMNISTSpec, lay: CanvasLayout, box: Sequence[int],
+                  layers: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """(y1-y0, x1-x0) uint8 window ``box = [y0, x0, y1, x1]`` (level-0 pixels, may cross the
     border: outside reads 0) of the canvas of ``lay``; equal to ``render(spec, lay)[y0:y1, x0:x1]``
-    where the box is inside. Only the digits and scribbles that touch the window are painted."""
+    where the box is inside. Only the digits and scribbles that touch the window are painted.
+    ``layers``: ``_layers(spec, lay)`` when the caller renders many windows of one canvas."""
     y0, x0, y1, x1 = (int(v) for v in box)
-    images, _ = mnist_digits()
     out = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
-    layers = [(images[lay.digits], lay.positions)]
-    noise = (noise_bank(spec.noise_bank, spec.seed, lay.split)[lay.noise], lay.noise_positions)
-    layers.insert(1 if spec.noise_over_digits else 0, noise)
-    for stamps, corners in layers:
-        corners = np.asarray(corners).reshape(-1, 2)
+    for stamps, corners in layers if layers is not None else _layers(spec, lay):
         near = ((corners[:, 0] < y1) & (corners[:, 0] + DIGIT > y0)
                 & (corners[:, 1] < x1) & (corners[:, 1] + DIGIT > x0))
         _paint(out, y0, x0, stamps[near], corners[near])
@@ -311,14 +317,19 @@ class MegapixelMNISTSource:
         pyramid that is at least ``size``, resized), with the levels halved in numpy."""
         views = []
         for key in keys:
-            level = render(self.spec, self._layout(key))
-            while max(level.shape) > self.coarsest:
-                half = _half(level)
-                if half.shape[0] < size[0] or half.shape[1] < size[1]:
-                    break
-                level = half
+            depth, (h, w) = 0, self.spec.canvas
+            while max(h, w) > self.coarsest and -(-h // 2) >= size[0] and -(-w // 2) >= size[1]:
+                depth, h, w = depth + 1, -(-h // 2), -(-w // 2)
+            level = self._level(key, depth)
             views.append(resize_patches(torch.from_numpy(level)[None, None].float() / 255.0, size)[0])
         return torch.stack(views)
+
+    def _level(self, key: str, depth: int) -> np.ndarray:
+        """Level ``depth`` of the canvas's pyramid, (ceil(H / 2**depth), ...) uint8."""
+        level = render(self.spec, self._layout(key))
+        for _ in range(depth):
+            level = _half(level)
+        return level
 
     def _window(self, key: str, box: Sequence[int], level: int) -> Tensor:
         """(1, h, w) float32 region of ``box`` at ``level`` (the pyramid's crop, not resized)."""
