@@ -80,8 +80,10 @@ class MegapixelMNISTSpec:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         inner_h, inner_w = h - 2 * self.margin, w - 2 * self.margin
         if inner_h < DIGIT or inner_w < DIGIT:
-            raise ValueError(f"canvas {self.canvas} is smaller than a {DIGIT} px digit "
-                             f"inside a margin of {self.margin} px")
+            raise ValueError(
+                f"canvas {self.canvas} is smaller than a {DIGIT} px digit "
+                f"inside a margin of {self.margin} px"
+            )
         # rejection sampling of non-overlapping boxes needs room: keep the digits under ~1/4
         if n * (2 * DIGIT) ** 2 > inner_h * inner_w:
             raise ValueError(f"canvas {self.canvas} is too small for {n} non-overlapping digits")
@@ -159,8 +161,12 @@ def _digit_positions(
     h, w = canvas
     positions: list[np.ndarray] = []
     while len(positions) < n:
-        pos = np.array([rng.integers(margin, h - margin - DIGIT + 1),
-                        rng.integers(margin, w - margin - DIGIT + 1)])
+        pos = np.array(
+            [
+                rng.integers(margin, h - margin - DIGIT + 1),
+                rng.integers(margin, w - margin - DIGIT + 1),
+            ]
+        )
         if all((np.abs(pos - p) >= DIGIT).any() for p in positions):
             positions.append(pos)
     return np.stack(positions)
@@ -203,8 +209,10 @@ def layout(spec: MegapixelMNISTSpec, split: str, index: int) -> CanvasLayout:
         positions=_digit_positions(rng, spec.n_target + spec.n_other, spec.canvas, spec.margin),
         noise=rng.integers(0, spec.noise_bank, spec.n_noise),
         noise_positions=np.stack(
-            [rng.integers(lo, max(lo + 1, h - lo), spec.n_noise),
-             rng.integers(lo, max(lo + 1, w - lo), spec.n_noise)],
+            [
+                rng.integers(lo, max(lo + 1, h - lo), spec.n_noise),
+                rng.integers(lo, max(lo + 1, w - lo), spec.n_noise),
+            ],
             axis=1,
         ),
         split=split,
@@ -227,13 +235,19 @@ def _layers(spec: MegapixelMNISTSpec, lay: CanvasLayout) -> list[tuple[np.ndarra
     """What is painted, in order: (stamps (k, 28, 28) uint8, top-left corners (k, 2))."""
     images, _ = mnist_digits()
     digits = (images[lay.digits], np.asarray(lay.positions).reshape(-1, 2))
-    noise = (noise_bank(spec.noise_bank, spec.seed, lay.split)[lay.noise],
-             np.asarray(lay.noise_positions).reshape(-1, 2))
+    noise = (
+        noise_bank(spec.noise_bank, spec.seed, lay.split)[lay.noise],
+        np.asarray(lay.noise_positions).reshape(-1, 2),
+    )
     return [digits, noise] if spec.noise_over_digits else [noise, digits]
 
 
-def render_region(spec: MegapixelMNISTSpec, lay: CanvasLayout, box: Sequence[int],
-                  layers: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+def render_region(
+    spec: MegapixelMNISTSpec,
+    lay: CanvasLayout,
+    box: Sequence[int],
+    layers: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> np.ndarray:
     """(y1-y0, x1-x0) uint8 window ``box = [y0, x0, y1, x1]`` (level-0 pixels, may cross the
     border: outside reads 0) of the canvas of ``lay``; equal to ``render(spec, lay)[y0:y1, x0:x1]``
     where the box is inside. Only the digits and scribbles that touch the window are painted.
@@ -241,8 +255,12 @@ def render_region(spec: MegapixelMNISTSpec, lay: CanvasLayout, box: Sequence[int
     y0, x0, y1, x1 = (int(v) for v in box)
     out = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
     for stamps, corners in layers if layers is not None else _layers(spec, lay):
-        near = ((corners[:, 0] < y1) & (corners[:, 0] + DIGIT > y0)
-                & (corners[:, 1] < x1) & (corners[:, 1] + DIGIT > x0))
+        near = (
+            (corners[:, 0] < y1)
+            & (corners[:, 0] + DIGIT > y0)
+            & (corners[:, 1] < x1)
+            & (corners[:, 1] + DIGIT > x0)
+        )
         _paint(out, y0, x0, stamps[near], corners[near])
     return out
 
@@ -258,7 +276,9 @@ def canvas(spec: MegapixelMNISTSpec, split: str, index: int) -> tuple[Tensor, in
     return torch.from_numpy(render(spec, lay))[None], lay.label
 
 
-def make_split(spec: MegapixelMNISTSpec, split: str, n: int, start: int = 0) -> tuple[Tensor, Tensor]:
+def make_split(
+    spec: MegapixelMNISTSpec, split: str, n: int, start: int = 0
+) -> tuple[Tensor, Tensor]:
     """Canvases ``start .. start+n-1`` of ``split``: (n, 1, H, W) uint8 and (n,) int64 labels.
 
     Memory is ``n * H * W`` bytes (1500 x 1500: 2.25 MB a canvas); serve large sets with
@@ -290,12 +310,15 @@ class MegapixelMNISTSource:
     ``view`` renders the whole canvas and its pyramid (keys: ``"<split>/<index>"``).
     """
 
-    def __init__(self, spec: MegapixelMNISTSpec, split: str, n: int, start: int = 0,
-                 coarsest: int = 256):
+    def __init__(
+        self, spec: MegapixelMNISTSpec, split: str, n: int, start: int = 0, coarsest: int = 256
+    ):
         self.spec, self.split, self.coarsest = spec, split, coarsest
         self.keys = [f"{split}/{i}" for i in range(start, start + n)]
-        self.layouts = {k: layout(spec, split, i) for k, i in zip(self.keys, range(start, start + n),
-                                                                  strict=True)}
+        self.layouts = {
+            k: layout(spec, split, i)
+            for k, i in zip(self.keys, range(start, start + n), strict=True)
+        }
 
     def _layout(self, key: str) -> CanvasLayout:
         try:
@@ -321,7 +344,9 @@ class MegapixelMNISTSource:
             while max(h, w) > self.coarsest and -(-h // 2) >= size[0] and -(-w // 2) >= size[1]:
                 depth, h, w = depth + 1, -(-h // 2), -(-w // 2)
             level = self._level(key, depth)
-            views.append(resize_patches(torch.from_numpy(level)[None, None].float() / 255.0, size)[0])
+            views.append(
+                resize_patches(torch.from_numpy(level)[None, None].float() / 255.0, size)[0]
+            )
         return torch.stack(views)
 
     def _level(self, key: str, depth: int) -> np.ndarray:
@@ -335,8 +360,9 @@ class MegapixelMNISTSource:
         """(1, h, w) float32 region of ``box`` at ``level`` (the pyramid's crop, not resized)."""
         f = 2**level
         y0, x0, y1, x1 = box_at_level(box, level)
-        region = torch.from_numpy(render_region(self.spec, self._layout(key),
-                                                (y0 * f, x0 * f, y1 * f, x1 * f)))[None]
+        region = torch.from_numpy(
+            render_region(self.spec, self._layout(key), (y0 * f, x0 * f, y1 * f, x1 * f))
+        )[None]
         for _ in range(level):
             region = downsample2x(region)
         return region.float() / 255.0
@@ -348,9 +374,19 @@ class MegapixelMNISTSource:
         out = []
         for key, boxes, at in zip(keys, request.boxes.tolist(), request.levels, strict=True):
             if h % 2**at or w % 2**at:
-                out.append(self._pyramid(key).read([key], ReadRequest(
-                    torch.tensor([boxes], dtype=torch.int64).reshape(1, -1, 4), at, request.size))[0])
+                out.append(
+                    self._pyramid(key).read(
+                        [key],
+                        ReadRequest(
+                            torch.tensor([boxes], dtype=torch.int64).reshape(1, -1, 4),
+                            at,
+                            request.size,
+                        ),
+                    )[0]
+                )
                 continue
-            patches = [resize_patches(self._window(key, b, at)[None], request.size)[0] for b in boxes]
+            patches = [
+                resize_patches(self._window(key, b, at)[None], request.size)[0] for b in boxes
+            ]
             out.append(torch.stack(patches) if patches else torch.zeros((0, 1, *request.size)))
         return torch.stack(out)

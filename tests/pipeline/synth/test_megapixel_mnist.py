@@ -103,14 +103,17 @@ def test_a_scribble_is_painted_over_a_digit_and_can_erase_it():
     bank = noise_bank(NOISY.noise_bank, NOISY.seed, "train")
     images, _ = mnist_digits()
     (y, x), k = lay.positions[0], lay.noise[0]
-    over = CanvasLayout(lay.label, lay.digits, lay.positions, lay.noise[:1],
-                        np.array([[y + 3, x + 5]]), "train")
+    over = CanvasLayout(
+        lay.label, lay.digits, lay.positions, lay.noise[:1], np.array([[y + 3, x + 5]]), "train"
+    )
     img = render(NOISY, over)
     assert np.array_equal(img[y + 3 : y + 3 + DIGIT, x + 5 : x + 5 + DIGIT], bank[k])
     erased = (images[lay.digits[0]][3:, 5:] > 0) & (bank[k][:-3, :-5] == 0)
     assert erased.any() and (img[y + 3 : y + DIGIT, x + 5 : x + DIGIT][erased] == 0).all()
     # and a full canvas has more ink than its digits alone
-    without = CanvasLayout(lay.label, lay.digits, lay.positions, lay.noise[:0], lay.noise_positions[:0])
+    without = CanvasLayout(
+        lay.label, lay.digits, lay.positions, lay.noise[:0], lay.noise_positions[:0]
+    )
     assert (render(NOISY, lay) > 0).sum() > (render(NOISY, without) > 0).sum()
 
 
@@ -173,7 +176,12 @@ def test_render_region_is_the_window_of_the_canvas_with_zeros_outside():
     lay = layout(NOISY, "train", 7)
     img = render(NOISY, lay)
     padded = np.pad(img, 50)
-    for y0, x0, y1, x1 in [(10, 20, 74, 91), (-30, -40, 20, 30), (280, 380, 340, 430), (0, 0, 300, 400)]:
+    for y0, x0, y1, x1 in [
+        (10, 20, 74, 91),
+        (-30, -40, 20, 30),
+        (280, 380, 340, 430),
+        (0, 0, 300, 400),
+    ]:
         want = padded[y0 + 50 : y1 + 50, x0 + 50 : x1 + 50]
         assert np.array_equal(render_region(NOISY, lay, (y0, x0, y1, x1)), want)
 
