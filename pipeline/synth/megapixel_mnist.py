@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.memory import TensorPyramidSource, downsample2x
+from models.memory import TensorPyramidSource
 from models.protocol import ReadRequest, box_at_level, resize_patches
 
 DIGIT = 28
@@ -357,15 +357,16 @@ class MegapixelMNISTSource:
         return level
 
     def _window(self, key: str, box: Sequence[int], level: int) -> Tensor:
-        """(1, h, w) float32 region of ``box`` at ``level`` (the pyramid's crop, not resized)."""
+        """(1, h, w) float32 region of ``box`` at ``level`` (the pyramid's crop, not resized).
+
+        Rendered and halved in numpy: what torch allocates (and ``torch.profiler`` counts in a
+        model's peak memory) is the level's crop, as when it is read from a stored pyramid."""
         f = 2**level
         y0, x0, y1, x1 = box_at_level(box, level)
-        region = torch.from_numpy(
-            render_region(self.spec, self._layout(key), (y0 * f, x0 * f, y1 * f, x1 * f))
-        )[None]
+        region = render_region(self.spec, self._layout(key), (y0 * f, x0 * f, y1 * f, x1 * f))
         for _ in range(level):
-            region = downsample2x(region)
-        return region.float() / 255.0
+            region = _half(region)
+        return torch.from_numpy(region)[None].float() / 255.0
 
     def read(self, keys: Sequence[str], request: ReadRequest) -> Tensor:
         if len(keys) != request.boxes.shape[0]:
