@@ -7,9 +7,22 @@ accuracy, training time per sample, inference time per sample and peak inference
 (batch of 1, measured from torch.profiler's allocator events: view, reads and activations, not
 the weights or the stored pyramid).
 
-    python bench/learning.py                       # the CPU setting, see DEFAULTS
-    python bench/learning.py --canvas 1500 --noise 50 --view 180   # the reference protocol
+    python bench/learning.py                       # the CPU setting (500 px, no noise)
+    python bench/learning.py --protocol reference  # issue 16: the reference protocol
     python bench/learning.py --json                # last line: one JSON object
+
+``--protocol reference`` is Megapixel MNIST as Katharopoulos & Fleuret made it (see
+``pipeline/synth/megapixel_mnist.py``): 1500 px canvases, 5 digits (3 + 2) at least 28 px from
+the borders, 50 scribbles painted over them from a bank of 50 (separate banks for train and
+test), 5,000 training and 1,000 test canvases, a view at scale 0.12 (180 px). Explicit flags
+still override any of it. Canvases are rendered on demand (``MegapixelMNISTSource``): only
+their layouts and views stay in memory.
+
+Budgets and curves count **CPU seconds** of this process (``time.process_time``: all its
+threads, so with ``--threads 1`` one core's time), not wall seconds: a run niced on a shared
+machine gets the same training for the same budget. Wall seconds are kept beside them in the
+JSON (``history`` rows: ``seconds`` is CPU, ``wall_seconds`` wall; ``curve``: per model,
+``[cpu_s, wall_s, test_acc]`` after each epoch with ``--track``).
 
 ``--models`` takes report names (``ats``, ``zoom_in``, ``lowres_cnn``) or any registered model
 name; a registered model that needs more than ``num_classes``, ``in_channels`` and
@@ -30,10 +43,9 @@ import torch
 from torch import Tensor
 
 from models.dasnet import GatedBackbone, snes_search
-from models.memory import TensorPyramidSource
-from models.protocol import AttentionModel, ReadRequest, box_at_level
+from models.protocol import AttentionModel, PixelSource, ReadRequest, box_at_level
 from models.registry import create_model
-from pipeline.synth.megapixel_mnist import DIGIT, MegapixelMNISTSpec, layout, make_split
+from pipeline.synth.megapixel_mnist import DIGIT, MegapixelMNISTSource, MegapixelMNISTSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,7 @@ class Setup:
     n_test: int = 500
     epochs: int = 30
     budget_s: float = 420.0
+    wall_budget_s: float | None = None
     batch: int = 8
     lr: float = 3e-3
     seed: int = 0
@@ -57,28 +70,39 @@ class Setup:
     model_kwargs: dict = field(default_factory=dict)
     snes_generations: int = 30
     snes_batch: int = 50
+    margin: int = 0
+    memory_at: tuple[int, ...] = ()
+
+
+# ``--protocol reference``: issue 16's protocol (the reference generator's settings).
+PROTOCOLS = {
+    "cpu": {},
+    "reference": dict(canvas=1500, noise=50, others=2, margin=28, view=180, n_train=5000,
+                      n_test=1000),
+}
 
 
 @dataclass(slots=True)
 class Split:
     """Canvases of one split held in memory with their views."""
 
-    source: TensorPyramidSource
+    source: PixelSource
     keys: list[str]
-    views: Tensor  # (N, 1, view, view) float32
+    views: Tensor  # (N, 1, view, view) float32 in [0, 1]
     sizes: Tensor  # (N, 2) int64
     labels: Tensor  # (N,) int64
     digits: Tensor  # (N, D, 4) int64 level-0 boxes of the digits, for the hit rate
 
 
 def build_split(spec: MegapixelMNISTSpec, split: str, n: int, view: int) -> Split:
-    """Render ``n`` canvases of ``split`` into a tensor pyramid source and compute their views."""
-    images, labels = make_split(spec, split, n)
-    corners = torch.stack([torch.from_numpy(layout(spec, split, i).positions) for i in range(n)])
+    """``n`` canvases of ``split`` served on demand (``MegapixelMNISTSource``: only the layouts
+    and the (n, 1, view, view) views stay in memory)."""
+    source = MegapixelMNISTSource(spec, split, n)
+    keys = source.keys
+    lays = [source.layouts[k] for k in keys]
+    corners = torch.stack([torch.from_numpy(lay.positions) for lay in lays])
     digits = torch.cat([corners, corners + DIGIT], -1).to(torch.int64)
-    keys = [f"{split}/{i}" for i in range(n)]
-    source = TensorPyramidSource.from_images(dict(zip(keys, images, strict=True)))
-    del images
+    labels = torch.tensor([lay.label for lay in lays], dtype=torch.int64)
     views = torch.cat([source.view(keys[i : i + 256], (view, view)) for i in range(0, n, 256)])
     return Split(source, keys, views, source.level0_sizes(keys), labels, digits)
 
@@ -160,16 +184,18 @@ class PixelCounter:
     This is what a reader of uncompressed pyramids would fetch at best; the view is not
     counted (every model gets the same one)."""
 
-    def __init__(self, source: TensorPyramidSource):
-        self.source, self.nbytes = source, 0
+    def __init__(self, source: PixelSource, channels: int = 1):
+        self.source, self.channels, self.nbytes = source, channels, 0
 
     def __getattr__(self, name: str):
         return getattr(self.source, name)
 
     def read(self, keys, request: ReadRequest) -> Tensor:
-        for key, boxes, at in zip(keys, request.boxes.tolist(), request.levels, strict=True):
-            level = self.source.pyramids[key][at]
-            c, h, w = level.shape
+        sizes = self.source.level0_sizes(keys).tolist()
+        for (h, w), boxes, at in zip(sizes, request.boxes.tolist(), request.levels, strict=True):
+            c = self.channels
+            for _ in range(at):  # a level's side is ceil(side / 2) of the level below
+                h, w = -(-h // 2), -(-w // 2)
             for box in boxes:
                 y0, x0, y1, x1 = box_at_level(box, at)
                 dy, dx = min(y1, h) - max(y0, 0), min(x1, w) - max(x0, 0)
@@ -178,11 +204,11 @@ class PixelCounter:
 
 
 def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
-    """Eval-mode accuracy, seconds per sample, stored bytes read per sample (``PixelCounter``)
+    """Eval-mode accuracy, CPU seconds per sample, stored bytes read per sample (``PixelCounter``)
     and, for models that read patches, the hit rate (fraction of the boxes read last that
     cover at least half a digit)."""
     model.eval()
-    correct, hit, boxes, start = 0, 0, 0, time.perf_counter()
+    correct, hit, boxes, start = 0, 0, 0, time.process_time()
     counter = PixelCounter(data.source)
     with torch.no_grad():
         for idx in torch.arange(len(data.keys)).split(batch):
@@ -192,7 +218,7 @@ def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
             if out.boxes is not None:
                 hit += int(hits(out.boxes, data.digits[idx]).sum())
                 boxes += out.boxes.shape[0] * out.boxes.shape[1]
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     model.train()
     n = len(data.keys)
     return dict(acc=correct / n, s_per_sample=seconds / n, hit_rate=hit / boxes if boxes else None,
@@ -200,13 +226,16 @@ def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
 
 
 def peak_memory_bytes(model: AttentionModel, data: Split) -> int:
-    """Peak bytes allocated during inference on one scene (view read, reads, activations)."""
+    """Peak bytes allocated by torch during inference on one scene (batch 1): the view, the
+    reads and the activations; the view is rendered before the profiler starts (an input, as
+    the scene's stored pyramid), and so is the numpy rendering of an on-demand source."""
     from torch.profiler import ProfilerActivity, profile
 
     model.eval()
     key = data.keys[:1]
+    view = data.source.view(key, model.view_size)  # rendered outside: the view is an input
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        view = data.source.view(key, model.view_size)
+        view = view.clone()
         model(view, data.sizes[:1], data.source, key, torch.Generator().manual_seed(0))
     model.train()
     live = peak = 0
@@ -218,17 +247,39 @@ def peak_memory_bytes(model: AttentionModel, data: Split) -> int:
 
 @dataclass(slots=True)
 class Clock:
-    """Training progress: samples seen and seconds on the clock (evaluations excluded)."""
+    """Training progress: samples seen, and CPU seconds of this process (``time.process_time``,
+    what the budget counts) and wall seconds on the clock (evaluations excluded)."""
 
-    start: float
+    start: float = field(default_factory=time.process_time)
+    wall_start: float = field(default_factory=time.perf_counter)
     seen: int = 0
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        """CPU seconds of training so far."""
+        return time.process_time() - self.start
 
-    def pause(self, since: float) -> None:
-        """Take the time since ``since`` (a ``perf_counter`` value) off the clock."""
-        self.start += time.perf_counter() - since
+    def wall(self) -> float:
+        """Wall seconds of training so far."""
+        return time.perf_counter() - self.wall_start
+
+    def now(self) -> tuple[float, float]:
+        """(CPU, wall) readings to pass to ``pause`` later."""
+        return time.process_time(), time.perf_counter()
+
+    def pause(self, since: tuple[float, float]) -> None:
+        """Take the time since ``since`` (from ``now``) off both clocks."""
+        cpu, wall = self.now()
+        self.start += cpu - since[0]
+        self.wall_start += wall - since[1]
+
+
+def budget_used(clock: Clock, setup: Setup) -> float:
+    """Fraction of the time budget used: CPU seconds of ``budget_s``, or wall seconds of
+    ``wall_budget_s`` when that is set and further along (a deadline on a shared machine)."""
+    used = clock.elapsed() / setup.budget_s
+    if setup.wall_budget_s:
+        used = max(used, clock.wall() / setup.wall_budget_s)
+    return used
 
 
 def train_epoch(model, opt, data: Split, setup: Setup, gen, epoch: int, clock: Clock) -> dict:
@@ -242,7 +293,7 @@ def train_epoch(model, opt, data: Split, setup: Setup, gen, epoch: int, clock: C
         labels = data.labels[idx]
         loss = model.loss(out, labels, epoch)
         # cosine decay over the budget: epochs or seconds, whichever runs out first
-        progress = min(1.0, max(clock.seen / total, clock.elapsed() / setup.budget_s))
+        progress = min(1.0, max(clock.seen / total, budget_used(clock, setup)))
         for group in opt.param_groups:
             group["lr"] = setup.lr * 0.5 * (1 + math.cos(math.pi * progress))
         opt.zero_grad(set_to_none=True)
@@ -254,38 +305,41 @@ def train_epoch(model, opt, data: Split, setup: Setup, gen, epoch: int, clock: C
         n += len(idx)
         loss_sum += float(loss.detach()) * len(idx)
         correct += int((out.logits.argmax(-1) == labels).sum())
-        if clock.elapsed() > setup.budget_s:
+        if budget_used(clock, setup) >= 1:
             break
     return dict(loss=loss_sum / n, train_acc=correct / n)
 
 
 def train(model: AttentionModel, train_split: Split, test_split: Split, setup: Setup, log) -> dict:
     """Adam (cosine-decayed learning rate) with grad-norm clipping 1 until ``setup.epochs`` or
-    ``setup.budget_s`` run out. With ``setup.track``, test accuracy and hit rate on that many
-    test canvases after every epoch (off the clock)."""
+    ``setup.budget_s`` CPU seconds run out. With ``setup.track``, test accuracy and hit rate on
+    that many test canvases after every epoch (off the clock)."""
     opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
     gen = torch.Generator().manual_seed(setup.seed)
     history = []
     if setup.track:
         ev = evaluate(model, subset(test_split, setup.track))
-        history.append(dict(epoch=-1, seconds=0.0, test_acc=ev["acc"], hit_rate=ev["hit_rate"]))
+        history.append(dict(epoch=-1, seconds=0.0, wall_seconds=0.0, test_acc=ev["acc"],
+                            hit_rate=ev["hit_rate"]))
         log(f"  at init: test_acc {ev['acc']:.3f} hit_rate {ev['hit_rate']}")
-    clock = Clock(time.perf_counter())
+    clock = Clock()
     for epoch in range(setup.epochs):
         stats = train_epoch(model, opt, train_split, setup, gen, epoch, clock)
-        row = dict(epoch=epoch, seconds=round(clock.elapsed(), 1), **stats)
+        row = dict(epoch=epoch, seconds=round(clock.elapsed(), 1), wall_seconds=round(clock.wall(), 1),
+                   **stats)
         if setup.track:
-            paused = time.perf_counter()
+            paused = clock.now()
             ev = evaluate(model, subset(test_split, setup.track))
             row["test_acc"], row["hit_rate"] = ev["acc"], ev["hit_rate"]
             clock.pause(paused)
         history.append(row)
         log("  " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if clock.elapsed() > setup.budget_s:
+        if budget_used(clock, setup) >= 1:
             break
     seconds = clock.elapsed()
     return dict(
         train_seconds=seconds,
+        train_wall_seconds=clock.wall(),
         train_s_per_sample=seconds / max(clock.seen, 1),
         epochs=len([h for h in history if h["epoch"] >= 0]),
         history=history,
@@ -321,6 +375,14 @@ def dasnet_stage2(model: AttentionModel, data: tuple[Split, Split], setup: Setup
                 centre_reward=[round(h["centre_reward"], 3) for h in history])
 
 
+def memory_at(model: AttentionModel, setup: Setup, canvas: int) -> int:
+    """``peak_memory_bytes`` of ``model`` on test canvas 0 of the same digits and scribbles
+    drawn on a ``canvas`` px canvas (same view size: the attention sees a smaller scale)."""
+    spec = MegapixelMNISTSpec(canvas=(canvas, canvas), n_noise=setup.noise, n_other=setup.others,
+                              margin=setup.margin, seed=setup.seed)
+    return peak_memory_bytes(model, build_split(spec, "test", 1, setup.view))
+
+
 def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict:
     """Train and evaluate one model; returns its row of the report."""
     reg, kwargs = model_kwargs(name, setup)
@@ -331,6 +393,8 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
     snes = dasnet_stage2(model, data, setup, log)
     ev = evaluate(model, data[1])
     acc, infer_s = ev["acc"], ev["s_per_sample"]
+    peak = peak_memory_bytes(model, data[1])
+    peaks = {str(setup.canvas): peak, **{str(c): memory_at(model, setup, c) for c in setup.memory_at}}
     row = dict(
         model=name,
         registry=reg,
@@ -339,28 +403,44 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
         **{k: v for k, v in stats.items() if k != "history"},
         infer_s_per_sample=infer_s,
         bytes_per_sample=ev["bytes_per_sample"],
-        peak_mem_mb=peak_memory_bytes(model, data[1]) / 2**20,
+        peak_mem_mb=peak / 2**20,
+        peak_memory_bytes=peak,
+        peak_memory_bytes_at=peaks,
+        curve=[[h["seconds"], h["wall_seconds"], h["test_acc"]] for h in stats["history"]
+               if "test_acc" in h],
         history=stats["history"],
         **({"dasnet_stage2": snes} if snes else {}),
     )
     log(f"{name}: test acc {acc:.3f}, {row['train_s_per_sample'] * 1e3:.1f} ms/sample train, "
         f"{infer_s * 1e3:.1f} ms/sample inference, {row['bytes_per_sample']:,.0f} B/sample read, "
-        f"peak {row['peak_mem_mb']:.1f} MB")
+        f"peak {row['peak_mem_mb']:.2f} MB" + "".join(f", {k} px: {v / 2**20:.2f} MB"
+                                                       for k, v in peaks.items()))
     return row
 
 
 def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
-    d = Setup()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu",
+                   help="defaults of a setting: cpu (500 px, no noise) or reference (issue 16); "
+                        "the other flags override them")
+    pre, _ = p.parse_known_args(argv)
+    d = Setup(**PROTOCOLS[pre.protocol])
     p.add_argument("--canvas", type=int, default=d.canvas, help="canvas side in pixels")
     p.add_argument("--noise", type=int, default=d.noise, help="noise scribbles per canvas")
     p.add_argument("--others", type=int, default=d.others,
                    help="digits of other classes per canvas (the protocol: 2)")
+    p.add_argument("--margin", type=int, default=d.margin,
+                   help="least distance of a digit to the canvas border, pixels")
     p.add_argument("--view", type=int, default=d.view, help="view side in pixels")
     p.add_argument("--train", type=int, default=d.n_train, help="training canvases")
     p.add_argument("--test", type=int, default=d.n_test, help="test canvases")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epoch budget per model")
-    p.add_argument("--budget-s", type=float, default=d.budget_s, help="seconds per model")
+    p.add_argument("--budget-s", type=float, default=d.budget_s,
+                   help="CPU seconds of training per model (this process's, all threads)")
+    p.add_argument("--wall-budget-s", type=float, default=d.wall_budget_s,
+                   help="also stop (and decay the learning rate) by wall seconds of training")
+    p.add_argument("--memory-at", default="",
+                   help="comma-separated canvas sides: peak inference memory there too")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed, help="one seed (data, init, sampling)")
@@ -384,9 +464,10 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
     a = p.parse_args(argv)
     setup = Setup(
         canvas=a.canvas, noise=a.noise, others=a.others, view=a.view, n_train=a.train, n_test=a.test,
-        epochs=a.epochs, budget_s=a.budget_s, batch=a.batch, lr=a.lr, seed=a.seed, track=a.track, threads=a.threads,
+        epochs=a.epochs, budget_s=a.budget_s, wall_budget_s=a.wall_budget_s, batch=a.batch, lr=a.lr, seed=a.seed, track=a.track, threads=a.threads,
         models=tuple(m for m in a.models.split(",") if m), model_kwargs=json.loads(a.model_kwargs),
-        snes_generations=a.snes_generations, snes_batch=a.snes_batch,
+        snes_generations=a.snes_generations, snes_batch=a.snes_batch, margin=a.margin,
+        memory_at=tuple(int(x) for x in a.memory_at.split(",") if x),
     )
     seeds = [int(x) for x in a.seeds.split(",") if x] or [setup.seed]
     return setup, a.json, seeds, a.jobs
@@ -397,7 +478,8 @@ def run(setup: Setup, log=print) -> dict:
     torch.set_num_threads(setup.threads)
     start = time.perf_counter()
     spec = MegapixelMNISTSpec(
-        canvas=(setup.canvas, setup.canvas), n_noise=setup.noise, n_other=setup.others, seed=setup.seed
+        canvas=(setup.canvas, setup.canvas), n_noise=setup.noise, n_other=setup.others,
+        margin=setup.margin, seed=setup.seed,
     )
     data = (
         build_split(spec, "train", setup.n_train, setup.view),
@@ -411,12 +493,15 @@ def run(setup: Setup, log=print) -> dict:
         canvas=setup.canvas,
         noise=setup.noise,
         others=setup.others,
+        margin=setup.margin,
         view=setup.view,
         view_scale=setup.view / setup.canvas,
         seconds=time.perf_counter() - start,
         train_s_per_sample={r["model"]: r["train_s_per_sample"] for r in rows},
         infer_s_per_sample={r["model"]: r["infer_s_per_sample"] for r in rows},
         peak_mem_mb={r["model"]: r["peak_mem_mb"] for r in rows},
+        peak_memory_bytes={r["model"]: r["peak_memory_bytes_at"] for r in rows},
+        curve={r["model"]: r["curve"] for r in rows},
         bytes_per_sample={r["model"]: r["bytes_per_sample"] for r in rows},
         dasnet_stage2={r["model"]: r["dasnet_stage2"] for r in rows if "dasnet_stage2" in r},
         canvas_bytes=setup.canvas * setup.canvas,
@@ -452,7 +537,7 @@ def run_all(setup: Setup, seeds: list[int], jobs: int, log) -> list[dict]:
         rows = [row for part in parts for row in part["rows"]]
         merged = {**parts[0], "rows": rows, "seconds": sum(p["seconds"] for p in parts),
                   "setup": asdict(replace(setup, seed=seed))}
-        for key in PER_MODEL:
+        for key in (*PER_MODEL, "curve", "peak_memory_bytes"):
             merged[key] = {k: v for part in parts for k, v in part[key].items()}
         reports.append(merged)
     return reports
@@ -465,7 +550,8 @@ PER_MODEL = ("acc", "train_s_per_sample", "infer_s_per_sample", "peak_mem_mb", "
 def summarise(reports: list[dict], seconds: float) -> dict:
     """One JSON object over the seeds' reports: per model, the median of every figure (so
     ``acc`` and ``bytes_per_sample`` keep their one-number-per-model form), the accuracy's min /
-    median / max, and every seed's values (``*_seeds``)."""
+    median / max, and every seed's values (``*_seeds``); ``curve`` and ``peak_memory_bytes``
+    are the first seed's."""
     first, models = reports[0], [r["model"] for r in reports[0]["rows"]]
     out = {k: v for k, v in first.items() if k not in (*PER_MODEL, "rows", "seconds", "setup")}
     out["seeds"] = [r["setup"]["seed"] for r in reports]

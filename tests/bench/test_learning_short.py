@@ -42,8 +42,9 @@ def test_attention_models_learn_clearly_better_than_chance():
 def test_cli_prints_the_json_line_last(capsys):
     bench = load_bench()
     code = bench.main(
-        ["--canvas", "300", "--view", "60", "--train", "16", "--test", "8", "--epochs", "1",
-         "--batch", "8", "--models", "ats,lowres_cnn", "--json"]
+        ["--canvas", "300", "--view", "60", "--train", "16", "--test", "8", "--epochs", "2",
+         "--batch", "8", "--models", "ats,lowres_cnn", "--track", "8", "--memory-at", "600",
+         "--json"]
     )
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -51,6 +52,13 @@ def test_cli_prints_the_json_line_last(capsys):
     assert set(report["acc"]) == {"ats", "lowres_cnn"}
     assert report["canvas"] == 300 and report["seconds"] > 0
     assert set(report["peak_mem_mb"]) == {"ats", "lowres_cnn"}
+    # the curve: (CPU s, wall s, test accuracy) at initialisation and after each epoch
+    curve = report["curve"]["ats"]
+    assert len(curve) == 3 and curve[0][:2] == [0.0, 0.0]
+    assert all(0 < c[0] and 0 < c[1] and 0 <= c[2] <= 1 for c in curve[1:])
+    assert curve[1][0] <= curve[2][0]
+    peaks = report["peak_memory_bytes"]["ats"]
+    assert set(peaks) == {"300", "600"} and min(peaks.values()) > 0
     assert report["bytes_per_sample"]["lowres_cnn"] == 0 < report["bytes_per_sample"]["ats"]
     assert 0.0 <= report["acc"]["ats"] <= 1.0
 
@@ -105,3 +113,32 @@ def test_parallel_processes_give_the_same_report_as_one(tmp_path):
                 for extra in ([], ["--jobs", "2"]))
     assert one["acc_seeds"] == two["acc_seeds"]
     assert one["bytes_per_sample_seeds"] == two["bytes_per_sample_seeds"]
+
+
+def test_reference_protocol_sets_issue_16s_canvases_and_flags_override_it():
+    bench = load_bench()
+    setup, *_ = bench.parse(["--protocol", "reference"])
+    assert (setup.canvas, setup.noise, setup.others, setup.margin) == (1500, 50, 2, 28)
+    assert (setup.view, setup.n_train, setup.n_test) == (180, 5000, 1000)
+    assert setup.view / setup.canvas == 0.12
+    setup, *_ = bench.parse(["--protocol", "reference", "--train", "50", "--view", "150"])
+    assert (setup.canvas, setup.n_train, setup.view, setup.noise) == (1500, 50, 150, 50)
+    setup, *_ = bench.parse([])
+    assert (setup.canvas, setup.noise, setup.margin, setup.view) == (500, 0, 0, 50)
+
+
+def test_the_budget_counts_cpu_seconds_and_an_optional_wall_deadline():
+    """A clock that slept 0.3 s wall has used almost no CPU: the CPU budget is barely
+    touched, a wall budget of 0.3 s is used up."""
+    import time
+
+    bench = load_bench()
+    clock = bench.Clock()
+    time.sleep(0.3)
+    assert clock.elapsed() < 0.1 and clock.wall() >= 0.3
+    assert bench.budget_used(clock, bench.Setup(budget_s=10.0)) < 0.01
+    assert bench.budget_used(clock, bench.Setup(budget_s=10.0, wall_budget_s=0.3)) >= 1.0
+    since = clock.now()
+    time.sleep(0.2)
+    clock.pause(since)  # an evaluation: off both clocks
+    assert clock.wall() < 0.45
