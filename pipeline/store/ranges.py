@@ -349,6 +349,15 @@ def abandon(future: Any) -> None:
             _ABANDONED.append(future)
 
 
+def _notify(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    """``loop.call_soon_threadsafe(callback)`` from a tensorstore thread; nothing when the loop
+    is closed (an abandoned request answering after its reader shut down)."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # "Event loop is closed": nobody waits for this answer any more
+        pass
+
+
 def _first_answer(copies: list[Any]) -> Any | None:
     """The copy of a request whose answer to use: one with a result, else a failed one (its
     error is retried), else None (no copy answered: a timeout)."""
@@ -371,7 +380,7 @@ async def _all_done(futures: list[Any]) -> None:
             left[0] -= 1
             last = left[0] == 0
         if last:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            _notify(loop, lambda: done.done() or done.set_result(None))
 
     if not futures:
         return
@@ -421,7 +430,7 @@ async def _wait_first(groups: list[list[Any]], timeout: float) -> None:
     def watch(group: list[Any], flag: asyncio.Future) -> None:
         def finished(_: Any) -> None:
             if any(_answered(f) for f in group) or all(f.done() for f in group):
-                loop.call_soon_threadsafe(lambda: flag.done() or flag.set_result(None))
+                _notify(loop, lambda: flag.done() or flag.set_result(None))
 
         for future in group:
             future.add_done_callback(finished)

@@ -82,3 +82,11 @@ def test_abandoned_futures_are_dropped_once_done():
     finished.value = b"late"
     ranges.abandon(FakeFuture(b"done"))  # done already: not kept
     assert ranges._ABANDONED == [pending]
+
+
+def test_an_answer_after_the_loop_closed_is_dropped_quietly():
+    import asyncio as aio
+
+    loop = aio.new_event_loop()
+    loop.close()
+    ranges._notify(loop, lambda: None)  # raised "Event loop is closed" from a tensorstore thread
