@@ -71,7 +71,7 @@ def decode_us(uri: str) -> float:
     """Microseconds per chunk of decoding every stored chunk of level 0 in one batch call."""
     import os
 
-    from pipeline.read.layout import ChunkDecoder, level_meta
+    from pipeline.read.layout import ChunkDecoder, level_meta, object_index
 
     level = os.path.join(uri, "0")
     meta = level_meta(uri, 0, level, json.load(open(os.path.join(level, "zarr.json"))))
@@ -79,7 +79,7 @@ def decode_us(uri: str) -> float:
     decoder, chunks, t = ChunkDecoder(), 0, 0.0
     for path in shards:
         data = open(path, "rb").read()
-        index = np.frombuffer(data[-meta.index_size : -4], "<u8").reshape(-1, 2)
+        index = np.frombuffer(object_index(meta, data)[:-4], "<u8").reshape(-1, 2)
         index = index[index[:, 0] != 2**64 - 1]
         t0 = time.perf_counter()
         decoder.decode(meta, data, index[:, 0], index[:, 0] + index[:, 1])

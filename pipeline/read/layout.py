@@ -3,12 +3,15 @@
 ``level_meta`` reads a level's ``zarr.json`` (zarr v3 array metadata, a JSON document whose
 format is the zarr v3 specification, not a zarr-python object) into a ``LevelMeta``, and rejects
 any layout the reader cannot read with a message naming the scene and level. ``decode_index``
-turns the bytes at the end of a shard object into its (1, ny, nx, 2) table of inner chunks'
-``(offset, nbytes)``, checking its crc32c. ``decode_chunk`` decodes one inner chunk.
+turns a shard object's index bytes into its (1, ny, nx, 2) table of inner chunks'
+``(offset, nbytes)``, checking its crc32c; ``entry_span`` and ``decode_entries`` do the same
+for a run of its entries only (an index at the start of the object). ``ChunkDecoder`` decodes
+inner chunks.
 
 The layout read is the one ``pipeline.store.pyramid`` writes, and zarr-python writes with the
 same settings (a test reads an array zarr wrote): a (C, H, W) uint8 array, one
-``sharding_indexed`` codec with the index at the end (``bytes`` + ``crc32c`` index codecs),
+``sharding_indexed`` codec with the index at the start (pyramids written since 2026-12-02) or
+at the end (zarr's default, earlier pyramids) (``bytes`` + ``crc32c`` index codecs),
 inner chunks spanning all channels, inner codecs ``bytes`` then optionally ``zstd``, and the
 ``default`` chunk key encoding. Nothing here imports zarr, so the reader follows zarr's
 releases without relying on its private helpers.
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.read.plan import ShardKey
+from pipeline.read.plan import ABSENT, ShardKey
 from pipeline.store.pyramid import decode_empty_shards
 
 CRC_BYTES = 4  # the crc32c the index codecs append to a shard index
@@ -40,6 +43,7 @@ class LevelMeta:
         fill_value: the value of pixels never written.
         index_size: bytes of a shard index, crc32c included (``16 * ny * nx + 4``).
         index_crc: whether the index ends with a crc32c (checked on decode).
+        index_at_start: whether the index is at the start of the shard object (else the end).
         zstd: whether inner chunks are zstd-compressed (else raw ``bytes``).
         zstd_checksum: whether the zstd frames carry zstd's content checksum (xxhash64 of the
             decoded chunk, low 4 bytes; pyramid format 3), verified on every decode.
@@ -61,6 +65,7 @@ class LevelMeta:
     index_crc: bool
     zstd: bool
     zstd_checksum: bool = False
+    index_at_start: bool = False
     separator: str = "/"
     empty_shards: frozenset[tuple[int, int]] | None = None
 
@@ -73,6 +78,17 @@ class LevelMeta:
     def chunk_nbytes(self) -> int:
         """Bytes of one decoded inner chunk."""
         return math.prod(self.chunk_shape)
+
+    @property
+    def entries(self) -> int:
+        """Entries (inner chunks) of one shard index."""
+        return math.prod(self.chunks_per_shard)
+
+    @property
+    def index_range(self) -> tuple[int, int | None]:
+        """The byte range of the whole index in a shard object: ``(0, index_size)`` at the
+        start, the suffix ``(-index_size, None)`` at the end."""
+        return (0, self.index_size) if self.index_at_start else (-self.index_size, None)
 
 
 def _named(codec: Any) -> tuple[str, dict]:
@@ -112,9 +128,9 @@ def _separator(encoding: Any, where: str) -> str:
 def _sharding(document: dict[str, Any], where: str) -> dict[str, Any]:
     codecs = document.get("codecs") or []
     name, config = _named(codecs[0]) if len(codecs) == 1 else ("", {})
-    if name != "sharding_indexed" or config.get("index_location", "end") != "end":
-        raise ValueError(f"{where}: expected one sharding_indexed codec with the index at the end, "
-                         f"got {[_named(c)[0] for c in codecs]}")
+    if name != "sharding_indexed" or config.get("index_location", "end") not in ("start", "end"):
+        raise ValueError(f"{where}: expected one sharding_indexed codec with the index at the start "
+                         f"or the end, got {[_named(c)[0] for c in codecs]} {config}")
     return config
 
 
@@ -149,6 +165,7 @@ def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) 
         fill_value=int(document.get("fill_value") or 0),
         index_size=16 * math.prod(per_shard) + (CRC_BYTES if crc else 0), index_crc=crc,
         zstd=zstd, zstd_checksum=checksum,
+        index_at_start=sharding.get("index_location", "end") == "start",
         separator=_separator(document.get("chunk_key_encoding"), where),
         empty_shards=None if record is None else decode_empty_shards(record, grid_shards, where),
     )
@@ -169,6 +186,69 @@ def decode_index(meta: LevelMeta, data: bytes) -> np.ndarray:
         if google_crc32c.value(table) != stored:
             raise ValueError("crc32c mismatch (the shard object is truncated or corrupt)")
     return np.frombuffer(table, dtype="<u8").reshape(1, *meta.chunks_per_shard, 2)
+
+
+def object_index(meta: LevelMeta, data: bytes) -> bytes:
+    """The index bytes (crc32c included) within a whole shard object's bytes ``data``."""
+    return data[: meta.index_size] if meta.index_at_start else data[len(data) - meta.index_size :]
+
+
+def entry_span(meta: LevelMeta, entries: np.ndarray) -> tuple[int, int]:
+    """The byte range ``[start, end)`` in a shard object (index at the start) of the run of
+    index entries from the first to the last of ``entries`` ((n,) int64 ``cy * nx + cx`` of
+    chunks in the shard, n >= 1): 16 bytes an entry; the whole index with its crc32c when the
+    run covers every entry (so that read is checked)."""
+    if not meta.index_at_start:
+        raise ValueError(f"scene {meta.uri} level {meta.level}: the shard index is at the end")
+    first, last = int(entries.min()), int(entries.max())
+    if first == 0 and last == meta.entries - 1:
+        return 0, meta.index_size
+    return 16 * first, 16 * (last + 1)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EntryTable:
+    """The entries of a shard index read so far (index at the start, read in runs):
+    ``table`` (1, ny, nx, 2) uint64 as ``decode_index``'s, ``ABSENT`` where not read;
+    ``known`` (ny * nx,) bool, the entries read."""
+
+    table: np.ndarray
+    known: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds (its cache cost)."""
+        return self.table.nbytes + self.known.nbytes
+
+    @staticmethod
+    def merge(old: EntryTable | None, table: np.ndarray, span: tuple[int, int]) -> EntryTable:
+        """``old`` (or nothing) plus the entries of ``span`` from ``table`` (``decode_entries``)."""
+        first, end = span[0] // 16, min(span[1] // 16, table[..., 0].size)
+        if old is None:
+            known = np.zeros(table[..., 0].size, dtype=bool)
+            known[first:end] = True
+            return EntryTable(table, known)
+        merged, known = old.table.reshape(-1, 2).copy(), old.known.copy()
+        merged[first:end] = table.reshape(-1, 2)[first:end]
+        known[first:end] = True
+        return EntryTable(merged.reshape(table.shape), known)
+
+
+def decode_entries(meta: LevelMeta, data: bytes, span: tuple[int, int]) -> np.ndarray:
+    """The (1, ny, nx, 2) uint64 table of a shard from the bytes of ``span`` (see
+    ``entry_span``): the entries read, ``ABSENT`` (``2**64 - 1``) in both fields elsewhere.
+    Only the entries of ``span`` may be looked up. A span of the whole index is decoded (and
+    its crc32c checked) by ``decode_index``; a shorter one has no checksum of its own (chunk
+    frames keep theirs). ``ValueError`` when ``data`` is not ``span``'s length."""
+    start, end = span
+    if (start, end) == (0, meta.index_size):
+        return decode_index(meta, data)
+    if len(data) != end - start:
+        raise ValueError(f"{len(data)} bytes of index entries, expected {end - start} (the shard "
+                         "object is truncated)")
+    table = np.full((meta.entries, 2), ABSENT, dtype="<u8")
+    table[start // 16 : end // 16] = np.frombuffer(data, dtype="<u8").reshape(-1, 2)
+    return table.reshape(1, *meta.chunks_per_shard, 2)
 
 
 class ChunkDecodeError(ValueError):

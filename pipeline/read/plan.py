@@ -160,6 +160,15 @@ def shard_entries(plan: ChunkPlan, indexes: Sequence[np.ndarray | None]) -> np.n
     return tables[plan.shard_of, local[:, 0] * nx + local[:, 1]].reshape(-1, 2)
 
 
+def entry_ids_by_shard(plan: ChunkPlan) -> list[np.ndarray]:
+    """For each shard of ``plan`` (``plan.shards`` order), the (n,) int64 index-entry numbers
+    ``cy * nx + cx`` (within the shard, row-major as the index stores them) of its chunks."""
+    ny, nx = plan.chunks_per_shard
+    local = plan.cyx % (ny, nx)
+    ids = local[:, 0] * nx + local[:, 1]
+    return [ids[plan.shard_of == s] for s in range(len(plan.shards))]
+
+
 def plan_byte_ranges(plan: ChunkPlan, indexes: Sequence[np.ndarray | None],
                      max_gap: int = 0) -> RangePlan:
     """The coalesced requests for the chunks of ``plan``, given each shard's index (see

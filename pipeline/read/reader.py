@@ -65,12 +65,22 @@ import torch
 from torch import Tensor
 
 from models.protocol import ReadRequest, level_shape, resize_patches
-from pipeline.read.layout import ChunkDecodeError, ChunkDecoder, LevelMeta, decode_index, level_meta
+from pipeline.read.layout import (
+    ChunkDecodeError,
+    ChunkDecoder,
+    EntryTable,
+    LevelMeta,
+    decode_entries,
+    decode_index,
+    entry_span,
+    level_meta,
+)
 from pipeline.read.plan import (
     ChunkPlan,
     RangePlan,
     ShardKey,
     box_regions,
+    entry_ids_by_shard,
     plan_byte_ranges,
     plan_chunks,
 )
@@ -415,7 +425,7 @@ class ZarrPixelSource:
         shards = [ShardKey(meta.level, sy, sx) for sy, sx in chunks.shards.tolist()]
         store = self._store(locate(meta.uri)[0])
         gap = 0 if store.immediate else self.max_gap  # a local pread costs no round trip
-        ranges = plan_byte_ranges(chunks, await self._indexes(store, meta, shards), gap)
+        ranges = plan_byte_ranges(chunks, await self._indexes(store, meta, shards, chunks), gap)
         objects = {s: meta.shard_object(shards[s]) for s in set(ranges.shard.tolist())}
         keys = tuple(objects[s] for s in ranges.shard.tolist())
         requests = list(zip(keys, ranges.start.tolist(), ranges.end.tolist(), strict=True))
@@ -553,16 +563,17 @@ class ZarrPixelSource:
 
         return await self._cached(("level", uri, level), load)
 
-    def _shard_index(self, meta: LevelMeta, shard: ShardKey, key: str,
-                     data: bytes | None) -> tuple[np.ndarray | None, int]:
-        """A shard's index table (and its cache cost in bytes) from the bytes read for it;
-        None for a shard recorded empty; ``MissingShardError`` for any other absent shard."""
+    def _shard_index(self, meta: LevelMeta, shard: ShardKey, key: str, data: bytes | None,
+                     span: tuple[int, int] | None = None) -> tuple[np.ndarray | None, int]:
+        """A shard's index table (and its cache cost in bytes) from the bytes read for it (the
+        whole index, or the run of entries ``span``: ``decode_entries``); None for a shard
+        recorded empty; ``MissingShardError`` for any other absent shard."""
         if data is None:
             if meta.empty_shards is not None and (shard.sy, shard.sx) in meta.empty_shards:
                 return None, 64  # recorded empty: the whole shard is fill value
             raise MissingShardError(_missing_shard(meta, shard, key))
         try:
-            table = decode_index(meta, data)
+            table = decode_index(meta, data) if span is None else decode_entries(meta, data, span)
         except ValueError as err:
             raise CorruptShardError(
                 f"scene {meta.uri} level {meta.level} shard ({shard.sy}, {shard.sx}): shard index "
@@ -574,21 +585,34 @@ class ZarrPixelSource:
         async def load() -> tuple[np.ndarray | None, int]:
             key = meta.shard_object(shard)
             where = f"scene {meta.uri} level {meta.level} shard index of {key}"
-            data = await self._get(self._store(locate(meta.uri)[0]), key, (-meta.index_size, None),
-                                   where)
+            data = await self._get(self._store(locate(meta.uri)[0]), key, meta.index_range, where,
+                                   "index")
             return self._shard_index(meta, shard, key, data)
 
         return await self._cached(_index_key(meta, shard), load)
 
-    async def _indexes(self, store: RangeStore, meta: LevelMeta, shards: list[ShardKey]) -> list:
-        """``_index`` of every shard: cached ones directly, the others in one batch (read now
-        from a local or memory store, all in flight at once on S3), or one task each.
+    def _whole_indexes(self, meta: LevelMeta) -> bool:
+        """Whether shard indexes of this level are read whole (and all of them at once, on the
+        level's first read: ``prefetch_indexes``, at most ``prefetch_max_shards`` shards), or,
+        for an index at the start of its objects, entry runs only (``_entry_tables``)."""
+        gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
+        small = self.prefetch_indexes and gy * gx <= self.prefetch_max_shards
+        return small or not meta.index_at_start
+
+    async def _indexes(self, store: RangeStore, meta: LevelMeta, shards: list[ShardKey],
+                       chunks: ChunkPlan) -> list:
+        """The index table of every shard of ``chunks`` (``shards``: its ``ShardKey``s; ``store``:
+        the scene's store): cached ones directly, the others in one batch (read now from a
+        local or memory store, all in flight at once on S3), whole or as entry runs
+        (``_whole_indexes``).
 
         With ``prefetch_indexes``, the first read of a level of a scene (of at most
-        ``prefetch_max_shards`` shards) asks for the index of every shard of that level at once, so later reads of the scene need one round trip
-        (chunks) instead of two (index, then chunks) whenever attention moves to a new shard.
-        ``store``: the scene's store.
+        ``prefetch_max_shards`` shards) asks for the index of every shard of that level at
+        once, so later reads of the scene need one round trip (chunks) instead of two (index,
+        then chunks) whenever attention moves to a new shard.
         """
+        if not self._whole_indexes(meta):
+            return await self._entry_tables(store, meta, shards, chunks)
         gy, gx = (-(-n // s) for n, s in zip(meta.shape[1:], meta.shard_shape[1:], strict=True))
         if (self.prefetch_indexes and gy * gx <= self.prefetch_max_shards
                 and (meta.uri, meta.level) not in self._prefetched):
@@ -601,34 +625,56 @@ class ZarrPixelSource:
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         if not missing:
             return out
-        if store.immediate or store.batched:
-            loaded = await self._index_batch(store, meta, [shards[i] for i in missing])
-        else:
-            loaded = await asyncio.gather(*(self._index(meta, shards[i]) for i in missing))
-        for i, index in zip(missing, loaded, strict=True):
-            out[i] = index
+        todo = [shards[i] for i in missing]
+        data = await self._read_indexes(store, meta, todo, [meta.index_range] * len(todo))
+        for i, raw in zip(missing, data, strict=True):
+            table, nbytes = self._shard_index(meta, shards[i], meta.shard_object(shards[i]), raw)
+            self._cache.put(keys[i], table, nbytes)
+            out[i] = table
         return out
 
-    async def _index_batch(self, store: RangeStore, meta: LevelMeta,
-                           shards: list[ShardKey]) -> list[np.ndarray | None]:
-        """The indexes of ``shards`` (none cached) read in one batch, then cached."""
+    async def _entry_tables(self, store: RangeStore, meta: LevelMeta, shards: list[ShardKey],
+                            chunks: ChunkPlan) -> list:
+        """Index tables holding at least the entries of ``chunks`` in each shard, for an index
+        at the start of its objects: per shard, one request for the run of entries from the
+        first to the last needed entry not read before (``entry_span``; about 0.3 KB for a
+        patch in a shard of 8 x 8 chunks, against 1 KB for the whole index). Entries read are
+        cached (``EntryTable``), whole tables too."""
+        needed = entry_ids_by_shard(chunks)
+        keys = [_index_key(meta, sh) for sh in shards]
+        have = [self._cache.get(k) if k in self._cache else None for k in keys]
+        todo, spans = [], []
+        for i, key in enumerate(keys):
+            known = have[i]
+            if key in self._cache and not isinstance(known, EntryTable):
+                continue  # a whole table, or None: a shard recorded empty
+            unread = needed[i] if known is None else needed[i][~known.known[needed[i]]]
+            if len(unread):
+                todo.append(i)
+                spans.append(entry_span(meta, unread))
+        data = await self._read_indexes(store, meta, [shards[i] for i in todo], spans)
+        for i, span, raw in zip(todo, spans, data, strict=True):
+            table, _ = self._shard_index(meta, shards[i], meta.shard_object(shards[i]), raw, span)
+            have[i] = table if table is None else EntryTable.merge(have[i], table, span)
+            self._cache.put(keys[i], have[i], 64 if table is None else have[i].nbytes)
+        return [known.table if isinstance(known, EntryTable) else known for known in have]
+
+    async def _read_indexes(self, store: RangeStore, meta: LevelMeta, shards: list[ShardKey],
+                            spans: list[tuple[int, int | None]]) -> list[bytes | None]:
+        """The bytes of ``spans[i]`` (a whole index, or a run of its entries) of the object of
+        each ``shards[i]``, in one batch, counted as index requests."""
         objects = [meta.shard_object(sh) for sh in shards]
-        where = f"scene {meta.uri} level {meta.level} shard indexes of {objects[0]}..."
+        if not objects:
+            return []
         if store.immediate:
             try:
-                data = store.read_suffixes_now(objects, meta.index_size)
+                return store.read_many_now(list(zip(objects, spans, strict=True)), "index")
             except Exception as err:
-                raise ReadError(f"{where}: GET failed: {err!r}") from err
-        else:
-            data = await self._get_batch(
-                store, [(key, (-meta.index_size, None)) for key in objects],
-                lambda i: f"scene {meta.uri} level {meta.level} shard index of {objects[i]}")
-        out = []
-        for shard, key, raw in zip(shards, objects, data, strict=True):
-            table, nbytes = self._shard_index(meta, shard, key, raw)
-            self._cache.put(_index_key(meta, shard), table, nbytes)
-            out.append(table)
-        return out
+                raise ReadError(f"scene {meta.uri} level {meta.level} shard indexes of "
+                                f"{objects[0]}...: GET failed: {err!r}") from err
+        return await self._get_batch(
+            store, list(zip(objects, spans, strict=True)),
+            lambda i: f"scene {meta.uri} level {meta.level} shard index of {objects[i]}", "index")
 
     # ------------------------------------------------------------------ stores
 
@@ -639,36 +685,39 @@ class ZarrPixelSource:
             self._stores[root] = store
         return store
 
-    def _get_now(self, store: RangeStore, key: str, byte_range: Range, where: str) -> bytes | None:
+    def _get_now(self, store: RangeStore, key: str, byte_range: Range, where: str,
+                 kind: str | None = None) -> bytes | None:
         """``_get`` from an ``immediate`` store, on this thread."""
         try:
-            return store.read_now(key, byte_range)
+            return store.read_now(key, byte_range, kind)
         except Exception as err:
             raise ReadError(f"{where}: GET {key} failed: {err!r}") from err
 
     async def _get_batch(self, store: RangeStore, requests: list[tuple[str, Range]],
-                         where: Callable[[int], str]) -> list[bytes | None]:
+                         where: Callable[[int], str], kind: str | None = None) -> list[bytes | None]:
         """``_get`` of every ``(key, range)``: in one batch where the store has one
         (``read_batch``: one wake-up of this loop for all), else one task each."""
         if not store.batched:
-            return await asyncio.gather(*(self._get(store, key, r, where(i))
+            return await asyncio.gather(*(self._get(store, key, r, where(i), kind)
                                           for i, (key, r) in enumerate(requests)))
         try:
-            return await store.read_batch(requests)
+            return await store.read_batch(requests, kind)
         except Exception as err:
             raise ReadError(f"{where(0)} (one of a batch of {len(requests)} requests): "
                             f"GET failed: {err!r}") from err
 
-    async def _get(self, store: RangeStore, key: str, byte_range: Range, where: str) -> bytes | None:
+    async def _get(self, store: RangeStore, key: str, byte_range: Range, where: str,
+                   kind: str | None = None) -> bytes | None:
         """The bytes of ``byte_range`` of ``key`` (None if missing), at most ``concurrency``
-        requests in flight; any failure is a ``ReadError`` naming ``where``."""
+        requests in flight, counted as ``kind`` (default: by the range); any failure is a
+        ``ReadError`` naming ``where``."""
         if store.immediate:
-            return self._get_now(store, key, byte_range, where)
+            return self._get_now(store, key, byte_range, where, kind)
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.concurrency)
         async with self._semaphore:
             try:
-                return await store.read(key, byte_range)
+                return await store.read(key, byte_range, kind)
             except Exception as err:
                 raise ReadError(f"{where}: GET {key} failed: {err!r}") from err
 

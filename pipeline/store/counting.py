@@ -5,7 +5,9 @@ tests; the reader counts through ``pipeline.store.ranges``), so reads can be ass
 Every ``get`` is classified by what it fetches:
 - ``metadata``: a ``zarr.json`` key;
 - ``index``: a suffix range (``SuffixByteRequest``), which is how a shard index at the end of
-  a shard object is read (by zarr and by ``pipeline.read.reader``);
+  a shard object is read (by zarr and by ``pipeline.read.reader``); or any range the reader
+  names as one (an index at the start of its object, or a run of its entries, is a prefix
+  range: ``RangeStore`` reads take a ``kind``);
 - ``chunk``: anything else (byte ranges of inner chunks, or whole objects).
 Bytes are those returned (0 for a missing key).
 """

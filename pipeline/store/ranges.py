@@ -87,36 +87,40 @@ class RangeStore:
     def __init__(self, root: str, log: RequestLog):
         self.root, self.log = root, log
 
-    def _count_many(self, requests: list[tuple[str, Range]],
-                    data: list[bytes | None]) -> list[bytes | None]:
-        """Record each ``(key, range)`` request with the bytes it returned; return ``data``."""
-        self.log.add_many([StoreRequest(kind_of(key, r), key, *(r or (None, None)),
+    def _count_many(self, requests: list[tuple[str, Range]], data: list[bytes | None],
+                    kind: str | None = None) -> list[bytes | None]:
+        """Record each ``(key, range)`` request with the bytes it returned; return ``data``.
+        ``kind``: what they fetch (``index``, ...) when the range alone does not say (a shard
+        index at the start of its object is a prefix range); default ``kind_of``."""
+        self.log.add_many([StoreRequest(kind or kind_of(key, r), key, *(r or (None, None)),
                                         0 if d is None else len(d))
                            for (key, r), d in zip(requests, data, strict=True)])
         return data
 
-    def _count(self, key: str, byte_range: Range, data: bytes | None) -> bytes | None:
-        return self._count_many([(key, byte_range)], [data])[0]
+    def _count(self, key: str, byte_range: Range, data: bytes | None,
+               kind: str | None = None) -> bytes | None:
+        return self._count_many([(key, byte_range)], [data], kind)[0]
 
-    def read_now(self, key: str, byte_range: Range = None) -> bytes | None:
-        """The bytes of ``key`` in ``byte_range`` (None if the object is missing), now."""
-        return self._count(key, byte_range, self._fetch_now(key, byte_range))
+    def read_now(self, key: str, byte_range: Range = None, kind: str | None = None) -> bytes | None:
+        """The bytes of ``key`` in ``byte_range`` (None if the object is missing), now, counted
+        as ``kind`` (see ``_count_many``)."""
+        return self._count(key, byte_range, self._fetch_now(key, byte_range), kind)
 
     def read_ranges_now(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | None]:
         """``read_now`` of several ``(start, end)`` ranges of one object (one request each)."""
         return [self.read_now(key, r) for r in ranges]
 
-    def read_suffixes_now(self, keys: list[str], n: int) -> list[bytes | None]:
-        """The last ``n`` bytes of each object (shard indexes): one request each, counted in
-        one batch."""
-        requests: list[tuple[str, Range]] = [(key, (-n, None)) for key in keys]
-        return self._count_many(requests, [self._fetch_now(k, r) for k, r in requests])
+    def read_many_now(self, requests: list[tuple[str, Range]],
+                      kind: str | None = None) -> list[bytes | None]:
+        """``read_now`` of every ``(key, range)`` (shard indexes, or runs of their entries):
+        one request each, counted in one batch as ``kind`` (see ``_count_many``)."""
+        return self._count_many(requests, [self._fetch_now(k, r) for k, r in requests], kind)
 
-    async def read(self, key: str, byte_range: Range = None) -> bytes | None:
+    async def read(self, key: str, byte_range: Range = None, kind: str | None = None) -> bytes | None:
         """``read_now`` as a coroutine (the only way for stores that are not ``immediate``)."""
         if self.immediate:
-            return self.read_now(key, byte_range)
-        return self._count(key, byte_range, await self._fetch(key, byte_range))
+            return self.read_now(key, byte_range, kind)
+        return self._count(key, byte_range, await self._fetch(key, byte_range), kind)
 
     def _fetch_now(self, key: str, byte_range: Range) -> bytes | None:
         raise NotImplementedError(f"{type(self).__name__} reads asynchronously only")
@@ -318,10 +322,12 @@ class S3Ranges(RangeStore):
             return most
         return min(most, max(HEDGE_FLOOR_S, HEDGE_FACTOR * statistics.median(self._first_answers)))
 
-    async def read_batch(self, requests: list[tuple[str, Range]]) -> list[bytes | None]:
+    async def read_batch(self, requests: list[tuple[str, Range]],
+                         kind: str | None = None) -> list[bytes | None]:
         """``read`` of every ``(key, range)``, all in flight at once (tensorstore bounds how
-        many go out together), each counted once; timeouts and failures retried."""
-        return self._count_many(requests, await self._fetch_batch(requests))
+        many go out together), each counted once (as ``kind``, see ``_count_many``); timeouts
+        and failures retried."""
+        return self._count_many(requests, await self._fetch_batch(requests), kind)
 
 
 def _answered(future: Any) -> bool:

@@ -28,9 +28,11 @@ def _scene(root: str) -> tuple[str, str, bytes]:
 
 
 def _chunk_table(data: bytes) -> dict[tuple[int, int], tuple[int, int]]:
-    """(cy, cx) -> (offset, nbytes) of every chunk of a one-shard level, from its index."""
+    """(cy, cx) -> (offset, nbytes) of every chunk of a one-shard level, from its index (at the
+    start of the object, ``pyramid.INDEX_LOCATION``)."""
+    assert pyramid.INDEX_LOCATION == "start"
     n = SIDE // CHUNK
-    index = np.frombuffer(data[-(16 * n * n + 4) : -4], "<u8").reshape(n, n, 2)
+    index = np.frombuffer(data[: 16 * n * n], "<u8").reshape(n, n, 2)
     return {(cy, cx): (int(index[cy, cx, 0]), int(index[cy, cx, 1]))
             for cy in range(n) for cx in range(n)}
 
@@ -47,8 +49,8 @@ def _flips(data: bytes, rng: np.random.Generator) -> list[tuple[str, int, int, t
         for name, span in classes.items():
             for byte in rng.choice(np.asarray(span), 6, replace=len(span) < 6):
                 flips.append((name, int(byte), int(rng.integers(8)), chunk))
-    index_start = max(o + n for o, n in _chunk_table(data).values())
-    for byte in rng.choice(np.arange(index_start, len(data)), 24, replace=False):
+    index_end = min(o for o, _ in _chunk_table(data).values())  # the index, then its crc32c
+    for byte in rng.choice(np.arange(0, index_end), 24, replace=False):
         flips.append(("index", int(byte), int(rng.integers(8)), None))
     return flips
 
@@ -113,8 +115,9 @@ def test_a_truncated_shard_is_an_error_naming_scene_level_and_shard(tmp_path):
     uri, shard, clean = _scene(str(tmp_path))
     for cut in (1, 4, len(clean) // 2, len(clean) - 10):
         storage.write_bytes(shard, clean[:cut])
-        with pytest.raises(CorruptShardError, match=rf"scene {re.escape(uri)} level 0 shard "
-                                                    r"\(0, 0\): .*truncated"):
+        # cut inside the index: its length check; after it: the chunk ranges' length check
+        with pytest.raises(CorruptShardError, match=rf"scene {re.escape(uri)} level 0 (shard "
+                                                    r"\(0, 0\)|object .*0/c/0/0/0 bytes).*truncated"):
             ZarrPixelSource().read([uri], WHOLE)
     storage.write_bytes(shard, clean)
     source = ZarrPixelSource()

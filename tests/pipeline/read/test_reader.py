@@ -81,22 +81,34 @@ def shard_index(scene_uri: str, level: int, sy: int, sx: int) -> np.ndarray | No
     if not storage.exists(uri):
         return None
     n = SHARD // CHUNK
-    raw = storage.read_bytes(uri)[-(16 * n * n + 4) : -4]
+    raw = storage.read_bytes(uri)[: 16 * n * n]  # the index is at the start of the object
     return np.frombuffer(raw, dtype="<u8").reshape(1, n, n, 2)
 
 
-def expected_requests(scene_uri: str, boxes, level: int, shape):
-    """(index keys, chunk (key, start, end) set, number of chunks) the plan names."""
+def expected_requests(scene_uri: str, boxes, level: int, shape, read_before=None):
+    """(index (key, start, end) set, chunk (key, start, end) set, number of chunks) the plan
+    names. The index is at the start of each shard object: per shard, one request for the run
+    of 16-byte entries from the first to the last planned chunk whose entry was not read before
+    (``read_before``: key -> set of entry numbers, updated), the whole index with its crc32c
+    when the run is every entry."""
+    read_before = {} if read_before is None else read_before
     plan = plan_reads(boxes, level, shape, (3, CHUNK, CHUNK), (3, SHARD, SHARD))
     _, prefix = locate(scene_uri)
-    index_keys, chunk_ranges = set(), set()
+    n = SHARD // CHUNK
+    index_ranges, chunk_ranges = set(), set()
     for shard, chunks in plan.by_shard().items():
         key = f"{prefix}/{level}/c/0/{shard.sy}/{shard.sx}"
-        index_keys.add(key)
+        known = read_before.setdefault(key, set())
+        entries = {(c.cy % n) * n + c.cx % n for c in chunks} - known
+        if entries:
+            first, last = min(entries), max(entries)
+            whole = (first, last) == (0, n * n - 1)
+            index_ranges.add((key, 0, 16 * n * n + 4) if whole else (key, 16 * first, 16 * (last + 1)))
+            known.update(range(first, last + 1))
         index = shard_index(scene_uri, level, shard.sy, shard.sx)
         for r in plan_ranges(shard, chunks, index, plan.chunks_per_shard).ranges:
             chunk_ranges.add((key, r.start, r.end))
-    return index_keys, chunk_ranges, len(plan.chunks)
+    return index_ranges, chunk_ranges, len(plan.chunks)
 
 
 def test_reads_exactly_the_planned_chunks_and_never_repeats_metadata(scenes):
@@ -107,12 +119,12 @@ def test_reads_exactly_the_planned_chunks_and_never_repeats_metadata(scenes):
     boxes = random_boxes(1, 6, 301, 517, seed=2)
     source.read([uri], ReadRequest(boxes, 0, (32, 32)))
     log = source.requests()
-    index_keys, chunk_ranges, n_chunks = expected_requests(uri, boxes[0], 0, shape)
+    read_before: dict = {}
+    index_ranges, chunk_ranges, n_chunks = expected_requests(uri, boxes[0], 0, shape, read_before)
     assert sorted(r.key for r in log if r.kind == "metadata") == [
         f"{prefix}/0/zarr.json", f"{prefix}/zarr.json"]
-    index_log = [r for r in log if r.kind == "index"]
-    assert sorted(r.key for r in index_log) == sorted(index_keys)  # each shard index once
-    assert {r.start for r in index_log} == {-(16 * (SHARD // CHUNK) ** 2 + 4)}
+    index_log = [(r.key, r.start, r.end) for r in log if r.kind == "index"]
+    assert sorted(index_log) == sorted(index_ranges)  # each shard's entry run once
     chunk_log = [(r.key, r.start, r.end) for r in log if r.kind == "chunk"]
     assert len(chunk_log) == len(set(chunk_log))
     assert set(chunk_log) == chunk_ranges
@@ -120,16 +132,17 @@ def test_reads_exactly_the_planned_chunks_and_never_repeats_metadata(scenes):
     assert counters.chunks == n_chunks and counters.pixels == n_chunks * 3 * CHUNK * CHUNK
     assert counters.requests == len(log) and counters.bytes == sum(r.nbytes for r in log)
     assert counters.chunk_bytes == sum(e - s for _, s, e in chunk_ranges)
+    assert counters.index_bytes == sum(e - s for _, s, e in index_ranges)
+    assert counters.index_bytes < len(index_ranges) * (16 * (SHARD // CHUNK) ** 2 + 4)
 
-    # new boxes on the same scene: no metadata again, only the indexes of shards not seen yet
-    seen = index_keys
+    # new boxes on the same scene: no metadata again, only index entries not read yet
     source.reset_counters()
     more = random_boxes(1, 6, 301, 517, seed=3)
     source.read([uri], ReadRequest(more, 0, (32, 32)))
     log = source.requests()
-    new_index_keys, new_ranges, _ = expected_requests(uri, more[0], 0, shape)
+    new_index_ranges, new_ranges, _ = expected_requests(uri, more[0], 0, shape, read_before)
     assert [r for r in log if r.kind == "metadata"] == []
-    assert sorted(r.key for r in log if r.kind == "index") == sorted(new_index_keys - seen)
+    assert sorted((r.key, r.start, r.end) for r in log if r.kind == "index") == sorted(new_index_ranges)
     assert {(r.key, r.start, r.end) for r in log if r.kind == "chunk"} == new_ranges
 
     # the first boxes again: chunk data only
@@ -281,8 +294,9 @@ def test_concurrency_is_bounded(scenes, monkeypatch):
 
 def test_errors_name_the_scene_level_and_object(tmp_path):
     root = str(tmp_path)
-    img = np.maximum(textured(3, 130, 130), 1)  # no empty chunk: chunk (0, 0) is at offset 0
+    img = np.maximum(textured(3, 130, 130), 1)  # no empty chunk: chunk (0, 0) follows the index
     uri = write_pyramid(root, "s", img, {}, chunk=CHUNK, shard=SHARD)
+    first = 16 * (SHARD // CHUNK) ** 2 + 4  # the index (at the start) and its crc32c
     source = ZarrPixelSource()
     box = ReadRequest(torch.tensor([[[0, 0, 10, 10]]]), 0, (10, 10))
     with pytest.raises(FileNotFoundError, match="no pyramid group at .*nope"):
@@ -291,13 +305,18 @@ def test_errors_name_the_scene_level_and_object(tmp_path):
         source.read([uri], ReadRequest(box.boxes, 5, (10, 10)))
     shard = join_uri(uri, "0", "c", "0", "0", "0")
     data = bytearray(storage.read_bytes(shard))
-    data[0:4] = bytes(4)  # break the zstd magic number of the first chunk
+    data[first : first + 4] = bytes(4)  # break the zstd magic number of the first chunk
     storage.write_bytes(shard, bytes(data))
-    with pytest.raises(ReadError, match=r"scene .*/s level 0 object .*0/c/0/0/0 bytes \[0, "):
+    with pytest.raises(ReadError, match=rf"scene .*/s level 0 object .*0/c/0/0/0 bytes \[{first}, "):
         ZarrPixelSource().read([uri], box)
-    storage.write_bytes(shard, bytes(data[:-3]))  # truncated: the index checksum fails
-    with pytest.raises(ReadError, match="shard index of .*0/c/0/0/0"):
+    storage.write_bytes(shard, bytes(data[: first + 3]))  # truncated inside the first chunk
+    with pytest.raises(ReadError, match=rf"object .*0/c/0/0/0 bytes \[{first}, .*truncated"):
         ZarrPixelSource().read([uri], box)
+    data[5] ^= 1  # a flipped bit in the index: reading every entry checks its crc32c
+    storage.write_bytes(shard, bytes(data))
+    whole = ReadRequest(torch.tensor([[[0, 0, SHARD, SHARD]]]), 0, (SHARD, SHARD))
+    with pytest.raises(ReadError, match="shard index of .*0/c/0/0/0.*crc32c mismatch"):
+        ZarrPixelSource().read([uri], whole)
 
 
 def test_incomplete_scene_is_refused(tmp_path):
@@ -342,19 +361,21 @@ def test_local_ranges_are_read_directly_and_counted_like_any_store(tmp_path, mon
 
 
 def test_a_shard_gone_after_its_index_was_read_names_the_object(tmp_path):
-    img = np.maximum(textured(3, 130, 130), 1)  # no empty chunk: chunk (0, 0) is at offset 0
+    img = np.maximum(textured(3, 130, 130), 1)  # no empty chunk: chunk (0, 0) follows the index
     uri = write_pyramid(str(tmp_path), "s", img, {}, chunk=CHUNK, shard=SHARD)
+    first = 16 * (SHARD // CHUNK) ** 2 + 4  # the index (at the start) and its crc32c
     source = ZarrPixelSource()
     box = ReadRequest(torch.tensor([[[0, 0, 10, 10]]]), 0, (10, 10))
     source.read([uri], box)  # the shard index is cached now
     shard = join_uri(uri, "0", "c", "0", "0", "0")
     data = storage.read_bytes(shard)
-    storage.write_bytes(shard, data[:10])
-    with pytest.raises(ReadError, match=r"object .*0/c/0/0/0 bytes \[0, \d+\): expected \d+ bytes, got 10"):
+    storage.write_bytes(shard, data[: first + 10])
+    with pytest.raises(ReadError, match=rf"object .*0/c/0/0/0 bytes \[{first}, \d+\): expected \d+ "
+                                        "bytes, got 10"):
         source.read([uri], box)
     os.remove(shard)
-    with pytest.raises(ReadError, match=r"object .*0/c/0/0/0 bytes \[0, \d+\): expected \d+ bytes, got "
-                                        r"nothing \(the object is gone\)"):
+    with pytest.raises(ReadError, match=rf"object .*0/c/0/0/0 bytes \[{first}, \d+\): expected \d+ "
+                                        r"bytes, got nothing \(the object is gone\)"):
         source.read([uri], box)
 
 

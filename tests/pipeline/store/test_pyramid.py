@@ -86,7 +86,8 @@ def test_shards_are_byte_identical_to_zarrs_own_write(shard):  # with and withou
     group = zarr.open_group(ref_store, mode="w", zarr_format=3)
     from zarr.codecs import ZstdCodec
 
-    group.create_array("0", data=img, chunks=(3, 8, 8), shards=(3, shard, shard), fill_value=0,
+    shards = {"shape": (3, shard, shard), "index_location": pyramid.INDEX_LOCATION}
+    group.create_array("0", data=img, chunks=(3, 8, 8), shards=shards, fill_value=0,
                        compressors=ZstdCodec(level=pyramid.ZSTD_LEVEL,
                                              checksum=pyramid.ZSTD_CHECKSUM),
                        dimension_names=("c", "y", "x"))
