@@ -229,19 +229,18 @@ def peak_memory_bytes(model: AttentionModel, data: Split) -> int:
     """Peak bytes allocated by torch during inference on one scene (batch 1): the view, the
     reads and the activations; the view is rendered before the profiler starts (an input, as
     the scene's stored pyramid), and so is the numpy rendering of an on-demand source."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench.torch_memory import peak_cpu_bytes
 
     model.eval()
     key = data.keys[:1]
     view = data.source.view(key, model.view_size)  # rendered outside: the view is an input
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        view = view.clone()
-        model(view, data.sizes[:1], data.source, key, torch.Generator().manual_seed(0))
+
+    def infer() -> None:
+        with torch.no_grad():
+            model(view.clone(), data.sizes[:1], data.source, key, torch.Generator().manual_seed(0))
+
+    peak = peak_cpu_bytes(infer)
     model.train()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
     return peak
 
 

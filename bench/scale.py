@@ -145,7 +145,7 @@ def peak_memory(model, source, key: str, view, size, seed: int) -> dict:
     """Peak bytes of one sample, the same sample twice: numpy's and Python's allocations
     (tracemalloc: the reader's decoded chunks), then torch's CPU allocations (profiler:
     activations, gradients, the reads' tensors); each without the other's overhead."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench.torch_memory import peak_cpu_bytes
 
     tracemalloc.start()
     try:
@@ -153,12 +153,7 @@ def peak_memory(model, source, key: str, view, size, seed: int) -> dict:
         _, numpy_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        one_sample(model, source, key, view, size, seed)
-    live = torch_peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        torch_peak = max(torch_peak, live)
+    torch_peak = peak_cpu_bytes(lambda: one_sample(model, source, key, view, size, seed))
     return {"torch_peak": torch_peak, "numpy_peak": numpy_peak, "peak": torch_peak + numpy_peak}
 
 
