@@ -80,6 +80,12 @@ class LevelMeta:
         return math.prod(self.chunk_shape)
 
     @property
+    def shard_grid(self) -> tuple[int, int]:
+        """(gy, gx) shards of the level."""
+        gy, gx = (-(-n // s) for n, s in zip(self.shape[1:], self.shard_shape[1:], strict=True))
+        return gy, gx
+
+    @property
     def entries(self) -> int:
         """Entries (inner chunks) of one shard index."""
         return math.prod(self.chunks_per_shard)
@@ -157,7 +163,7 @@ def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) 
     per_shard = (shard_shape[1] // chunk_shape[1], shard_shape[2] // chunk_shape[2])
     crc = _index_crc(sharding.get("index_codecs") or [], where)
     record = (document.get("attributes") or {}).get("pipeline", {}).get("empty_shards")
-    grid_shards = (-(-shape[1] // shard_shape[1]), -(-shape[2] // shard_shape[2]))
+    grid_shards = (-(-shape[1] // shard_shape[1]), -(-shape[2] // shard_shape[2]))  # shard_grid
     zstd, checksum = _inner_codecs(sharding.get("codecs") or [], where)
     return LevelMeta(
         uri=uri, level=level, key_prefix=key_prefix, shape=shape, chunk_shape=chunk_shape,
