@@ -351,7 +351,8 @@ class S3Ranges(RangeStore):
             self.log.add_faults(hedges=len(late))
             for i in late:
                 copies[i].append(answers.watch(self._start(*requests[i])))
-            await _wait_first([copies[i] for i in late], timeout - answers.state()[0])
+            # the timeout counts from the last answer; the wait so far was at most ``most``
+            await _wait_first([copies[i] for i in late], timeout - min(answers.state()[0], most))
         first = answers.state()[1]
         if first is not None:  # a hedge's answer too: a slow store is not taken for a fast one
             self._first_answers.append(first)
@@ -465,10 +466,10 @@ class _Answers:
 async def _wait_tail(answers: _Answers, history: list[float], most: float, few: int) -> None:
     """Wait until every request of a batch (``answers``' futures) answered, or until the
     batch has gone without an answer for ``tail_wait`` with at most ``few`` of them left
-    (``stragglers``), or for ``most`` with more left (a stalled pool, not a straggler). Wakes the loop
-    once when the batch is done, plus once per tail wait while it lasts (to see the moment the
-    stragglers are alone; every ``HEDGE_POLL_S`` while the round trip is not known yet).
-    Nothing is cancelled but the wait itself."""
+    (``stragglers``), or for ``most`` with more left (a stalled pool, not stragglers). Wakes
+    the loop once when the batch is done, plus once per tail wait while it lasts (to see the
+    moment the stragglers are alone; every ``HEDGE_POLL_S`` while the round trip is not known
+    yet). Nothing is cancelled but the wait itself."""
     n = len(answers.futures)
     everything = asyncio.ensure_future(_all_done(list(answers.futures)))
     try:
