@@ -6,8 +6,8 @@ Its last line is one JSON object with one entry per fault, each ``{"ok": bool, .
 "ok" means: no wrong or zero pixel reaches a model without an error (an error names the
 scene), a training run finishes with the bad scene quarantined, nothing listens outside
 loopback, no code stored with a model runs, no secret is written anywhere, and reads under S3
-faults keep >= 0.8 of the fault-free rate measured in the same invocation (rounds
-interleaved). Progress lines go to stderr.
+faults keep >= 0.8 of the fault-free rate measured in the same invocation (each read done
+fault-free and faulty back to back, ``_paired_round``). Progress lines go to stderr.
 
 The stack entries (``worker_killed``, ``driver_killed``, ``mlflow_down``, ``node_killed``:
 issue 15) run on the production stack instead: ``bench/stack_faults.py`` says how.
