@@ -52,11 +52,13 @@ class ReaderSettings:
             every batch that meets a 5xx: 5 ms (not 50) kept 5 % of failing requests within
             the throughput target (``bench/faults.py --only s3_errors``); six retries still
             wait 0.3 s in all for a throttling store to recover.
-        hedge_after_s: seconds a batch of S3 range reads may go without any answer before
-            each read still unanswered is sent once more (a hedged request: the first of the
-            two answers is used, the other cancelled), so a rare stalled connection costs
-            about this instead of ``request_timeout_s``; a warm range answers in
-            milliseconds. 0 disables hedging; must be below ``request_timeout_s``.
+        hedge_after_s: the most seconds a batch of S3 range reads may go without any answer
+            before each read still unanswered is sent once more (a hedged request: the first
+            of the two answers is used, the other left to finish), so a rare stalled
+            connection costs at most about this instead of ``request_timeout_s``. A batch's
+            stragglers (its last few requests) are hedged sooner, after a few of the store's
+            round trips without an answer (``pipeline.store.ranges.tail_wait``: tens of ms on
+            a nearby store). 0 disables hedging; must be below ``request_timeout_s``.
     """
 
     concurrency: int = 64

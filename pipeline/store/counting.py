@@ -43,9 +43,10 @@ class ReadCounters:
     requests sent again after a timeout or an error; ``timeouts``: requests that took longer
     than the reader's ``request_timeout_s`` (given up on, then retried); ``errors``: requests
     that failed (an HTTP 5xx, a reset connection; retried); ``hedges``: requests sent a second
-    time, without cancelling the first, because their batch had no answer for the reader's
-    ``hedge_after_s`` (the first answer of the two is used). Requests and bytes count the
-    answers used, once each (not the hedges' other copy, cancelled or unused)."""
+    time, without cancelling the first, because their batch had no answer for a few of the
+    store's round trips with only them left, or for the reader's ``hedge_after_s``
+    (``pipeline.store.ranges.tail_wait``; the first answer of the two is used). Requests and
+    bytes count the answers used, once each (not the hedges' other copy, left unused)."""
 
     requests: int = 0
     bytes: int = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import math
 import os
 import statistics
@@ -45,13 +46,12 @@ class RetryPolicy:
             connection) is sent again before the read fails with ``S3ReadError``.
         initial_delay_s, max_delay_s: the wait before retry k is
             ``min(max_delay_s, initial_delay_s * 2**k)``.
-        hedge_after_s: seconds a batch may go without any answer before each of its requests
-            still unanswered gets one duplicate (a hedge; the original is not cancelled, the
-            first answer of the two is used, the other left to finish): a rare stall then costs
-            about this, not ``timeout_s``. 0 (or ``>= timeout_s``): no hedges. This is the
-            most: once ``HEDGE_SAMPLES`` batches have answered, the wait is
-            ``HEDGE_FACTOR`` times the median time to a batch's first answer (at least
-            ``HEDGE_FLOOR_S``), so a stall costs a few round trips of this store.
+        hedge_after_s: the most seconds a batch may go without any answer before each of its
+            requests still unanswered gets one duplicate (a hedge; the original is not
+            cancelled, the first answer of the two is used, the other left to finish): a rare
+            stall then costs at most about this, not ``timeout_s``. 0 (or ``>= timeout_s``):
+            no hedges. A batch's stragglers are hedged sooner, after ``tail_wait`` (a few of
+            the store's round trips, see ``HEDGE_FACTOR``).
     """
 
     timeout_s: float
@@ -65,13 +65,52 @@ class RetryPolicy:
         return min(self.max_delay_s, self.initial_delay_s * 2**retry)
 
 
-# Adaptive hedging (``S3Ranges._hedge_after``): after this many batches, hedge after this many
-# times their median first-answer time, never sooner than the floor (nor later than the policy's
-# ``hedge_after_s``). On loopback SeaweedFS + 20 ms a batch's first answer takes ~25 ms, so a
-# stall cost ~0.1 s instead of 0.2 s (``bench/faults.py --only s3_stalls``).
+# Tail hedging (``S3Ranges._hedged``): when all that is left of a batch are its stragglers
+# (at most ``stragglers(n, concurrency)`` of its n requests) and it has had no answer for
+# ``tail_wait`` (HEDGE_FACTOR round trips of this store, within [HEDGE_FLOOR_S,
+# ``hedge_after_s``]), they are sent once more: a stall costs a few round trips. The round trip
+# is the median time to a batch's first answer over the store's last HEDGE_WINDOW batches, or,
+# before HEDGE_SAMPLES are known, the first answer of the stragglers' own batch (their
+# siblings'). More requests left unanswered are a slow or stalled store, or requests still
+# queued for a connection, not stragglers: they are hedged only after ``hedge_after_s``
+# without an answer, so a busy store is not sent a second copy of a whole batch after a few
+# round trips. Measured: docs/results/faults_stalls_tail_hedge.md.
 HEDGE_SAMPLES = 8
+HEDGE_WINDOW = 64
 HEDGE_FACTOR = 4.0
 HEDGE_FLOOR_S = 0.02
+HEDGE_POLL_S = HEDGE_FLOOR_S  # how often a batch looks while the store's round trip is unknown
+HEDGE_STRAGGLERS = 2  # a batch's stragglers: at most max(this, n // HEDGE_TAIL) requests
+HEDGE_TAIL = 8
+
+
+def stragglers(n: int, concurrency: int) -> int:
+    """How many of a batch's ``n`` requests may be left for them to count as stragglers
+    (hedged after ``tail_wait``, not ``hedge_after_s``): a few, and no more than can be in
+    flight at once (``concurrency``; more left means some are still queued, not late)."""
+    return min(concurrency, max(HEDGE_STRAGGLERS, n // HEDGE_TAIL))
+
+
+def tail_wait(first_answers: collections.abc.Sequence[float], batch_first: float | None,
+              most: float) -> float:
+    """Seconds a batch may go without an answer before its stragglers are hedged.
+
+    Args:
+        first_answers: seconds from start to first answer of this store's recent batches.
+        batch_first: seconds to the first answer of the batch being waited for (its siblings'
+            answer; None while none has answered).
+        most: the policy's ``hedge_after_s`` (the wait before anything is known, and the cap).
+    Returns:
+        ``HEDGE_FACTOR`` x the typical round trip (the median of ``first_answers`` once there
+        are ``HEDGE_SAMPLES``, else ``batch_first``), within [``HEDGE_FLOOR_S``, ``most``].
+    """
+    if len(first_answers) >= HEDGE_SAMPLES:
+        typical = statistics.median(first_answers)
+    elif batch_first is not None:
+        typical = batch_first
+    else:
+        return most
+    return min(most, max(HEDGE_FLOOR_S, HEDGE_FACTOR * typical))
 
 
 class S3ReadError(OSError):
@@ -199,8 +238,9 @@ class S3Ranges(RangeStore):
     Endpoint, region and credentials come from the standard ``AWS_*`` variables.
 
     Faults are bounded here, not in tensorstore (its own retries are off, and it has no
-    per-request timeout): when no request of a batch has been answered for the policy's
-    ``hedge_after_s``, each unanswered one is sent a second time (a hedge, counted with
+    per-request timeout): when no request of a batch has been answered for a few of this
+    store's round trips (``tail_wait``, at most the policy's ``hedge_after_s``), each
+    unanswered one is sent a second time (a hedge, counted with
     ``RequestLog.add_faults``), the first of the two answers is used and the other left to
     finish (``abandon``: a tensorstore future is never cancelled); when no request (or copy)
     has been answered for the policy's timeout in all, the unanswered requests are given up
@@ -218,7 +258,7 @@ class S3Ranges(RangeStore):
 
         super().__init__(root, log)
         self.concurrency = concurrency
-        self._first_answers: collections.deque[float] = collections.deque(maxlen=64)
+        self._first_answers: collections.deque[float] = collections.deque(maxlen=HEDGE_WINDOW)
         # without a policy (the reader always passes ReaderSettings'): no timeout, no retry
         self.policy = policy or RetryPolicy(math.inf, 0, 0.0, 0.0)
         self._kv = ts.KvStore.open(s3_kvstore_spec(root), context=ts.Context({
@@ -295,32 +335,27 @@ class S3Ranges(RangeStore):
     async def _hedged(self, requests: list[tuple[str, Range]],
                       copies: dict[int, list[Any]]) -> None:
         """``_wait_hedged``'s waits; appends each hedge to its request's ``copies``."""
-        timeout, hedge = self.policy.timeout_s, self._hedge_after()
+        timeout, most = self.policy.timeout_s, self.policy.hedge_after_s
         futures = {i: sent[0] for i, sent in copies.items()}
-        if not 0 < hedge < timeout:
+        if not 0 < most < timeout:
             if math.isinf(timeout):
                 await _all_done(list(futures.values()))
             else:
                 await _wait_progress(list(futures.values()), timeout)
             return
-        first = await _wait_progress(list(futures.values()), hedge)
-        if first is not None:
-            self._first_answers.append(first)
+        history = list(self._first_answers)
+        answers = _Answers(list(futures.values()))
+        await _wait_tail(answers, history, most, stragglers(len(futures), self.concurrency))
         late = [i for i, f in futures.items() if not f.done()]
         if late:
             self.log.add_faults(hedges=len(late))
             for i in late:
-                copies[i].append(self._start(*requests[i]))
-            await _wait_first([copies[i] for i in late], timeout - hedge)
-
-    def _hedge_after(self) -> float:
-        """Seconds a batch may go without an answer before its late requests are hedged: the
-        policy's ``hedge_after_s``, or less once this store's answers are known (see
-        ``HEDGE_FACTOR``)."""
-        most = self.policy.hedge_after_s
-        if most <= 0 or len(self._first_answers) < HEDGE_SAMPLES:
-            return most
-        return min(most, max(HEDGE_FLOOR_S, HEDGE_FACTOR * statistics.median(self._first_answers)))
+                copies[i].append(answers.watch(self._start(*requests[i])))
+            # the timeout counts from the last answer; the wait so far was at most ``most``
+            await _wait_first([copies[i] for i in late], timeout - min(answers.state()[0], most))
+        first = answers.state()[1]
+        if first is not None:  # a hedge's answer too: a slow store is not taken for a fast one
+            self._first_answers.append(first)
 
     async def read_batch(self, requests: list[tuple[str, Range]],
                          kind: str | None = None) -> list[bytes | None]:
@@ -395,35 +430,81 @@ async def _all_done(futures: list[Any]) -> None:
     await done
 
 
+class _Answers:
+    """When the tensorstore futures of a batch answered (their done callbacks, on tensorstore's
+    threads): how many, seconds to the first answer and since the last."""
+
+    def __init__(self, futures: list[Any]):
+        self.start = self.last = time.monotonic()
+        self.first: float | None = None
+        self.count = 0
+        self.futures: list[Any] = []
+        self._lock = threading.Lock()
+        for future in futures:
+            self.watch(future)
+
+    def watch(self, future: Any) -> Any:
+        """Count ``future``'s answer too (a hedge); returns it."""
+        self.futures.append(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _: Any) -> None:
+        with self._lock:
+            self.last = time.monotonic()
+            self.count += 1
+            if self.first is None:
+                self.first = self.last - self.start
+
+    def state(self) -> tuple[float, float | None, int]:
+        """(seconds since the last answer, or since the start; seconds to the first answer,
+        None before it; answers so far)."""
+        with self._lock:
+            return time.monotonic() - self.last, self.first, self.count
+
+
+async def _wait_tail(answers: _Answers, history: list[float], most: float, few: int) -> None:
+    """Wait until every request of a batch (``answers``' futures) answered, or until the
+    batch has gone without an answer for ``tail_wait`` with at most ``few`` of them left
+    (``stragglers``), or for ``most`` with more left (a stalled pool, not stragglers). Wakes
+    the loop once when the batch is done, plus once per tail wait while it lasts (to see the
+    moment the stragglers are alone; every ``HEDGE_POLL_S`` while the round trip is not known
+    yet). Nothing is cancelled but the wait itself."""
+    n = len(answers.futures)
+    everything = asyncio.ensure_future(_all_done(list(answers.futures)))
+    try:
+        while not everything.done():
+            idle, first, count = answers.state()
+            tail = tail_wait(history, first, most)
+            limit = tail if n - count <= few else most
+            if idle >= limit:
+                break
+            known = first is not None or len(history) >= HEDGE_SAMPLES
+            await asyncio.wait([everything], timeout=min(limit - idle,
+                                                         tail if known else HEDGE_POLL_S))
+    finally:
+        if not everything.done():
+            everything.cancel()  # the wait, not the futures
+            await asyncio.gather(everything, return_exceptions=True)
+
+
 async def _wait_progress(futures: list[Any], timeout: float) -> float | None:
     """Wait until every tensorstore future is done, or until none has finished for
-    ``timeout`` seconds (the caller retries or hedges those left): a stalled request costs about ``timeout`` after the last answer
-    of its batch. One wake-up of the loop for the batch, plus one per ``timeout`` while it
-    lasts. Returns the seconds to the first future's finish (None: none finished)."""
-    start = time.monotonic()
-    last, first = [start], []
-    lock = threading.Lock()
-
-    def finished(_: Any) -> None:
-        with lock:
-            last[0] = time.monotonic()
-            if not first:
-                first.append(last[0] - start)
-
-    for future in futures:
-        future.add_done_callback(finished)
+    ``timeout`` seconds (the caller retries those left): a stalled request costs about
+    ``timeout`` after the last answer of its batch. One wake-up of the loop for the batch,
+    plus one per ``timeout`` while it lasts. Returns the seconds to the first future's finish
+    (None: none finished)."""
+    answers = _Answers(futures)
     everything = asyncio.ensure_future(_all_done(futures))
     while not everything.done():
-        with lock:
-            idle = time.monotonic() - last[0]
+        idle = answers.state()[0]
         if idle >= timeout:
             break
         await asyncio.wait([everything], timeout=timeout - idle)
     if not everything.done():
         everything.cancel()  # the wait, not the futures
         await asyncio.gather(everything, return_exceptions=True)
-    with lock:
-        return first[0] if first else None
+    return answers.state()[1]
 
 
 async def _wait_first(groups: list[list[Any]], timeout: float) -> None:

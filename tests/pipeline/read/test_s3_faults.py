@@ -118,8 +118,8 @@ def test_one_stall_costs_about_hedge_after_s_or_one_timeout(s3_server, monkeypat
           f"{settings.request_timeout_s} s; the read itself {clean_s * 1000:.0f} ms)")
     if hedge_after_s:
         assert (hedges, timeouts) == (1, 0)
-        # after a few batches the wait is a few of this store's first-answer times, at most
-        # hedge_after_s (``ranges.HEDGE_FACTOR``): well below the 2 s timeout
+        # a few of this store's round trips (``ranges.tail_wait``: its siblings' or its
+        # recent batches' first answers), at most hedge_after_s: well below the 2 s timeout
         assert ranges.HEDGE_FLOOR_S * 0.9 < cost < hedge_after_s + 0.8
     else:
         assert (hedges, timeouts) == (0, 1)
@@ -155,21 +155,3 @@ def test_a_404_on_a_shard_index_is_a_missing_shard_not_retried(s3_server, monkey
     request = ReadRequest(torch.tensor([[[130, 200, 170, 240]]]), 0, (16, 16))
     with pytest.raises(MissingShardError, match=rf"scene {scene} level 0 shard \(2, 3\)"):
         _read_all(s3_server, monkeypatch, [scene], [request], [FaultRule("404", 1.0, match=key)])
-
-
-def test_the_hedge_wait_adapts_to_the_stores_first_answers(s3_server, monkeypatch):
-    """``hedge_after_s`` until ``HEDGE_SAMPLES`` batches answered, then ``HEDGE_FACTOR`` times
-    their median first-answer time, between ``HEDGE_FLOOR_S`` and ``hedge_after_s``."""
-    from pipeline.store.counting import RequestLog
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    store = ranges.S3Ranges(s3_server.new_bucket("hedge"), RequestLog(),
-                            policy=ranges.RetryPolicy(2.0, 0, 0.0, 0.0, hedge_after_s=0.2))
-    store._first_answers.extend([0.01] * (ranges.HEDGE_SAMPLES - 1))
-    assert store._hedge_after() == 0.2  # too few answers yet
-    store._first_answers.append(0.01)
-    assert store._hedge_after() == pytest.approx(ranges.HEDGE_FACTOR * 0.01)
-    store._first_answers.extend([0.001] * 64)
-    assert store._hedge_after() == ranges.HEDGE_FLOOR_S
-    store._first_answers.extend([0.5] * 64)
-    assert store._hedge_after() == 0.2
