@@ -33,3 +33,11 @@ def test_unknown_entry_is_refused():
     with pytest.raises(SystemExit) as info:
         faults.main(["--only", "missing_shard,no_such_fault"])
     assert info.value.code == 2
+
+
+def test_only_takes_the_two_groups_by_name():
+    assert faults.parse_args(["--only", "integrity"]).names == list(faults.INTEGRITY_ENTRIES)
+    assert faults.parse_args(["--only", "stack,integrity"]).names == [
+        *faults.STACK_ENTRIES, *faults.INTEGRITY_ENTRIES]
+    assert faults.parse_args(["--only", "s3_stalls,integrity"]).names[0] == "s3_stalls"
+    assert len(faults.parse_args([]).names) == 16
