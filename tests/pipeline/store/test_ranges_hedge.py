@@ -10,75 +10,19 @@ trips from the first batch on, not ``hedge_after_s``. Fake futures answer from t
 from __future__ import annotations
 
 import asyncio
-import collections
-import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from pipeline.store import ranges
-from pipeline.store.counting import RequestLog
-
-NEVER = None
-
-
-class TimedFuture:
-    """A tensorstore-like future answered with ``value`` after ``delay_s`` seconds on a timer
-    thread (``NEVER``: never answered); cancelling it fails the test."""
-
-    def __init__(self, value: bytes, delay_s: float | None):
-        self.value, self._done, self._callbacks = value, False, []
-        self._lock = threading.Lock()
-        if delay_s is not None:
-            timer = threading.Timer(delay_s, self._finish)
-            timer.daemon = True
-            timer.start()
-
-    def _finish(self) -> None:
-        with self._lock:
-            self._done, callbacks = True, list(self._callbacks)
-        for callback in callbacks:
-            callback(self)
-
-    def add_done_callback(self, callback) -> None:
-        with self._lock:
-            if not self._done:
-                self._callbacks.append(callback)
-                return
-        callback(self)
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return False
-
-    def exception(self):
-        return None
-
-    def result(self):
-        return SimpleNamespace(state="value", value=self.value)
-
-    def cancel(self) -> bool:
-        raise AssertionError("a tensorstore future was cancelled")
+from tests.pipeline.store.fake_s3 import NEVER, TimedFuture, fake_store
 
 
 def timed_store(delays: list[float | None], policy: ranges.RetryPolicy,
                 history: list[float] = ()) -> ranges.S3Ranges:
     """An ``S3Ranges`` whose k-th request answers ``b"<k>"`` after ``delays[k]`` seconds, with
     ``history`` as the first-answer times of its earlier batches."""
-    store = object.__new__(ranges.S3Ranges)
-    store.log, store.policy, store.concurrency = RequestLog(), policy, 8
-    store._first_answers = collections.deque(history, maxlen=64)
-    sent = iter(enumerate(delays))
-
-    def start(key, byte_range):
-        k, delay = next(sent)
-        return TimedFuture(str(k).encode(), delay)
-
-    store._start = start
-    return store
+    return fake_store(lambda k: TimedFuture(str(k).encode(), delays[k]), policy, history)
 
 
 @pytest.fixture(autouse=True)
