@@ -11,7 +11,8 @@
    A part's score on a patch is the mean response of its channels; each part selects its
    best-scoring kept patch, and the selected patches' features, in part order, are classified
    (part-level prediction).
-The prediction is the sum of the object and part logits. Loss: cross-entropy of the sum, plus
+The prediction is the sum of the object and part logits (the part logits weighted by
+``part_mix``, 1 by default as the paper). Loss: cross-entropy of the sum, plus
 weighted cross-entropies of each level and of the filter net on every candidate (each candidate
 labelled with its scene's class, as the paper trains its FilterNet).
 
@@ -134,6 +135,10 @@ class TwoLevelAttention(AttentionModel):
         proposals: 0 scores every candidate with the filter net; M > 0 (with the contrast
             prior) scores only the M windows with the most contrast, as the paper's filter net
             sees only selective search's proposals (M times fewer filter-net passes).
+        part_mix: weight of the part logits in the prediction ``object + part_mix * part`` (and
+            so in its cross-entropy). 1 is the paper's sum; when a part's single patch often
+            shows a distractor (Megapixel MNIST: 2 of 5 digits are of other classes) the part
+            logits add noise (README).
         pool: "avg" or "max": global pooling of the domain net's map of each kept patch.
         feature_scale: 0 keeps the pooled patch features as they are; > 0 L2-normalises each
             and multiplies it by this (``ats_mnist``'s cosine-classifier temperature: a fresh
@@ -166,8 +171,10 @@ class TwoLevelAttention(AttentionModel):
         proposals: int = 0,
         pool: str = "avg",
         feature_scale: float = 0.0,
+        part_mix: float = 1.0,
     ):
         super().__init__()
+        self.part_mix = float(part_mix)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.pool, self.feature_scale = pool, float(feature_scale)
@@ -233,7 +240,7 @@ class TwoLevelAttention(AttentionModel):
         part_feats, choice = select_parts(feats, part_scores(feats, self.assignment, self.parts))
         part_logits = self.part_head(part_feats.flatten(1))
         return ModelOutput(
-            logits=object_logits + part_logits,
+            logits=object_logits + self.part_mix * part_logits,
             boxes=boxes0,
             weights=torch.full(boxes0.shape[:2], 1.0 / self.keep),
             extras={
