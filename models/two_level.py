@@ -174,7 +174,6 @@ class TwoLevelAttention(AttentionModel):
         part_mix: float = 1.0,
     ):
         super().__init__()
-        self.part_mix = float(part_mix)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.pool, self.feature_scale = pool, float(feature_scale)
@@ -184,11 +183,10 @@ class TwoLevelAttention(AttentionModel):
         self.uses_contrast = proposal_prior == "contrast"
         self.proposals = int(proposals)
         if self.proposals and (not self.uses_contrast or self.proposals < keep):
-            raise ValueError(f"proposals ({proposals}) need proposal_prior='contrast' and at "
-                             f"least keep ({keep}) windows")
+            raise ValueError(f"proposals={proposals} need proposal_prior='contrast' and >= keep={keep}")
         self.view_size, self.patch_size = tuple(view_size), tuple(patch_size)
         self.filter_size, self.keep, self.parts = tuple(filter_size), keep, parts
-        self.object_weight, self.part_weight = object_weight, part_weight
+        self.object_weight, self.part_weight, self.part_mix = object_weight, part_weight, part_mix
         self.filter_weight, self.recluster_every = filter_weight, recluster_every
         self.max_level, self.coarsest = max_level, int(coarsest)
         windows = multiscale_windows(tuple(window_scales), window_stride)
@@ -198,15 +196,15 @@ class TwoLevelAttention(AttentionModel):
         self.filter_net = build_backbone(filter_backbone, in_channels, **(backbone_kwargs or {}))
         self.filter_head = nn.Linear(self.filter_net.out_channels, num_classes)
         self.domain_net = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
-        dim = self.domain_net.out_channels
+        dim = self.domain_net.out_channels  # channels of the patch features
         if not 1 <= parts <= dim:
             raise ValueError(f"parts must be in [1, {dim}] (the domain net's channels), got {parts}")
         self.object_head = nn.Linear(dim, num_classes)
         self.part_head = nn.Linear(dim * parts, num_classes)
         self.register_buffer("assignment", torch.arange(dim) % parts)
         self.register_buffer("bank", torch.zeros(memory, dim))
-        self.register_buffer("bank_count", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
+        for name in ("bank_count", "step_count"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64))
 
     def _keep(self, views: Tensor) -> Kept:
         """The candidates to read, best first: with ``proposals`` the windows with the most
