@@ -1,6 +1,7 @@
 """Two-level attention: only the kept candidates are read; part clustering and selection."""
 
 import torch
+import torch.nn.functional as F
 
 from models.regions import crop_resize, to_level0
 from models.two_level import (
@@ -77,6 +78,25 @@ def test_only_the_candidates_kept_by_the_filter_net_are_read():
     assert rec.requests[0].size == (16, 16)
     assert torch.equal(out.boxes, rec.requests[0].boxes)
     assert torch.allclose(out.logits, out.extras["object_logits"] + out.extras["part_logits"])
+
+
+def test_part_mix_weights_the_part_logits_in_the_prediction_and_its_loss():
+    source, keys = random_scenes([(200, 200), (160, 240)], coarsest=64)
+    views, sizes = source.view(keys, (32, 32)), source.level0_sizes(keys)
+    labels = torch.tensor([1, 3])
+    model = _model(part_mix=0.25)
+    out = model(views, sizes, source, keys)
+    ex = out.extras
+    assert torch.allclose(out.logits, ex["object_logits"] + 0.25 * ex["part_logits"])
+    assert not torch.allclose(out.logits, ex["object_logits"] + ex["part_logits"])
+    filt = ex["filter_logits"]
+    expected = (
+        F.cross_entropy(out.logits, labels)
+        + 0.5 * F.cross_entropy(ex["object_logits"], labels)
+        + 0.5 * F.cross_entropy(ex["part_logits"], labels)
+        + 0.5 * F.cross_entropy(filt.flatten(0, 1), labels.repeat_interleave(filt.shape[1]))
+    )
+    assert torch.allclose(model.loss(out, labels), expected)
 
 
 def test_loss_trains_filter_domain_and_both_heads():
