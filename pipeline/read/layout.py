@@ -163,7 +163,7 @@ def level_meta(uri: str, level: int, key_prefix: str, document: dict[str, Any]) 
     per_shard = (shard_shape[1] // chunk_shape[1], shard_shape[2] // chunk_shape[2])
     crc = _index_crc(sharding.get("index_codecs") or [], where)
     record = (document.get("attributes") or {}).get("pipeline", {}).get("empty_shards")
-    grid_shards = (-(-shape[1] // shard_shape[1]), -(-shape[2] // shard_shape[2]))  # shard_grid
+    grid_shards = (-(-shape[1] // shard_shape[1]), -(-shape[2] // shard_shape[2]))  # as .shard_grid
     zstd, checksum = _inner_codecs(sharding.get("codecs") or [], where)
     return LevelMeta(
         uri=uri, level=level, key_prefix=key_prefix, shape=shape, chunk_shape=chunk_shape,
