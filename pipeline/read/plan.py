@@ -166,7 +166,9 @@ def entry_ids_by_shard(plan: ChunkPlan) -> list[np.ndarray]:
     ny, nx = plan.chunks_per_shard
     local = plan.cyx % (ny, nx)
     ids = local[:, 0] * nx + local[:, 1]
-    return [ids[plan.shard_of == s] for s in range(len(plan.shards))]
+    order = np.argsort(plan.shard_of, kind="stable")  # one pass, not a mask per shard
+    ends = np.searchsorted(plan.shard_of[order], np.arange(1, len(plan.shards)))
+    return np.split(ids[order], ends)
 
 
 def plan_byte_ranges(plan: ChunkPlan, indexes: Sequence[np.ndarray | None],
