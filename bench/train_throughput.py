@@ -191,10 +191,25 @@ class Setting:
             os.environ["AWS_ENDPOINT_URL"] = self.endpoint
 
 
-def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, seed: int = 0):
+def cpu_by_role(roles: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far: ``loop`` this process (the training loop and its threads), each
+    of ``roles`` (name -> pid: SeaweedFS, the proxy) with its descendants, and ``reader``
+    every other process below this one (the readers' child processes)."""
+    from pipeline.stack.process import cpu_seconds, process_tree
+
+    trees = {name: process_tree(pid) for name, pid in roles.items()}
+    taken = {pid for tree in trees.values() for pid in tree}
+    below = [pid for pid in process_tree(os.getpid())[1:] if pid not in taken]
+    return {"loop": cpu_seconds([os.getpid()]), "reader": cpu_seconds(below),
+            **{name: cpu_seconds(tree) for name, tree in trees.items()}}
+
+
+def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, seed: int = 0,
+            roles: dict[str, int] | None = None):
     """A warm-up epoch per setting, then ``epochs`` rounds of one epoch per setting, the order
     rotating each round (so drifts in the machine's load fall on every setting alike); the
-    same initial weights and sampling seed everywhere. Returns per-sample metrics by name."""
+    same initial weights and sampling seed everywhere. Returns per-sample metrics by name,
+    with ``cpu_ms_per_sample`` by role (``cpu_by_role`` of ``roles``) added."""
     from models.registry import create_model
     from pipeline.train.loop import EpochStats, StepRunner, train_epoch
 
@@ -219,18 +234,27 @@ def measure(settings: list[Setting], views, sizes, labels, config, epochs: int, 
         s.activate()
         train_epoch(runners[s.name], batches(s.keys, 0), 0)  # warm-up: caches, first-touch
     totals = {s.name: EpochStats() for s in settings}
+    cpu = {s.name: dict.fromkeys(cpu_by_role(roles or {}), 0.0) for s in settings}
     for epoch in range(1, epochs + 1):
         shift = (epoch - 1) % len(settings)
         for s in settings[shift:] + settings[:shift]:
             s.activate()
+            before = cpu_by_role(roles or {})
             stats = train_epoch(runners[s.name], batches(s.keys, epoch), epoch)
+            after = cpu_by_role(roles or {})
+            for role in cpu[s.name]:
+                cpu[s.name][role] += after[role] - before[role]
             totals[s.name] = EpochStats.from_vector(totals[s.name].as_vector() + stats.as_vector())
     results = {}
     for s in settings:
         m = results[s.name] = totals[s.name].metrics("train")
+        n = max(totals[s.name].samples, 1)
+        m["cpu_ms_per_sample"] = {role: 1000 * v / n for role, v in cpu[s.name].items()}
+        shares = "  ".join(f"{r} {v:5.1f}" for r, v in m["cpu_ms_per_sample"].items())
         print(f"  {s.name:<16} {m['train/samples_per_s']:8.2f} samples/s   data wait "
               f"{100 * m['train/data_wait_fraction']:5.1f}%   {m['train/bytes_per_sample']:>10,.0f} B/sample"
-              f"   {m['train/requests_per_sample']:6.2f} requests/sample", flush=True)
+              f"   {m['train/requests_per_sample']:6.2f} requests/sample   CPU ms/sample: {shares}",
+              flush=True)
     return results
 
 
@@ -310,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 processes.append(obj)
                 settings.append(Setting("s3_object_server", split.source_factory(), s3_keys,
                                         obj_endpoint))
-            results = measure(settings, views, sizes, labels, config, args.epochs)
+            results = measure(settings, views, sizes, labels, config, args.epochs,
+                              roles={"seaweedfs": server.pid, "proxy": proxy.pid})
             served = proxy_counts(endpoint)["total"]
         finally:
             for proc in processes:
@@ -336,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             "s3_over_memory": ratio,
             "s3_requests_served": served,
             "data_wait_fraction": {k: v["train/data_wait_fraction"] for k, v in results.items()},
+            "cpu_ms_per_sample": {k: v["cpu_ms_per_sample"] for k, v in results.items()},
+            "requests_per_sample": {k: v["train/requests_per_sample"] for k, v in results.items()},
             "bytes_per_sample": read,
             "full_resolution_bytes_per_sample": float(full.mean()),
             "full_resolution_raw_bytes_per_sample": float(raw.mean()),

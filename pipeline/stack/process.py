@@ -72,6 +72,17 @@ def process_tree(root: int) -> list[int]:
     return [root] + [pid for pid, _ in _descendants([root])]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by the live processes ``pids`` (from /proc;
+    processes already gone count 0)."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_or_none(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _descendants(roots: list[int]) -> list[tuple[int, int]]:
     """(pid, start time) of every process below ``roots`` (from /proc), roots excluded."""
     children: dict[int, list[int]] = {}

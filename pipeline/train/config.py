@@ -42,8 +42,8 @@ class DataConfig:
             overlap with the other micro-batches' compute (see ``pipeline.train.microbatch``).
         ramp_micro_batches: micro-batch sizes grow 1 : 2 : 3 ... instead of being equal, so
             the first read (the one no compute hides) is the smallest.
-        read_ahead: draw the next step's first micro-batch with this step's weights and read
-            it while this step computes, so that no step starts by waiting for storage; the
+        read_ahead: draw the next step's micro-batches with this step's weights and read them
+            while this step computes, so that no step starts by waiting for storage; the
             model importance-weights those draws to the updated weights (unbiased; see
             ``pipeline.train.read_ahead``). Models without ``propose`` (all but ATS) read as usual.
         shuffle_seed: seed of the data order: which worker gets which scenes, and each

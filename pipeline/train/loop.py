@@ -172,8 +172,8 @@ class StepRunner:
         micro_batches: micro-batches per step; ramp: their sizes grow 1 : 2 : 3 ...
             (``split_batch``). clip_norm: gradient-norm clip (0: off).
         generator: sampling generator; each micro-batch gets a child seeded from it, in order.
-        read_ahead: during each step, draw the next step's first micro-batch with the current
-            weights and submit its read (``pipeline.train.read_ahead``); needs the next batch
+        read_ahead: during each step, draw the next step's micro-batches with the current
+            weights and submit their reads (``pipeline.train.read_ahead``); needs the next batch
             (``train_step(..., next_batch=...)``, as ``train_epoch`` and ``evaluate`` pass it).
         device: where the model lives. autocast: context for model compute (bf16 on GPU).
         sync: gradient/buffer averaging across workers (a no-op in one process).
@@ -222,7 +222,7 @@ class StepRunner:
 
     def _read_ahead(self, batch: Batch | None, generator: torch.Generator) -> Callable[[], None]:
         """What ``run_microbatches`` calls once this step's reads are submitted: split
-        ``batch`` (the next step's) now and submit its first micro-batch's read, drawn by
+        ``batch`` (the next step's) now and submit its micro-batches' reads, drawn by
         ``model.propose`` with the current weights (``read_ahead.draw_ahead``). A no-op
         without ``read_ahead`` or a next batch; a model that cannot propose keeps only the
         split (the same generator draws as splitting next step)."""
@@ -258,7 +258,7 @@ class StepRunner:
     ) -> None:
         """Forward/backward every micro-batch as its patches arrive; then one optimiser step.
 
-        With ``read_ahead`` and ``next_batch``, the next step's first read is drawn (with the
+        With ``read_ahead`` and ``next_batch``, the next step's first reads are drawn (with the
         weights before this step's update) and submitted once this step's reads are. With a
         ``quarantine``, a scene whose read fails is quarantined and the step runs again
         without it (``_guarded``)."""

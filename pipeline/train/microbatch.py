@@ -12,9 +12,9 @@ a graph whose weights changed in place.
 Sampling randomness comes from one generator per micro-batch (made by the caller, in order),
 so results do not depend on the order in which storage answers.
 
-Reading ahead. With ``after_start`` the caller can draw the next step's first micro-batch
-while this step's reads are in flight; that micro-batch then arrives here with a ``Proposal``
-and the ``prefetched`` future of its read, which stands in for its first submission. The
+Reading ahead. With ``after_start`` the caller can draw the next step's micro-batches while
+this step's reads are in flight; they then arrive here each with a ``Proposal`` and the
+``prefetched`` future of its read, which stands in for its first submission. The
 handshake is in ``pipeline.train.read_ahead``; why it stays unbiased, in
 ``models.sampling.importance_ratio``.
 
@@ -133,8 +133,8 @@ def run_microbatches(
         prepare: applied to arrived patches before they go into the model (device transfer).
         context: entered around every coroutine resumption (e.g. autocast).
         after_start: called once every micro-batch has started and submitted its first read,
-            before any compute on patches (the place to read the next step's first
-            micro-batch ahead). A micro-batch with ``prefetched`` does not submit its first
+            before any compute on patches (the place to read the next step's micro-batches
+            ahead). A micro-batch with ``prefetched`` does not submit its first
             read: its coroutine must yield ``mb.proposal.request``, whose patches it gets
             (``pipeline.train.read_ahead.prefetched_read``).
     Returns the time spent blocked on storage and the number of reads submitted.

@@ -1,15 +1,19 @@
-"""Reading ahead: the next step's first read, drawn during this step and read while it computes.
+"""Reading ahead: the next step's first reads, drawn during this step and read while it computes.
 
-The first read of a step is the one no compute hides: every micro-batch's locations depend on
-the weights after the previous optimiser step. Reading ahead draws the next step's first
-micro-batch *before* that update and reads it during the current step. The whole handshake
-lives in this module; ``loop.StepRunner`` and ``microbatch.run_microbatches`` only call in:
+A step's first reads are the ones its own compute cannot hide: every micro-batch's locations
+depend on the weights after the previous optimiser step. Reading ahead draws the next step's
+micro-batches *before* that update and reads them during the current step. All of them, not
+only the first: over S3 a micro-batch's read (one round trip of ~20 ms plus the store's time)
+outlasts the compute of the micro-batch before it, so later micro-batches waited too
+(``bench/train_throughput.py``: S3's data wait 6-9 % with the first only, 3-4 % with all).
+The whole handshake lives in this module; ``loop.StepRunner`` and
+``microbatch.run_microbatches`` only call in:
 
 1. Step t, once all of its micro-batches have submitted their first reads (``after_start`` of
-   ``run_microbatches``): ``draw_ahead`` draws step t+1's first micro-batch with step t's
+   ``run_microbatches``): ``draw_ahead`` draws each of step t+1's micro-batches with step t's
    weights (``AttentionModel.propose``) and submits its read. ``StepRunner`` keeps the result
-   as a ``ReadAhead``: the batch it was drawn for, that batch's micro-batches, and the first
-   micro-batch carrying the ``Proposal`` and the submitted future (``MicroBatch.proposal``,
+   as a ``ReadAhead``: the batch it was drawn for and that batch's micro-batches, each
+   carrying its ``Proposal`` and the submitted future (``MicroBatch.proposal``,
    ``MicroBatch.prefetched``).
 2. Step t+1 takes them with ``ReadAhead.micro_batches_for(batch)`` (None: not this batch, split
    it again).
@@ -38,13 +42,13 @@ if TYPE_CHECKING:  # microbatch imports this module: no cycle at run time
 
 @dataclass(frozen=True, slots=True)
 class ReadAhead:
-    """The next step's micro-batches, split and (the first one) read ahead during this step.
+    """The next step's micro-batches, split and read ahead during this step.
 
     Attributes:
         batch: the batch they were split from: the very object the loop hands to the next
             step (``loop.with_next`` yields it as this step's ``next_batch`` and then as the
             next step's ``batch``).
-        micro: its micro-batches; the first carries ``proposal`` and ``prefetched`` when the
+        micro: its micro-batches; each carries ``proposal`` and ``prefetched`` when the
             model could propose, otherwise none does (the split and its generators are reused
             all the same, so the sampling stream is the one without reading ahead).
     """
@@ -67,18 +71,19 @@ def draw_ahead(
     submit: Submit,
     autocast: Callable[[], AbstractContextManager],
 ) -> list[MicroBatch]:
-    """``micro`` with its first micro-batch's locations drawn now and their read submitted.
+    """``micro`` with every micro-batch's first locations drawn now and their reads submitted.
 
-    The draw uses the current weights and consumes the first micro-batch's generator as
-    ``steps`` would have. A model whose ``propose`` returns None gets ``micro`` unchanged (it
-    reads the usual way next step)."""
-    first = micro[0]
-    with autocast():
-        proposal = model.propose(first.views, first.sizes, first.generator)
-    if proposal is None:
-        return micro
-    future = submit(first.keys, proposal.request)
-    return [replace(first, proposal=proposal, prefetched=future), *micro[1:]]
+    The draws use the current weights and consume each micro-batch's generator as ``steps``
+    would have. A model whose ``propose`` returns None gets ``micro`` unchanged (it reads the
+    usual way next step)."""
+    ahead = []
+    for mb in micro:
+        with autocast():
+            proposal = model.propose(mb.views, mb.sizes, mb.generator)
+        if proposal is None:
+            return micro
+        ahead.append(replace(mb, proposal=proposal, prefetched=submit(mb.keys, proposal.request)))
+    return ahead
 
 
 def start_steps(model: AttentionModel, mb: MicroBatch) -> Steps:

@@ -186,7 +186,7 @@ def _ats_runner(read_ahead, lr, events):
 
 def test_read_ahead_with_unchanged_weights_changes_nothing_but_when_reads_happen():
     """lr = 0: the same reads, losses and accuracy with and without reading ahead; with it,
-    each step's read of the next step's first micro-batch comes before the optimiser step."""
+    each step's reads of the next step's micro-batches come before the optimiser step."""
     runs = {}
     for read_ahead in (False, True):
         events = []
@@ -198,16 +198,16 @@ def test_read_ahead_with_unchanged_weights_changes_nothing_but_when_reads_happen
     reads = lambda ev: sorted((e[1], e[2].tolist()) for e in ev if e[0] == "read")  # noqa: E731
     assert reads(ahead) == reads(plain) and len(reads(plain)) == 2 * 3 * 2
     assert (t1.requests, t1.bytes, t1.correct, v1.correct) == (t0.requests, t0.bytes, t0.correct, v0.correct)
-    assert t1.ratio_draws == 2 * 2 * 3 and t1.log_ratio_sum == 0.0  # 2 steps x 2 scenes x 3 draws
+    assert t1.ratio_draws == 2 * 4 * 3 and t1.log_ratio_sum == 0.0  # 2 steps x 4 scenes x 3 draws
     assert "train/read_ahead_abs_log_ratio" not in t0.metrics("train")
     assert t1.loss_sum == pytest.approx(t0.loss_sum, rel=1e-5)
     assert v1.loss_sum == pytest.approx(v0.loss_sum, rel=1e-5)
     assert (v1.confusion == v0.confusion).all()
     kinds = [e[0] if e[0] != "read" else e[1][0] for e in ahead]
-    # step 1 reads both of its micro-batches, then step 2's first, then steps the optimiser
-    assert kinds[:4] == ["s00", "s02", "s04", "optimizer step"]
-    assert kinds[4:7] == ["s06", "s08", "optimizer step"]  # step 2 reads only its second
-    assert kinds[7] == "s10" and kinds[8] == "optimizer step"  # the last step reads nothing ahead
+    # step 1 reads both of its micro-batches, then both of step 2's, then steps the optimiser
+    assert kinds[:5] == ["s00", "s02", "s04", "s06", "optimizer step"]
+    assert kinds[5:8] == ["s08", "s10", "optimizer step"]  # step 2 reads only step 3's
+    assert kinds[8] == "optimizer step"  # the last step reads nothing, ahead or not
 
 
 def test_read_ahead_keeps_training_with_moving_weights():
@@ -217,7 +217,7 @@ def test_read_ahead_keeps_training_with_moving_weights():
         stats = train_epoch(runner, batches, epoch=epoch)
         assert stats.samples == 12 and np.isfinite(stats.loss_sum)
         # the weights moved between drawing and using: a != q, reported per epoch
-        assert stats.ratio_draws == 2 * 2 * 3 and stats.metrics("train")["train/read_ahead_abs_log_ratio"] > 0
+        assert stats.ratio_draws == 2 * 4 * 3 and stats.metrics("train")["train/read_ahead_abs_log_ratio"] > 0
         assert runner._ahead is None  # nothing read ahead across epochs
     # every read ahead was used by its step: as many reads as without reading ahead
     assert sum(1 for e in events if e[0] == "read") == 2 * 3 * 2
