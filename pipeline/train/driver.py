@@ -65,7 +65,8 @@ def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: i
         ray.init(address=address, log_to_driver=True, logging_level=logging_level)
         return False
     kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus,
-                              "dashboard_host": LOOPBACK, "logging_level": logging_level}
+                              "dashboard_host": LOOPBACK, "logging_level": logging_level,
+                              "runtime_env": {"worker_process_setup_hook": WITHOUT_STATE_API}}
     if temp_dir is not None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
@@ -73,6 +74,27 @@ def start_ray(address: str = "", temp_dir: str | Path | None = None, num_cpus: i
     private_token(temp_dir)
     init_local(ray, kwargs)
     return True
+
+
+WITHOUT_STATE_API = "pipeline.train.driver.without_state_api"
+"""The setup hook of every worker process of the private instance (``without_state_api``)."""
+
+STATE_API_NOTICES = ("Failed to query Ray Train Controller actor state",)
+"""What Ray Train's placement-group cleaner says each second when there is no State API."""
+
+
+def without_state_api() -> None:
+    """Worker-process setup hook of the private local instance, which runs without the
+    dashboard and so without Ray's State API: Ray Train's placement-group cleaner (an actor of
+    every fit) asks that API each second whether the fit's controller still lives and, when
+    it cannot, warns and asks again (``STATE_API_NOTICES``: one line a second, ~750 in a
+    demo-sized fit). Those warnings are dropped; its other lines stay. The instance ends with
+    the job, and its placement groups with it."""
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    logger = logging.getLogger(placement_group_cleaner.__name__)
+    if not any(isinstance(f, _DropNotices) for f in logger.filters):
+        logger.addFilter(_DropNotices(STATE_API_NOTICES))
 
 
 def init_local(ray, kwargs: dict[str, Any], attempts: int = RAY_START_ATTEMPTS) -> None:
@@ -361,10 +383,14 @@ def apply_ray_output(out: RayOutput) -> Any:
 
 
 class _DropNotices(logging.Filter):
-    """Drops the log records that start with one of ``RAY_NOTICES``."""
+    """Drops the log records that start with one of ``notices`` (``RAY_NOTICES``)."""
+
+    def __init__(self, notices: tuple[str, ...] = RAY_NOTICES):
+        super().__init__()
+        self.notices = notices
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(RAY_NOTICES)
+        return not str(record.msg).startswith(self.notices)
 
 
 def run_training(

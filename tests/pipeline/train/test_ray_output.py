@@ -67,3 +67,25 @@ def test_known_notices_are_dropped_and_nothing_else():
     keep = _DropNotices()
     assert not keep.filter(record(RAY_NOTICES[0] + ". To enable, set ..."))
     assert keep.filter(record("Dataset execution failed"))
+
+
+def test_without_state_api_drops_only_the_cleaners_state_api_warning(caplog):
+    """The private instance's worker setup hook: Ray Train's placement-group cleaner's
+    once-a-second "cannot query the State API" warning goes; its other warnings stay."""
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    from pipeline.train.driver import STATE_API_NOTICES, without_state_api
+
+    logger = logging.getLogger(placement_group_cleaner.__name__)
+    saved = list(logger.filters)
+    try:
+        without_state_api()
+        without_state_api()  # a second call adds no second filter
+        assert sum(isinstance(f, _DropNotices) for f in logger.filters) == 1
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            logger.warning(STATE_API_NOTICES[0] + ". State API may be temporarily unavailable.")
+            logger.warning("Detected that the Ray Train controller actor (x) is dead.")
+        assert [r.getMessage() for r in caplog.records] == [
+            "Detected that the Ray Train controller actor (x) is dead."]
+    finally:
+        logger.filters[:] = saved
