@@ -37,6 +37,8 @@ from models.protocol import AttentionModel, ModelOutput, Steps
 from models.registry import register_model
 
 MASK_ACTIVATIONS = ("mixed", "channel", "spatial")
+# "random": PyTorch's default init of the mask head (the paper); "zero": its last 1x1 conv zeroed
+MASK_INITS = ("random", "zero")
 
 
 def mask_activation(x: Tensor, kind: str, eps: float = 1e-6) -> Tensor:
@@ -128,10 +130,15 @@ class AttentionModule(nn.Module):
     """``p`` units, then ``(1 + M) * T`` with a trunk of ``t`` units and a mask of ``depth``
     pooling steps, then ``p`` units. (N, c, h, w) -> (N, c, h, w); also returns the mask M."""
 
-    def __init__(self, c: int, depth: int, p: int = 1, t: int = 2, r: int = 1, activation="mixed"):
+    def __init__(
+        self, c: int, depth: int, p: int = 1, t: int = 2, r: int = 1, activation="mixed",
+        mask_init: str = "random",
+    ):
         super().__init__()
         if activation not in MASK_ACTIVATIONS:
             raise ValueError(f"unknown mask activation {activation!r}; expected {MASK_ACTIVATIONS}")
+        if mask_init not in MASK_INITS:
+            raise ValueError(f"unknown mask_init {mask_init!r}; expected one of {MASK_INITS}")
         self.activation = activation
         self.pre = _units(c, p)
         self.trunk = _units(c, t)
@@ -144,6 +151,10 @@ class AttentionModule(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(c, c, 1, bias=False),
         )
+        if mask_init == "zero":
+            # the mask's last conv starts at zero: M is the same at every position and channel
+            # (1/2 with "mixed"), so the module starts as its trunk scaled uniformly
+            nn.init.zeros_(self.head[-1].weight)
         self.post = _units(c, p)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,7 +205,10 @@ class ResidualAttentionFeatures(nn.Module):
     ``forward(x, return_masks=True)`` also returns every attention module's mask.
     """
 
-    def __init__(self, config: RANConfig, in_channels: int = 3, p=1, t=2, r=1, activation="mixed"):
+    def __init__(
+        self, config: RANConfig, in_channels: int = 3, p=1, t=2, r=1, activation="mixed",
+        mask_init: str = "random",
+    ):
         super().__init__()
         if config.stem == "imagenet":
             self.stem = nn.Sequential(
@@ -213,7 +227,9 @@ class ResidualAttentionFeatures(nn.Module):
             zip(config.widths, config.modules, config.mask_depths, strict=True)
         ):
             entry = ResidualUnit(c_in, width, stride=1 if i == 0 else 2)
-            blocks = [AttentionModule(width, depth, p, t, r, activation) for _ in range(n)]
+            blocks = [
+                AttentionModule(width, depth, p, t, r, activation, mask_init) for _ in range(n)
+            ]
             stages.append(nn.ModuleList([entry, *blocks]))
             c_in = width
         self.stages = nn.ModuleList(stages)
@@ -235,12 +251,13 @@ class ResidualAttentionFeatures(nn.Module):
 
 
 def build_residual_attention_backbone(
-    name: str, in_channels: int = 3, p: int = 1, t: int = 2, r: int = 1, activation: str = "mixed"
+    name: str, in_channels: int = 3, p: int = 1, t: int = 2, r: int = 1, activation: str = "mixed",
+    mask_init: str = "random",
 ) -> ResidualAttentionFeatures:
     """Feature network ``name`` (a key of ``CONFIGS``), with ``out_channels``."""
     if name not in CONFIGS:
         raise KeyError(f"unknown residual attention network {name!r}; known: {sorted(CONFIGS)}")
-    return ResidualAttentionFeatures(CONFIGS[name], in_channels, p, t, r, activation)
+    return ResidualAttentionFeatures(CONFIGS[name], in_channels, p, t, r, activation, mask_init)
 
 
 class ResidualAttentionClassifier(AttentionModel):

@@ -144,3 +144,25 @@ def test_alternating_schedule_trains_one_group_at_a_time():
     assert grads("joint") >= apn
     with pytest.raises(ValueError, match="phase"):
         model.set_phase("both")
+
+
+def test_per_zoom_sides_and_zoom_sizes_set_each_scale_s_crop_and_input_size():
+    torch.manual_seed(0)
+    model = RACNN(
+        4, (32, 32), scales=3, backbone=TinyConv(), min_side=(0.6, 0.25), max_side=(0.8, 0.5),
+        zoom_sizes=(48, 16),
+    ).eval()
+    source, keys = random_scenes([(1024, 1024), (900, 1100)], coarsest=64)
+    rec = RecordingSource(source)
+    sizes = rec.level0_sizes(keys)
+    model(rec.view(keys, (32, 32)), sizes, rec, keys)
+    first, second = (r.boxes[:, 0].to(torch.float64) for r in rec.requests)
+    side1 = (first[:, 2] - first[:, 0]) / sizes[:, 0]
+    assert ((side1 >= 0.6 - 2e-3) & (side1 <= 0.8 + 2e-3)).all()
+    side2 = (second[:, 2] - second[:, 0]) / (first[:, 2] - first[:, 0])
+    assert ((side2 >= 0.25 - 1e-2) & (side2 <= 0.5 + 1e-2)).all()
+    assert [r.size for r in rec.requests] == [(48, 48), (16, 16)]
+    with pytest.raises(ValueError, match="zoom_sizes"):
+        RACNN(4, (32, 32), scales=3, backbone=TinyConv(), zoom_sizes=(48,))
+    with pytest.raises(ValueError, match="min_side"):
+        RACNN(4, (32, 32), scales=3, backbone=TinyConv(), min_side=(0.5,))

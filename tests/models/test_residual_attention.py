@@ -110,3 +110,17 @@ def test_imagenet_configuration_runs_a_tiny_forward():
     with pytest.raises(StopIteration) as stop:
         next(steps)
     assert stop.value.value.logits.shape == (1, 3)
+
+
+def test_zero_mask_init_gives_a_uniform_half_mask_and_the_default_does_not():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 12, 12)
+    _, mask = AttentionModule(16, depth=1, mask_init="zero").eval()(x)
+    assert torch.allclose(mask, torch.full_like(mask, 0.5))
+    _, mask = AttentionModule(16, depth=1).eval()(x)
+    assert mask.std() > 1e-3
+    net = build_backbone("residual_attention_patch", 1, mask_init="zero")
+    heads = [m.head[-1].weight for m in net.modules() if isinstance(m, AttentionModule)]
+    assert len(heads) == 2 and all(bool((w == 0).all()) for w in heads)
+    with pytest.raises(ValueError, match="mask_init"):
+        AttentionModule(16, depth=1, mask_init="ones")
