@@ -205,17 +205,7 @@ class RACNN(AttentionModel):
             )
         self.view_size = tuple(view_size)
         self.scales, self.k, self.margin, self.rank_weight = scales, k, margin, rank_weight
-        zooms = scales - 1
-        self.min_sides = _per_zoom(min_side, zooms, "min_side")
-        self.max_sides = _per_zoom(max_side, zooms, "max_side")
-        for lo, hi in zip(self.min_sides, self.max_sides, strict=True):
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ValueError(f"need 0 < min_side <= max_side <= 1, got {lo}, {hi}")
-        self.min_side, self.max_side = min_side, max_side
-        sizes = [self.view_size] * zooms if zoom_sizes is None else list(zoom_sizes)
-        if len(sizes) != zooms:
-            raise ValueError(f"zoom_sizes needs {zooms} sizes (scales - 1), got {len(sizes)}")
-        self.zoom_sizes = [(z, z) if isinstance(z, int) else tuple(int(v) for v in z) for z in sizes]
+        self._set_zooms(scales - 1, min_side, max_side, zoom_sizes)
         self.read_margin, self.max_level = read_margin, max_level
         self.coarsest = int(coarsest)
         first = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
@@ -234,6 +224,20 @@ class RACNN(AttentionModel):
         self.apn_pretrain_epochs = int(apn_pretrain_epochs)
         scale_read = 1.0 + 2.0 * read_margin
         self.read_sizes = [tuple(max(1, round(v * scale_read)) for v in z) for z in self.zoom_sizes]
+
+    def _set_zooms(self, zooms: int, min_side, max_side, zoom_sizes) -> None:
+        """Each zoom's side bounds (fractions of the scale before) and input size (h, w) in px,
+        checked: ``min_sides``, ``max_sides``, ``zoom_sizes``."""
+        self.min_sides = _per_zoom(min_side, zooms, "min_side")
+        self.max_sides = _per_zoom(max_side, zooms, "max_side")
+        for lo, hi in zip(self.min_sides, self.max_sides, strict=True):
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"need 0 < min_side <= max_side <= 1, got {lo}, {hi}")
+        self.min_side, self.max_side = min_side, max_side
+        sizes = [self.view_size] * zooms if zoom_sizes is None else list(zoom_sizes)
+        if len(sizes) != zooms:
+            raise ValueError(f"zoom_sizes needs {zooms} sizes (scales - 1), got {len(sizes)}")
+        self.zoom_sizes = [(z, z) if isinstance(z, int) else tuple(int(v) for v in z) for z in sizes]
 
     # -- schedule ---------------------------------------------------------------------------
 
