@@ -109,14 +109,17 @@ def build_split(spec: MegapixelMNISTSpec, split: str, n: int, view: int) -> Spli
 
 # The soft-attention families as ATS's feature network (patches read at full resolution):
 # report name -> ATS keyword arguments. ``ats_mnist``'s own feature net is a (16, 32, 64)
-# ``small_cnn``; these add SE, CBAM or dasNet's gating to it, or replace it by a Residual
-# Attention Network of the same widths (``residual_attention_patch``).
+# ``small_cnn``; these add SE, CBAM, Residual Attention's soft mask (``(1 + M) x`` after each
+# stage, ``models.layers.SoftMask``) or dasNet's gating to it. ``ats_residual_attention_net``
+# replaces it by a whole Residual Attention Network of the same widths
+# (``residual_attention_patch``: the paper's module, p=1, t=2, r=1, at 2.2x the cost a patch).
 _WIDTHS = {"widths": (16, 32, 64)}
 SOFT_FEATURE_NETS = {
     "ats_se": dict(feature_backbone_kwargs={**_WIDTHS, "se": True}),
     "ats_cbam": dict(feature_backbone_kwargs={**_WIDTHS, "cbam": True}),
-    "ats_residual_attention": dict(feature_backbone="residual_attention_patch",
-                                   feature_backbone_kwargs={}),
+    "ats_residual_attention": dict(feature_backbone_kwargs={**_WIDTHS, "mask": True}),
+    "ats_residual_attention_net": dict(feature_backbone="residual_attention_patch",
+                                       feature_backbone_kwargs={}),
     "ats_dasnet": dict(feature_backbone="dasnet",
                        feature_backbone_kwargs={"backbone_kwargs": _WIDTHS, "passes": 2}),
 }

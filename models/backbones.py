@@ -144,8 +144,13 @@ def small_cnn(
     se: bool = False,
     cbam: bool = False,
     ratio: int = 16,
+    mask: bool = False,
+    stem_stride: int = 1,
 ) -> Backbone:
-    """3x3 stem to ``widths[0]``, then per width: conv 3x3 stride 2 + conv 3x3 (norm, ReLU)."""
+    """3x3 stem to ``widths[0]`` (stride ``stem_stride``: 2 lets a large input cost what one
+    of half its side would, with a learned rather than an interpolated downsampling), then per
+    width: conv 3x3 stride 2 + conv 3x3 (norm, ReLU), then the attention block of ``se`` /
+    ``cbam`` / ``mask`` (Residual Attention's soft mask, ``models.layers.SoftMask``)."""
 
     def conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
         bias = norm == "none"
@@ -155,11 +160,11 @@ def small_cnn(
             nn.ReLU(inplace=True),
         ]
 
-    layers = conv(in_channels, widths[0])
+    layers = conv(in_channels, widths[0], stride=stem_stride)
     c = widths[0]
     for w in widths:
         layers += conv(c, w, stride=2) + conv(w, w)
-        layers.append(attention_block(w, se=se, cbam=cbam, ratio=ratio))
+        layers.append(attention_block(w, se=se, cbam=cbam, ratio=ratio, mask=mask))
         c = w
     return Backbone(*layers, out_channels=c)
 

@@ -3,7 +3,8 @@
 - ``se``: ``SEBlock``, the one squeeze-and-excitation block (SE-ResNet's, EfficientNet's MBConv
   SE and TNet's location module all use it, with their own width and activation);
 - ``cbam``: ``ChannelGate``, ``SpatialGate``, ``CBAM``;
-- ``switch``: ``attention_block``, the SE / CBAM switch that the built-in backbones insert;
+- ``soft_mask``: ``SoftMask``, Residual Attention's ``(1 + M) x`` with a one-level mask branch;
+- ``switch``: ``attention_block``, the SE / CBAM / soft-mask switch that the built-in backbones insert;
 - ``pool``: ``pooled``, global average or max pooling of a feature map; ``scaled_unit``, the
   cosine classifier's scaled unit features;
 - ``prior``: ``contrast_prior``, the fixed starting point of hard attention's scores.
@@ -15,12 +16,14 @@ from models.layers.cbam import CBAM, ChannelGate, SpatialGate
 from models.layers.pool import pooled, scaled_unit
 from models.layers.prior import contrast_prior
 from models.layers.se import SEBlock, hidden_width
+from models.layers.soft_mask import SoftMask
 from models.layers.switch import attention_block
 
 __all__ = [
     "CBAM",
     "ChannelGate",
     "SEBlock",
+    "SoftMask",
     "SpatialGate",
     "attention_block",
     "contrast_prior",

@@ -142,3 +142,27 @@ def test_the_budget_counts_cpu_seconds_and_an_optional_wall_deadline():
     time.sleep(0.2)
     clock.pause(since)  # an evaluation: off both clocks
     assert clock.wall() < 0.45
+
+
+def test_every_soft_attention_feature_net_builds_and_reads_patches():
+    """Each report name of the soft-attention families is ATS with that feature net, and one
+    forward pass reads patches; ``ats_residual_attention`` carries a soft mask per stage."""
+    import torch
+
+    from models.layers import SoftMask
+    from models.registry import create_model
+    from pipeline.synth.megapixel_mnist import MegapixelMNISTSpec
+
+    bench = load_bench()
+    setup = bench.Setup(canvas=300, view=60, others=0, n_train=4, n_test=4)
+    spec = MegapixelMNISTSpec(canvas=(300, 300), n_other=0, seed=0)
+    data = bench.build_split(spec, "test", 4, 60)
+    for name in bench.SOFT_FEATURE_NETS:
+        reg, kwargs = bench.model_kwargs(name, setup)
+        model = create_model(reg, **kwargs)
+        out = bench.run_batch(model, data, torch.arange(4), torch.Generator().manual_seed(0))
+        assert reg == "ats_mnist" and out.logits.shape == (4, 10), name
+        assert out.boxes.shape[:2] == (4, model.n_patches), name
+    _, kwargs = bench.model_kwargs("ats_residual_attention", setup)
+    masks = [m for m in create_model("ats_mnist", **kwargs).modules() if isinstance(m, SoftMask)]
+    assert len(masks) == 3  # after each of the (16, 32, 64) stages

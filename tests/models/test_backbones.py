@@ -25,6 +25,7 @@ SHAPES = [
     ("ats_feature", {"padding": "valid"}, 50, 38),  # the reference's valid convs
     ("ats_attention", {}, 45, 45),
     ("small_cnn", {}, 64, 8),
+    ("small_cnn", {"stem_stride": 2}, 64, 4),  # a strided stem halves every map after it
     ("resnet18", {"width": 0.25}, 64, 2),
     ("resnet18", {"stem": "small", "width": 0.25}, 32, 4),
     ("resnet34", {"width": 0.125}, 32, 1),

@@ -1,9 +1,11 @@
-"""SE and CBAM blocks: shapes, hand-computed gates, channel-then-spatial ordering."""
+"""SE, CBAM and soft-mask blocks: shapes, hand-computed gates, channel-then-spatial ordering."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.layers import CBAM, SEBlock, attention_block
+from models.backbones import build_backbone
+from models.layers import CBAM, SEBlock, SoftMask, attention_block
 
 
 def test_se_output_is_input_times_hand_computed_sigmoid_gates():
@@ -23,7 +25,9 @@ def test_se_output_is_input_times_hand_computed_sigmoid_gates():
     assert torch.allclose(se(x), x * gates[None, :, None, None])
 
 
-@pytest.mark.parametrize("block", [SEBlock(24), CBAM(24), CBAM(24, ratio=4, kernel=3)])
+@pytest.mark.parametrize(
+    "block", [SEBlock(24), CBAM(24), CBAM(24, ratio=4, kernel=3), SoftMask(24).eval()]
+)
 def test_blocks_keep_the_shape(block):
     x = torch.randn(3, 24, 9, 7)
     assert block(x).shape == x.shape
@@ -77,5 +81,40 @@ def test_attention_block_switches():
     assert isinstance(attention_block(16, cbam=True), CBAM)
     both = attention_block(16, se=True, cbam=True)
     assert [type(m) for m in both] == [SEBlock, CBAM]
+    assert isinstance(attention_block(16, mask=True), SoftMask)
+    every = attention_block(16, se=True, cbam=True, mask=True)
+    assert [type(m) for m in every] == [SEBlock, CBAM, SoftMask]
     with pytest.raises(ValueError, match="odd"):
         CBAM(16, kernel=4)
+
+
+def test_soft_mask_is_one_plus_a_hand_computed_hourglass_mask_times_the_input():
+    """(1 + M) x with M = sigmoid(1x1(up(relu(bn(conv3x3(maxpool3x3/2(x))))))), eval mode."""
+    torch.manual_seed(2)
+    block = SoftMask(4).eval()
+    with torch.no_grad():
+        block.down[2].running_mean.copy_(torch.randn(4) * 0.1)
+        block.down[2].running_var.copy_(torch.rand(4) + 0.5)
+    x = torch.randn(2, 4, 7, 6)
+    conv, bn, head = block.down[1], block.down[2], block.head
+    low = F.conv2d(F.max_pool2d(x, 3, 2, 1), conv.weight, padding=1)
+    low = (low - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    low = F.relu(low * bn.weight[:, None, None] + bn.bias[:, None, None])
+    assert low.shape[-2:] == (4, 3)
+    up = F.interpolate(low, size=(7, 6), mode="bilinear", align_corners=False)
+    mask = torch.sigmoid(F.conv2d(up, head.weight, head.bias))
+    assert torch.allclose(block.mask(x), mask, atol=1e-6)
+    assert torch.allclose(block(x), (1 + mask) * x, atol=1e-6)
+    # attention residual learning: never hides the input, at most doubles it
+    ratio = block(x.abs() + 0.1) / (x.abs() + 0.1)
+    assert bool((ratio > 1).all()) and bool((ratio < 2).all())
+
+
+def test_small_cnn_with_the_soft_mask_trains_every_mask_weight():
+    net = build_backbone("small_cnn", 1, widths=(8, 16), mask=True)
+    masks = [m for m in net.modules() if isinstance(m, SoftMask)]
+    assert len(masks) == 2  # one per stage
+    net(torch.rand(3, 1, 24, 24)).sum().backward()
+    for block in masks:
+        for name, p in block.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
