@@ -166,3 +166,19 @@ def test_per_zoom_sides_and_zoom_sizes_set_each_scale_s_crop_and_input_size():
         RACNN(4, (32, 32), scales=3, backbone=TinyConv(), zoom_sizes=(48,))
     with pytest.raises(ValueError, match="min_side"):
         RACNN(4, (32, 32), scales=3, backbone=TinyConv(), min_side=(0.5,))
+
+
+def test_fused_logits_are_the_fusion_layer_on_scaled_unit_features():
+    """fusion_scale multiplies every scale's L2-normalised features before the fused layer."""
+    source, keys = random_scenes([(300, 300), (260, 320)], coarsest=64)
+    views, sizes = source.view(keys, (32, 32)), source.level0_sizes(keys)
+    fused = {}
+    for scale in (1.0, 16.0):
+        torch.manual_seed(0)
+        model = RACNN(4, (32, 32), scales=2, backbone=TinyConv(), fusion_scale=scale).eval()
+        with torch.no_grad():
+            out = model(views, sizes, source, keys)
+        fused[scale] = out.logits
+        bias = model.fusion.bias
+    # the fused layer is affine: its logits minus the bias scale with fusion_scale
+    assert torch.allclose(fused[16.0] - bias, 16.0 * (fused[1.0] - bias), atol=1e-5)
