@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import pooled
+from models.layers import pooled, scaled_unit
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import (
     DEFAULT_COARSEST,
@@ -174,7 +174,8 @@ class RACNN(AttentionModel):
         fusion_scale: the fused classifier sees every scale's L2-normalised features times
             this (1: the paper's unit features; their fresh linear layer gives logits of
             about +-1, so cross-entropy moves it slowly: a larger scale is a cosine
-            classifier's temperature).
+            classifier's temperature; ``models.layers.scaled_unit``, where 0 means the raw
+            features).
     """
 
     def __init__(
@@ -325,7 +326,7 @@ class RACNN(AttentionModel):
             image = attend_and_zoom(patches, local, self.zoom_sizes[s], self.k)
             read.append(boxes0)
             parent = crop
-        units = [self.fusion_scale * F.normalize(f, dim=-1) for f in feats]
+        units = [scaled_unit(f, self.fusion_scale) for f in feats]
         fused = self.fusion(torch.cat(units, dim=-1))
         boxes = torch.cat(read, dim=1) if read else torch.zeros((b, 0, 4), dtype=torch.int64)
         return ModelOutput(
