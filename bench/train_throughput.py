@@ -3,7 +3,7 @@
 
     python bench/train_throughput.py [--config jobs/configs/fmow_demo_ats.yaml] [--manifest URI]
         [--scenes 24] [--epochs 2] [--latency-ms 20] [--micro-batches 2] [--object-server]
-        [--without-read-ahead] [--set KEY=VALUE] [--json]
+        [--without-read-ahead] [--also-max-gap BYTES] [--also-shard PX] [--set KEY=VALUE] [--json]
 
 Every setting runs the per-worker loop of ``pipeline.train.loop`` (one process, no Ray: this
 measures the data path, not Ray's start-up) from the same initial weights and sampling seed:
@@ -20,6 +20,10 @@ differ only in where the attended patches come from:
       lowers their priority, a nearer stand-in for a store whose CPU is elsewhere;
   (c') ``s3_no_read_ahead`` (with ``--without-read-ahead``): (c) with ``data.read_ahead``
       off, so every step starts by waiting for its first read;
+  (c'') ``s3_gap_N`` (with ``--also-max-gap N``): (c) with ``reader.max_gap`` N bytes, so
+      that merging more of a shard into one request is measured beside the default;
+  (c''') ``s3_shard_N`` (with ``--also-shard N``): (c) over the same scenes written again with
+      N px shards (fewer, larger shard objects: fewer requests for the same patches);
   (d) ``s3_object_server`` (with ``--object-server``): the same through
       ``bench/object_server.py``, a light S3 GET server that waits the same latency itself
       (no proxy hop), for comparison with earlier figures.
@@ -34,6 +38,7 @@ Without ``--manifest`` a small fMoW-layout sample is generated and ingested unde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -169,6 +174,22 @@ def stop(proc) -> None:
         proc.kill()
 
 
+def rewrite_scene(src_uri: str, dst_root: str, shard: int) -> str:
+    """The local pyramid ``src_uri`` written again under ``dst_root`` with ``shard`` px shards
+    (same chunks, levels and attributes); returns the new scene URI."""
+    import zarr
+
+    from pipeline.store.pyramid import write_pyramid
+
+    group = zarr.open_group(src_uri, mode="r", zarr_format=3)
+    levels = sorted(group.array_keys(), key=int)
+    last = group[levels[-1]]
+    return write_pyramid(dst_root, os.path.basename(src_uri.rstrip("/")),
+                         np.asarray(group[levels[0]][:]), dict(group.attrs["scene"]),
+                         coarsest=max(last.shape[1:]), chunk=group[levels[0]].chunks[1],
+                         shard=shard)
+
+
 def copy_scene(src_uri: str, dst_uri: str) -> None:
     for uri in storage.list_prefix(src_uri):
         rel = os.path.relpath(uri, src_uri)
@@ -268,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batches", type=int, default=None, help="override data.micro_batches")
     parser.add_argument("--concurrency", type=int, default=None, help="override reader.concurrency")
     parser.add_argument("--max-gap", type=int, default=None, help="override reader.max_gap")
+    parser.add_argument("--also-max-gap", type=int, action="append", default=[], metavar="BYTES",
+                        help="add a row: setting (c) with reader.max_gap BYTES, side by side "
+                             "(repeatable)")
+    parser.add_argument("--also-shard", type=int, action="append", default=[], metavar="PX",
+                        help="add a row: setting (c) with the scenes written again with PX px "
+                             "shards (same chunks), side by side (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other config override, as for jobs/train_fmow.py")
     parser.add_argument("--store-nice", type=int, default=0,
@@ -284,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.read.reader import ZarrPixelSource
     from pipeline.read.settings import EXACT_READS
-    from pipeline.read.source import open_split
+    from pipeline.read.source import ZarrSourceFactory, open_split
     from pipeline.train.config import load_config
     from pipeline.train.driver import resolve_config
 
@@ -324,6 +351,17 @@ def main(argv: list[str] | None = None) -> int:
             for k, s3k in zip(keys, s3_keys, strict=True):  # uploaded directly, no latency
                 copy_scene(str(k), str(s3k))
             settings.append(Setting("s3", split.source_factory(), s3_keys, endpoint))
+            for shard in args.also_shard:  # written locally, then uploaded as (c)'s were
+                local_root = f"{objects}/shard{shard}"
+                shard_keys = np.array([f"s3://bench-train/shard{shard}/{os.path.basename(k)}"
+                                       for k in keys])
+                for k, s3k in zip(keys, shard_keys, strict=True):
+                    copy_scene(rewrite_scene(str(k), local_root, shard), str(s3k))
+                settings.append(Setting(f"s3_shard_{shard}", split.source_factory(), shard_keys,
+                                        endpoint))
+            for gap in args.also_max_gap:
+                factory = ZarrSourceFactory(dataclasses.replace(config.reader, max_gap=gap))
+                settings.append(Setting(f"s3_gap_{gap}", factory(), s3_keys, endpoint))
             if args.without_read_ahead:
                 settings.append(Setting("s3_no_read_ahead", split.source_factory(), s3_keys,
                                         endpoint, read_ahead=False))

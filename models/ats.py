@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from models import sampling
 from models.backbones import build_backbone
-from models.layers import contrast_prior
+from models.layers import contrast_prior, random_shift
 from models.protocol import AttentionModel, ModelOutput, Proposal, ReadRequest, Steps
 from models.registry import register_model
 
@@ -196,6 +196,10 @@ class ATS(AttentionModel):
         attention_backbone, feature_backbone: names for ``models.backbones.build_backbone``.
         attention_backbone_kwargs, feature_backbone_kwargs: extra keyword arguments for
             those builders.
+        patch_shift: in training, move each patch by a random whole-pixel offset of at most
+            this many pixels in y and x before the feature network (``random_shift``, zeros
+            moved in), against the feature network memorising few distinct objects; the
+            boxes read are unchanged. 0 (the reference) turns it off.
     """
 
     def __init__(
@@ -220,6 +224,7 @@ class ATS(AttentionModel):
         feature_backbone: str = "ats_feature",
         attention_backbone_kwargs: dict | None = None,
         feature_backbone_kwargs: dict | None = None,
+        patch_shift: int = 0,
     ):
         super().__init__()
         if inference not in ("topk", "sample"):
@@ -237,6 +242,9 @@ class ATS(AttentionModel):
         self.attention_pool = int(attention_pool)
         self.baseline = bool(baseline)
         self.feature_scale = float(feature_scale)
+        if patch_shift < 0:
+            raise ValueError(f"patch_shift must be >= 0, got {patch_shift}")
+        self.patch_shift = int(patch_shift)
         self.attention = AttentionHead(
             attention_backbone,
             in_channels,
@@ -330,6 +338,8 @@ class ATS(AttentionModel):
         boxes = request.boxes
         patches = yield request
         patches = patches.to(views.device, views.dtype)
+        if self.training and self.patch_shift:
+            patches = random_shift(patches.flatten(0, 1), self.patch_shift).reshape(patches.shape)
         feats = self.features(patches.flatten(0, 1)).reshape(b, self.n_patches, -1)
         pooled, weights = self.estimate(probs, idx, feats, drawn_from)
         extras = {"positions": idx, "probs": probs}

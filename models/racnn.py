@@ -176,6 +176,9 @@ class RACNN(AttentionModel):
             about +-1, so cross-entropy moves it slowly: a larger scale is a cosine
             classifier's temperature; ``models.layers.scaled_unit``, where 0 means the raw
             features).
+        dropout: probability of zeroing each feature of every scale (before its classifier
+            and the fusion) in training; 0 (the paper) turns it off. Against overfitting where
+            a scale classifies a large zoom from few training scenes.
     """
 
     def __init__(
@@ -200,8 +203,11 @@ class RACNN(AttentionModel):
         alternate_epochs: int = 0,
         apn_pretrain_epochs: int = 0,
         fusion_scale: float = 1.0,
+        dropout: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if scales < 1:
             raise ValueError(f"RA-CNN needs at least one scale, got {scales}")
         if apn_pretrain_epochs < 0 or (apn_pretrain_epochs > 0 and scales == 1):
@@ -226,6 +232,7 @@ class RACNN(AttentionModel):
         self.apns = nn.ModuleList([APN(dim, apn_hidden) for _ in range(scales - 1)])
         self.fusion = nn.Linear(dim * scales, num_classes)
         self.fusion_scale = float(fusion_scale)
+        self.drop = nn.Dropout(dropout)
         self.phase = "joint"
         self.alternate_epochs = int(alternate_epochs)
         self.apn_pretrain_epochs = int(apn_pretrain_epochs)
@@ -306,7 +313,7 @@ class RACNN(AttentionModel):
         feats, logits, apn_raw, apn_targets, read = [], [], [], [], []
         for s in range(self.scales):
             fmap = self.backbones[s](image)
-            feat = pooled(fmap)
+            feat = self.drop(pooled(fmap))
             feats.append(feat)
             logits.append(self.classifiers[s](feat))
             if s == self.scales - 1:

@@ -7,7 +7,8 @@
 - ``switch``: ``attention_block``, the SE / CBAM / soft-mask switch that the built-in backbones insert;
 - ``pool``: ``pooled``, global average or max pooling of a feature map; ``scaled_unit``, the
   cosine classifier's scaled unit features;
-- ``prior``: ``contrast_prior``, the fixed starting point of hard attention's scores.
+- ``prior``: ``contrast_prior``, the fixed starting point of hard attention's scores;
+- ``shift``: ``random_shift``, whole-pixel random translations (a patch augmentation).
 
 Pure PyTorch, no I/O; nothing here imports another ``models`` module.
 """
@@ -16,6 +17,7 @@ from models.layers.cbam import CBAM, ChannelGate, SpatialGate
 from models.layers.pool import pooled, scaled_unit
 from models.layers.prior import contrast_prior
 from models.layers.se import SEBlock, hidden_width
+from models.layers.shift import random_shift
 from models.layers.soft_mask import SoftMask
 from models.layers.switch import attention_block
 
@@ -29,5 +31,6 @@ __all__ = [
     "contrast_prior",
     "hidden_width",
     "pooled",
+    "random_shift",
     "scaled_unit",
 ]

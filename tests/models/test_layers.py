@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backbones import build_backbone
-from models.layers import CBAM, SEBlock, SoftMask, attention_block
+from models.layers import CBAM, SEBlock, SoftMask, attention_block, random_shift
 
 
 def test_se_output_is_input_times_hand_computed_sigmoid_gates():
@@ -118,3 +118,32 @@ def test_small_cnn_with_the_soft_mask_trains_every_mask_weight():
     for block in masks:
         for name, p in block.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------ random_shift
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_with_zeros_moved_in():
+    images = torch.arange(2 * 2 * 4 * 5, dtype=torch.float32).reshape(2, 2, 4, 5)
+    seed = 3
+    offsets = torch.randint(-2, 3, (2, 2), generator=torch.Generator().manual_seed(seed))
+    out = random_shift(images, 2, torch.Generator().manual_seed(seed))
+    for n, (dy, dx) in enumerate(offsets.tolist()):
+        want = torch.zeros(2, 4, 5)
+        for y in range(4):
+            for x in range(5):
+                if 0 <= y - dy < 4 and 0 <= x - dx < 5:
+                    want[:, y, x] = images[n, :, y - dy, x - dx]
+        assert torch.equal(out[n], want)
+    assert random_shift(images, 0) is images
+    with pytest.raises(ValueError, match="max_shift"):
+        random_shift(images, -1)
+
+
+def test_random_shift_passes_gradients_to_the_kept_pixels_only():
+    images = torch.ones(3, 1, 6, 6, requires_grad=True)
+    out = random_shift(images, 2, torch.Generator().manual_seed(0))
+    out.sum().backward()
+    # each kept pixel appears once in the output: its gradient is 1, a dropped one's 0
+    assert set(images.grad.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(images.grad.sum(dim=(1, 2, 3)), out.detach().sum(dim=(1, 2, 3)))

@@ -182,3 +182,23 @@ def test_fused_logits_are_the_fusion_layer_on_scaled_unit_features():
         bias = model.fusion.bias
     # the fused layer is affine: its logits minus the bias scale with fusion_scale
     assert torch.allclose(fused[16.0] - bias, 16.0 * (fused[1.0] - bias), atol=1e-5)
+
+
+def test_dropout_acts_in_training_only_and_rejects_bad_rates():
+    """``dropout`` zeroes features before the classifiers in training; eval is unchanged."""
+    source, keys = random_scenes([(300, 300), (260, 320)], coarsest=64)
+    views, sizes = source.view(keys, (32, 32)), source.level0_sizes(keys)
+    outs = {}
+    for rate in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = RACNN(4, (32, 32), scales=2, backbone=TinyConv(), dropout=rate)
+        with torch.no_grad():
+            outs[rate, "eval"] = model.eval()(views, sizes, source, keys).extras["scale_logits"][0]
+            torch.manual_seed(1)
+            outs[rate, "train"] = model.train()(views, sizes, source, keys).extras["scale_logits"][0]
+    assert torch.equal(outs[0.0, "eval"], outs[0.5, "eval"])
+    assert torch.equal(outs[0.0, "eval"], outs[0.0, "train"])
+    assert not torch.allclose(outs[0.0, "train"], outs[0.5, "train"])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout"):
+            RACNN(4, (32, 32), scales=2, backbone=TinyConv(), dropout=bad)
