@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor
 
-from models.dasnet import GatedBackbone, snes_search
+from models.dasnet import GatedBackbone, likelihood_reward, snes_search
 from models.protocol import AttentionModel, PixelSource, ReadRequest, box_at_level
 from models.registry import create_model
 from pipeline.synth.megapixel_mnist import DIGIT, MegapixelMNISTSource, MegapixelMNISTSpec
@@ -348,21 +348,10 @@ def train(model: AttentionModel, train_split: Split, test_split: Split, setup: S
     )
 
 
-def snes_reward(logits: Tensor, labels: Tensor) -> float:
-    """dasNet stage 2's reward of a batch: accuracy plus the mean log-probability of the true
-    class, from (B, classes) ``logits`` and (B,) ``labels``. After stage 1 the training
-    batches are classified almost perfectly (accuracy 0.96-1.00), so accuracy alone ranks most
-    candidates equal; the likelihood term still tells a more confident policy from a less
-    confident one (it is <= 0 and near 0 when every true class is near certain)."""
-    acc = (logits.argmax(-1) == labels).to(torch.float64).mean()
-    loglik = torch.log_softmax(logits.to(torch.float64), -1).gather(-1, labels[:, None]).mean()
-    return float(acc + loglik)
-
-
 def dasnet_stage2(model: AttentionModel, data: tuple[Split, Split], setup: Setup, log) -> dict | None:
     """dasNet's stage 2 on a trained model with gated feature nets (``GatedBackbone``): SNES
     trains their gain policies alone on ``setup.snes_generations`` batches of
-    ``setup.snes_batch`` training canvases (reward: ``snes_reward``, eval mode); returns test accuracy
+    ``setup.snes_batch`` training canvases (reward: ``models.dasnet.likelihood_reward``, eval mode); returns test accuracy
     before (stage 1) and after (stage 2), on the same held-out canvases. None without gates."""
     gated = [m for m in model.modules() if isinstance(m, GatedBackbone)]
     if not gated:
@@ -374,7 +363,7 @@ def dasnet_stage2(model: AttentionModel, data: tuple[Split, Split], setup: Setup
 
     def reward(idx: Tensor) -> float:
         out = run_batch(model, train_split, idx, torch.Generator().manual_seed(0))
-        return snes_reward(out.logits, train_split.labels[idx])
+        return likelihood_reward(out.logits, train_split.labels[idx])
 
     stage1, start = evaluate(model, test_split)["acc"], time.perf_counter()
     params = [p for m in gated for p in m.policy.parameters()]

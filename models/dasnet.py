@@ -274,6 +274,16 @@ def accuracy_reward(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).to(torch.float64).mean())
 
 
+def likelihood_reward(logits: Tensor, labels: Tensor) -> float:
+    """Accuracy plus the mean log-probability of the true class, from (B, classes) ``logits``
+    and (B,) ``labels``. After stage 1 a training batch is classified almost perfectly, so
+    accuracy alone ranks most SNES candidates equal; the likelihood term (<= 0, near 0 when
+    every true class is near certain) still tells a more confident policy from a less
+    confident one (``bench/learning.py``'s ``ats_dasnet`` uses it, README "It learns")."""
+    loglik = torch.log_softmax(logits.to(torch.float64), -1).gather(-1, labels[:, None]).mean()
+    return accuracy_reward(logits, labels) + float(loglik)
+
+
 def _snes_generation(
     es: SNES,
     score: Callable[[Tensor, Any], float],

@@ -167,17 +167,3 @@ def test_every_soft_attention_feature_net_builds_and_reads_patches():
     masks = [m for m in create_model("ats_mnist", **kwargs).modules() if isinstance(m, SoftMask)]
     assert len(masks) == 3  # after each of the (16, 32, 64) stages
 
-
-def test_snes_reward_is_accuracy_plus_mean_true_class_log_probability():
-    import torch
-
-    bench = load_bench()
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    labels = torch.tensor([0, 2])
-    logp = torch.log_softmax(logits.double(), -1)
-    want = 0.5 + (float(logp[0, 0]) + float(logp[1, 2])) / 2  # one of two right
-    assert bench.snes_reward(logits, labels) == pytest.approx(want, abs=1e-12)
-    # two policies with the same accuracy: the more confident one scores higher
-    sure = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
-    unsure = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    assert bench.snes_reward(sure, torch.tensor([0, 2])) > bench.snes_reward(unsure, torch.tensor([0, 2]))

@@ -3,10 +3,18 @@
 import copy
 import math
 
+import pytest
 import torch
 from torch import nn
 
-from models.dasnet import SNES, DasNet, policy_reward, snes_train_policy, snes_utilities
+from models.dasnet import (
+    SNES,
+    DasNet,
+    likelihood_reward,
+    policy_reward,
+    snes_train_policy,
+    snes_utilities,
+)
 from tests.models.tiny_nets import (
     TinyConv,
 )
@@ -128,3 +136,15 @@ def test_gated_backbone_is_a_dasnet_inside_another_model():
                 torch.Generator().manual_seed(0))
     moved = {n for n, p in gated.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"policy.bias"}
+
+
+def test_likelihood_reward_is_accuracy_plus_mean_true_class_log_probability():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    logp = torch.log_softmax(logits.double(), -1)
+    want = 0.5 + (float(logp[0, 0]) + float(logp[1, 2])) / 2  # one of two right
+    assert likelihood_reward(logits, labels) == pytest.approx(want, abs=1e-12)
+    # two policies with the same accuracy: the more confident one scores higher
+    sure = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
+    unsure = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert likelihood_reward(sure, torch.tensor([0, 2])) > likelihood_reward(unsure, torch.tensor([0, 2]))
