@@ -22,7 +22,9 @@ Budgets and curves count **CPU seconds** of this process (``time.process_time``:
 threads, so with ``--threads 1`` one core's time), not wall seconds: a run niced on a shared
 machine gets the same training for the same budget. Wall seconds are kept beside them in the
 JSON (``history`` rows: ``seconds`` is CPU, ``wall_seconds`` wall; ``curve``: per model,
-``[cpu_s, wall_s, test_acc]`` after each epoch with ``--track``).
+``[cpu_s, wall_s, test_acc]`` after each epoch with ``--track``; ``tracked``: per model, each
+tracked epoch's figures, with ``digits_seen`` (digits of a canvas the boxes read cover) and,
+with ``--also-infer spread``, ATS evaluated with its spread-out inference too).
 
 ``--models`` takes report names (``ats``, ``zoom_in``, ``lowres_cnn``) or any registered model
 name; a registered model that needs more than ``num_classes``, ``in_channels`` and
@@ -72,6 +74,7 @@ class Setup:
     snes_batch: int = 50
     margin: int = 0
     memory_at: tuple[int, ...] = ()
+    also_infer: str = ""
 
 
 # ``--protocol reference``: issue 16's protocol (the reference generator's settings).
@@ -170,15 +173,26 @@ def run_batch(model: AttentionModel, data: Split, idx: Tensor, generator=None):
     return model(data.views[idx], data.sizes[idx], data.source, keys, generator)
 
 
-def hits(boxes: Tensor, digits: Tensor) -> Tensor:
-    """(B, K) bool: box k of scene b covers at least half of one of the scene's digits.
+def covers(boxes: Tensor, digits: Tensor) -> Tensor:
+    """(B, K, D) bool: box k of scene b covers at least half of the scene's digit d.
 
     boxes (B, K, 4) and digits (B, D, 4) are level-0 ``[y0, x0, y1, x1]``.
     """
     lo = torch.maximum(boxes[:, :, None, :2], digits[:, None, :, :2])
     hi = torch.minimum(boxes[:, :, None, 2:], digits[:, None, :, 2:])
     overlap = (hi - lo).clamp_min(0).prod(-1)  # (B, K, D)
-    return (overlap * 2 >= DIGIT * DIGIT).any(-1)
+    return overlap * 2 >= DIGIT * DIGIT
+
+
+def hits(boxes: Tensor, digits: Tensor) -> Tensor:
+    """(B, K) bool: box k of scene b covers at least half of one of the scene's digits."""
+    return covers(boxes, digits).any(-1)
+
+
+def digits_seen(boxes: Tensor, digits: Tensor) -> Tensor:
+    """(B,) int64: how many of scene b's D digits some box covers at least half of (boxes
+    piled on one digit count it once)."""
+    return covers(boxes, digits).any(1).sum(-1)
 
 
 class PixelCounter:
@@ -209,9 +223,10 @@ class PixelCounter:
 def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
     """Eval-mode accuracy, CPU seconds per sample, stored bytes read per sample (``PixelCounter``)
     and, for models that read patches, the hit rate (fraction of the boxes read last that
-    cover at least half a digit)."""
+    cover at least half a digit) and ``digits_seen`` (digits of a canvas those boxes cover,
+    mean over canvases)."""
     model.eval()
-    correct, hit, boxes, start = 0, 0, 0, time.process_time()
+    correct, hit, boxes, seen, start = 0, 0, 0, 0, time.process_time()
     counter = PixelCounter(data.source)
     with torch.no_grad():
         for idx in torch.arange(len(data.keys)).split(batch):
@@ -220,12 +235,13 @@ def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
             correct += int((out.logits.argmax(-1) == data.labels[idx]).sum())
             if out.boxes is not None:
                 hit += int(hits(out.boxes, data.digits[idx]).sum())
+                seen += int(digits_seen(out.boxes, data.digits[idx]).sum())
                 boxes += out.boxes.shape[0] * out.boxes.shape[1]
     seconds = time.process_time() - start
     model.train()
     n = len(data.keys)
     return dict(acc=correct / n, s_per_sample=seconds / n, hit_rate=hit / boxes if boxes else None,
-                bytes_per_sample=counter.nbytes / n)
+                digits_seen=seen / n if boxes else None, bytes_per_sample=counter.nbytes / n)
 
 
 def peak_memory_bytes(model: AttentionModel, data: Split) -> int:
@@ -312,6 +328,25 @@ def train_epoch(model, opt, data: Split, setup: Setup, gen, epoch: int, clock: C
     return dict(loss=loss_sum / n, train_acc=correct / n)
 
 
+def tracked(model: AttentionModel, test_split: Split, setup: Setup) -> dict:
+    """The per-epoch figures on the first ``setup.track`` test canvases: ``test_acc``,
+    ``hit_rate``, ``digits_seen``; with ``setup.also_infer`` (a model with an ``inference``
+    mode), the same model evaluated in that mode too, as ``test_acc_<mode>`` and
+    ``digits_seen_<mode>``."""
+    data = subset(test_split, setup.track)
+    ev = evaluate(model, data)
+    row = dict(test_acc=ev["acc"], hit_rate=ev["hit_rate"], digits_seen=ev["digits_seen"])
+    mode = setup.also_infer
+    if mode and hasattr(model, "inference"):
+        kept, model.inference = model.inference, mode
+        try:
+            other = evaluate(model, data)
+        finally:
+            model.inference = kept
+        row[f"test_acc_{mode}"], row[f"digits_seen_{mode}"] = other["acc"], other["digits_seen"]
+    return row
+
+
 def train(model: AttentionModel, train_split: Split, test_split: Split, setup: Setup, log) -> dict:
     """Adam (cosine-decayed learning rate) with grad-norm clipping 1 until ``setup.epochs`` or
     ``setup.budget_s`` CPU seconds run out. With ``setup.track``, test accuracy and hit rate on
@@ -320,10 +355,8 @@ def train(model: AttentionModel, train_split: Split, test_split: Split, setup: S
     gen = torch.Generator().manual_seed(setup.seed)
     history = []
     if setup.track:
-        ev = evaluate(model, subset(test_split, setup.track))
-        history.append(dict(epoch=-1, seconds=0.0, wall_seconds=0.0, test_acc=ev["acc"],
-                            hit_rate=ev["hit_rate"]))
-        log(f"  at init: test_acc {ev['acc']:.3f} hit_rate {ev['hit_rate']}")
+        history.append(dict(epoch=-1, seconds=0.0, wall_seconds=0.0, **tracked(model, test_split, setup)))
+        log("  at init: " + " ".join(f"{k} {v}" for k, v in history[-1].items() if "seconds" not in k and k != "epoch"))
     clock = Clock()
     for epoch in range(setup.epochs):
         stats = train_epoch(model, opt, train_split, setup, gen, epoch, clock)
@@ -331,8 +364,7 @@ def train(model: AttentionModel, train_split: Split, test_split: Split, setup: S
                    **stats)
         if setup.track:
             paused = clock.now()
-            ev = evaluate(model, subset(test_split, setup.track))
-            row["test_acc"], row["hit_rate"] = ev["acc"], ev["hit_rate"]
+            row.update(tracked(model, test_split, setup))
             clock.pause(paused)
         history.append(row)
         log("  " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -462,6 +494,9 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
                    help="dasNet stage 2: SNES generations (models with a dasnet feature net)")
     p.add_argument("--snes-batch", type=int, default=d.snes_batch,
                    help="dasNet stage 2: training canvases per generation")
+    p.add_argument("--also-infer", default=d.also_infer, metavar="MODE",
+                   help="with --track: also evaluate models that have an inference mode (ATS) "
+                        "in MODE each epoch, e.g. spread")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     a = p.parse_args(argv)
     setup = Setup(
@@ -469,7 +504,7 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
         epochs=a.epochs, budget_s=a.budget_s, wall_budget_s=a.wall_budget_s, batch=a.batch, lr=a.lr, seed=a.seed, track=a.track, threads=a.threads,
         models=tuple(m for m in a.models.split(",") if m), model_kwargs=json.loads(a.model_kwargs),
         snes_generations=a.snes_generations, snes_batch=a.snes_batch, margin=a.margin,
-        memory_at=tuple(int(x) for x in a.memory_at.split(",") if x),
+        memory_at=tuple(int(x) for x in a.memory_at.split(",") if x), also_infer=a.also_infer,
     )
     seeds = [int(x) for x in a.seeds.split(",") if x] or [setup.seed]
     return setup, a.json, seeds, a.jobs
@@ -504,6 +539,8 @@ def run(setup: Setup, log=print) -> dict:
         peak_mem_mb={r["model"]: r["peak_mem_mb"] for r in rows},
         peak_memory_bytes={r["model"]: r["peak_memory_bytes_at"] for r in rows},
         curve={r["model"]: r["curve"] for r in rows},
+        tracked={r["model"]: [{k: v for k, v in h.items() if k not in ("loss", "train_acc")}
+                              for h in r["history"] if "test_acc" in h] for r in rows},
         bytes_per_sample={r["model"]: r["bytes_per_sample"] for r in rows},
         dasnet_stage2={r["model"]: r["dasnet_stage2"] for r in rows if "dasnet_stage2" in r},
         canvas_bytes=setup.canvas * setup.canvas,
@@ -539,7 +576,7 @@ def run_all(setup: Setup, seeds: list[int], jobs: int, log) -> list[dict]:
         rows = [row for part in parts for row in part["rows"]]
         merged = {**parts[0], "rows": rows, "seconds": sum(p["seconds"] for p in parts),
                   "setup": asdict(replace(setup, seed=seed))}
-        for key in (*PER_MODEL, "curve", "peak_memory_bytes"):
+        for key in (*PER_MODEL, "curve", "tracked", "peak_memory_bytes"):
             merged[key] = {k: v for part in parts for k, v in part[key].items()}
         reports.append(merged)
     return reports
@@ -552,8 +589,8 @@ PER_MODEL = ("acc", "train_s_per_sample", "infer_s_per_sample", "peak_mem_mb", "
 def summarise(reports: list[dict], seconds: float) -> dict:
     """One JSON object over the seeds' reports: per model, the median of every figure (so
     ``acc`` and ``bytes_per_sample`` keep their one-number-per-model form), the accuracy's min /
-    median / max, and every seed's values (``*_seeds``); ``curve`` and ``peak_memory_bytes``
-    are the first seed's."""
+    median / max, and every seed's values (``*_seeds``); ``curve``, ``tracked`` and
+    ``peak_memory_bytes`` are the first seed's."""
     first, models = reports[0], [r["model"] for r in reports[0]["rows"]]
     out = {k: v for k, v in first.items() if k not in (*PER_MODEL, "rows", "seconds", "setup")}
     out["seeds"] = [r["setup"]["seed"] for r in reports]

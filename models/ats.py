@@ -13,7 +13,7 @@ one number drawn from the caller's generator *and* a hash of the scene's view. A
 gets the same draws whether it is alone or anywhere in a batch, as long as the caller passes a
 generator in the same state (for example ``torch.Generator().manual_seed(s)`` both times), and
 different scenes of a batch still get different draws. In eval mode with ``inference="topk"``
-(the default) the model is deterministic and uses no randomness at all.
+(the default) or ``"spread"`` the model is deterministic and uses no randomness at all.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from models.backbones import build_backbone
 from models.layers import contrast_prior, random_shift
 from models.protocol import AttentionModel, ModelOutput, Proposal, ReadRequest, Steps
 from models.registry import register_model
+
+INFERENCE = ("topk", "spread", "sample")
 
 _EPS = 1e-12
 
@@ -182,7 +184,11 @@ class ATS(AttentionModel):
         replace: draw with replacement (True) or without (Gumbel-top-k, False).
         smoothing: attention smoothing ``a (1 - s) + s / P``.
         entropy_strength: the aux term is ``-entropy_strength * H(a)`` (maximises entropy).
-        inference: "topk" (deterministic, the N most attended positions) or "sample".
+        inference: "topk" (deterministic, the N most attended positions), "spread"
+            (deterministic, the N most attended with each pick suppressing the positions within
+            ``spread_radius`` cells for later picks: ``sampling.spread_topk_indices``) or
+            "sample".
+        spread_radius: the suppression radius of "spread", in attention-map cells.
         attention_pool: average-pool the view by this factor before the attention network
             (fewer positions, cheaper attention; positions map to boxes all the same).
         attention_prior: "none" or "contrast": add ``prior_strength`` times the view's local
@@ -215,6 +221,7 @@ class ATS(AttentionModel):
         smoothing: float = 0.0,
         entropy_strength: float = 1e-4,
         inference: str = "topk",
+        spread_radius: int = 1,
         attention_pool: int = 1,
         attention_prior: str = "none",
         prior_strength: float = 5.0,
@@ -227,8 +234,11 @@ class ATS(AttentionModel):
         patch_shift: int = 0,
     ):
         super().__init__()
-        if inference not in ("topk", "sample"):
-            raise ValueError(f"inference must be 'topk' or 'sample', got {inference!r}")
+        if inference not in INFERENCE:
+            raise ValueError(f"inference must be one of {INFERENCE}, got {inference!r}")
+        if spread_radius < 0:
+            raise ValueError(f"spread_radius must be >= 0, got {spread_radius}")
+        self.spread_radius = int(spread_radius)
         if n_patches < 1:
             raise ValueError(f"n_patches must be >= 1, got {n_patches}")
         self.view_size = (int(view_size[0]), int(view_size[1]))
@@ -266,10 +276,14 @@ class ATS(AttentionModel):
         probs = smooth(torch.softmax(logits.reshape(b, -1), -1), self.smoothing)
         return probs.reshape(b, gh, gw)
 
-    def choose(self, probs: Tensor, views: Tensor, generator: torch.Generator | None) -> Tensor:
-        """(B, N) positions drawn from flat (B, P) ``probs`` (or the top N at eval with topk)."""
+    def choose(self, probs: Tensor, views: Tensor, generator: torch.Generator | None,
+               grid: tuple[int, int]) -> Tensor:
+        """(B, N) positions drawn from flat (B, P) ``probs`` on the (gh, gw) ``grid`` (at eval:
+        the top N with "topk", the top N spread apart with "spread")."""
         if not self.training and self.inference == "topk":
             return sampling.topk_indices(probs.detach(), self.n_patches)
+        if not self.training and self.inference == "spread":
+            return sampling.spread_topk_indices(probs, grid, self.n_patches, self.spread_radius)
         draw = sampling.sample_with_replacement if self.replace else sampling.sample_without_replacement
         return draw(probs.detach(), self.n_patches, scene_generators(scene_seeds(views, generator), device=probs.device))
 
@@ -314,7 +328,7 @@ class ATS(AttentionModel):
             buffer.copy_(value)
         b, gh, gw = att.shape
         probs = att.reshape(b, -1)
-        idx = self.choose(probs, views, generator)
+        idx = self.choose(probs, views, generator, (gh, gw))
         return Proposal(self._request(idx, (gh, gw), sizes), idx, probs)
 
     def steps(
@@ -331,7 +345,7 @@ class ATS(AttentionModel):
         b, gh, gw = att.shape
         probs = att.reshape(b, -1)
         if proposal is None:
-            idx, drawn_from = self.choose(probs, views, generator), None
+            idx, drawn_from = self.choose(probs, views, generator, (gh, gw)), None
             request = self._request(idx, (gh, gw), sizes)
         else:
             idx, drawn_from, request = proposal.positions, proposal.probs, proposal.request

@@ -27,6 +27,7 @@ call equals per-scene calls made with the same per-scene generators.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -156,6 +157,36 @@ def topk_indices(probs: Tensor, n: int) -> Tensor:
     in decreasing probability (the draw order that ``expect_without_replacement`` expects)."""
     _check_n(probs, n)
     return torch.topk(probs.detach(), n, dim=1, sorted=True).indices
+
+
+def spread_topk_indices(probs: Tensor, grid: tuple[int, int], n: int, radius: int = 1) -> Tensor:
+    """Deterministic inference-time choice that spreads over the map: n positions of flat
+    (B, P) ``probs`` on a ``grid`` (gh, gw) (P = gh * gw, row-major), taken greedily in
+    decreasing probability, each suppressing the positions within ``radius`` cells of it
+    (Chebyshev distance) from later picks; once every position left is suppressed, the
+    most probable of those come next. Returns (B, n) int64, no position twice.
+
+    Top-n piles its picks on the few neighbouring cells of one strong object when patches
+    are wider than a cell; this picks n distinct places first (non-maximum suppression).
+    """
+    _check_n(probs, n)
+    gh, gw = grid
+    if gh * gw != probs.shape[1]:
+        raise ValueError(f"grid {grid} has {gh * gw} cells, probs has {probs.shape[1]}")
+    b = probs.shape[0]
+    score = probs.detach().to(torch.float64).clone()
+    ys, xs = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)  # (P,)
+    rows = torch.arange(b)
+    picks = []
+    for _ in range(n):
+        best = score.argmax(1)  # (B,)
+        picks.append(best)
+        near = ((ys[None] - ys[best][:, None]).abs() <= radius) & (
+            (xs[None] - xs[best][:, None]).abs() <= radius)  # (B, P)
+        # suppressed cells drop below every free cell (probs <= 1) but keep their order
+        score = torch.where(near & (score >= 0), score - 2.0, score)
+        score[rows, best] = -math.inf
+    return torch.stack(picks, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_cli_prints_the_json_line_last(capsys):
     code = bench.main(
         ["--canvas", "300", "--view", "60", "--train", "16", "--test", "8", "--epochs", "2",
          "--batch", "8", "--models", "ats,lowres_cnn", "--track", "8", "--memory-at", "600",
-         "--json"]
+         "--also-infer", "spread", "--json"]
     )
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -61,6 +61,24 @@ def test_cli_prints_the_json_line_last(capsys):
     assert set(peaks) == {"300", "600"} and min(peaks.values()) > 0
     assert report["bytes_per_sample"]["lowres_cnn"] == 0 < report["bytes_per_sample"]["ats"]
     assert 0.0 <= report["acc"]["ats"] <= 1.0
+    # --also-infer: ATS's tracked rows carry the spread evaluation too; the CNN has no such mode
+    tracked = report["tracked"]
+    assert [h["test_acc"] for h in tracked["ats"]] == [c[2] for c in curve]
+    for h in tracked["ats"]:
+        assert 0 <= h["test_acc_spread"] <= 1 and 0 <= h["digits_seen_spread"] <= 5
+        assert 0 <= h["digits_seen"] <= 5
+    assert all("test_acc_spread" not in h for h in tracked["lowres_cnn"])
+
+
+def test_digits_seen_counts_each_covered_digit_once():
+    import torch
+
+    bench = load_bench()
+    digits = torch.tensor([[[0, 0, 28, 28], [100, 100, 128, 128], [200, 0, 228, 28]]])
+    boxes = torch.tensor([[[0, 0, 28, 28], [2, 2, 30, 30], [100, 100, 114, 114], [300, 300, 328, 328]]])
+    # two boxes on digit 0 (counted once), a quarter of digit 1 (not half), none on digit 2
+    assert bench.digits_seen(boxes, digits).tolist() == [1]
+    assert bench.hits(boxes, digits).tolist() == [[True, True, False, False]]
 
 
 def test_pixel_counter_counts_the_stored_bytes_under_each_box():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from models import sampling
 from models.ats import (
     ATS,
     centred_boxes,
@@ -342,3 +343,18 @@ def test_patch_shift_changes_training_features_only():
     assert torch.equal(a.boxes, b.boxes) and not torch.allclose(a.logits, b.logits)
     with pytest.raises(ValueError, match="patch_shift"):
         tiny_model(patch_shift=-1)
+
+
+def test_spread_inference_picks_distinct_places_deterministically():
+    source, keys = small_source()
+    model = tiny_model(inference="spread", spread_radius=1).eval()
+    with torch.no_grad():
+        a, b = run(model, source, keys, seed=1), run(model, source, keys, seed=2)
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.logits, b.logits)
+    gh, gw = a.attention.shape[1:]
+    want = sampling.spread_topk_indices(a.attention.flatten(1), (gh, gw), 4, radius=1)
+    assert torch.equal(a.extras["positions"], want)
+    with pytest.raises(ValueError, match="spread_radius"):
+        tiny_model(spread_radius=-1)
+    with pytest.raises(ValueError, match="inference"):
+        tiny_model(inference="nms")

@@ -16,6 +16,7 @@ from models.sampling import (
     sample_with_replacement_from_logits,
     sample_without_replacement,
     sample_without_replacement_from_logits,
+    spread_topk_indices,
     topk_indices,
 )
 
@@ -158,3 +159,27 @@ def test_same_seed_same_draw_and_bad_shapes_rejected():
         sample_with_replacement(probs[0], 3, gen(1))
     with pytest.raises(ValueError, match=">= 1"):
         sample_with_replacement(probs, 0, gen(1))
+
+
+# ------------------------------------------------------------------ spread top-k
+
+
+def test_spread_topk_takes_the_best_then_skips_its_neighbours():
+    # a 4 x 4 map; the best cell (1, 1) has strong neighbours that plain top-k would take next
+    p = torch.zeros(4, 4, dtype=torch.float64)
+    p[1, 1], p[1, 2], p[2, 1], p[3, 3], p[0, 3], p[3, 0] = 0.3, 0.2, 0.15, 0.12, 0.1, 0.08
+    probs = (p + 0.001).flatten()[None]
+    probs = probs / probs.sum()
+    assert topk_indices(probs, 3)[0].tolist() == [5, 6, 9]
+    got = spread_topk_indices(probs, (4, 4), 3, radius=1)[0].tolist()
+    assert got == [5, 15, 3]  # (1, 1), then (3, 3) and (0, 3): outside each other's 3 x 3
+    # once every cell left is suppressed, the most probable of them come next, none twice
+    got = spread_topk_indices(probs, (4, 4), 6, radius=1)[0].tolist()
+    assert got[:4] == [5, 15, 3, 12] and got[4:] == [6, 9] and len(set(got)) == 6
+    # radius 0 suppresses nothing but the pick itself: plain top-k
+    assert torch.equal(spread_topk_indices(probs, (4, 4), 5, radius=0), topk_indices(probs, 5))
+
+
+def test_spread_topk_checks_the_grid():
+    with pytest.raises(ValueError, match="grid"):
+        spread_topk_indices(torch.full((1, 12), 1 / 12), (4, 4), 2)
