@@ -119,8 +119,10 @@ def test_one_stall_costs_about_hedge_after_s_or_one_timeout(s3_server, monkeypat
     if hedge_after_s:
         assert (hedges, timeouts) == (1, 0)
         # a few of this store's round trips (``ranges.tail_wait``: its siblings' or its
-        # recent batches' first answers), at most hedge_after_s: well below the 2 s timeout
-        assert ranges.HEDGE_FLOOR_S * 0.9 < cost < hedge_after_s + 0.8
+        # recent batches' first answers), at most hedge_after_s: well below the 2 s timeout.
+        # The hedge waits at least HEDGE_FLOOR_S, so the stalled read itself cannot be quicker
+        # (its *cost* against one noisy clean read can be: CI once measured 0.016 s)
+        assert stalled_s > ranges.HEDGE_FLOOR_S and cost < hedge_after_s + 0.8
     else:
         assert (hedges, timeouts) == (0, 1)
         assert 0.9 * settings.request_timeout_s < cost < settings.request_timeout_s + 1.0
