@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from models import sampling
 from models.backbones import build_backbone
-from models.layers import contrast_prior, random_shift
+from models.layers import contrast_prior, patch_shift_setting, random_shift
 from models.protocol import AttentionModel, ModelOutput, Proposal, ReadRequest, Steps
 from models.registry import register_model
 
@@ -252,9 +252,7 @@ class ATS(AttentionModel):
         self.attention_pool = int(attention_pool)
         self.baseline = bool(baseline)
         self.feature_scale = float(feature_scale)
-        if patch_shift < 0:
-            raise ValueError(f"patch_shift must be >= 0, got {patch_shift}")
-        self.patch_shift = int(patch_shift)
+        self.patch_shift = patch_shift_setting(patch_shift)
         self.attention = AttentionHead(
             attention_backbone,
             in_channels,

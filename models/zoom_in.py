@@ -51,6 +51,7 @@ from models.ats import (
     scene_seeds,
     smooth,
 )
+from models.layers import patch_shift_setting, random_shift
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.registry import register_model
 
@@ -135,6 +136,9 @@ class ZoomIn(AttentionModel):
         positive_class, reference_class: see ``contrastive``.
         attention_backbone, tile_attention_backbone, feature_backbone: names for
             ``models.backbones.build_backbone``; ``<that name>_kwargs``: its keyword arguments.
+        patch_shift: as ``models.ats.ATS``: in training, each sub-tile moved by a random
+            whole-pixel offset of at most this many pixels before the feature network (the
+            boxes read are unchanged); 0 turns it off.
     """
 
     def __init__(
@@ -169,8 +173,10 @@ class ZoomIn(AttentionModel):
         attention_backbone_kwargs: dict | None = None,
         tile_attention_backbone_kwargs: dict | None = None,
         feature_backbone_kwargs: dict | None = None,
+        patch_shift: int = 0,
     ):
         super().__init__()
+        self.patch_shift = patch_shift_setting(patch_shift)
         if inference not in ("topk", "sample"):
             raise ValueError(f"inference must be 'topk' or 'sample', got {inference!r}")
         if contrastive not in _CONTRASTIVE:
@@ -284,10 +290,10 @@ class ZoomIn(AttentionModel):
         tiles_q = tile_boxes(tile_idx, self.tile_grid, sizes)
         boxes = subtile_boxes(tiles_q, sub_idx, grid2, self.patch_size, self.patch_level)
         patches = yield ReadRequest(boxes, self.patch_level, self.patch_size)
-        b = views.shape[0]
-        feats = self.features(patches.to(views.device, views.dtype).flatten(0, 1)).reshape(
-            b, self.n_patches, -1
-        )
+        patches = patches.to(views.device, views.dtype).flatten(0, 1)
+        if self.training and self.patch_shift:
+            patches = random_shift(patches, self.patch_shift)
+        feats = self.features(patches).reshape(views.shape[0], self.n_patches, -1)
         beta_q = sampling.per_draw(dist2, plan)
         # control variate as in models.ats (the nested weights sum to 1 per scene)
         c = feats.detach().mean((0, 1)) if self.baseline else torch.zeros(())

@@ -8,7 +8,8 @@
 - ``pool``: ``pooled``, global average or max pooling of a feature map; ``scaled_unit``, the
   cosine classifier's scaled unit features;
 - ``prior``: ``contrast_prior``, the fixed starting point of hard attention's scores;
-- ``shift``: ``random_shift``, whole-pixel random translations (a patch augmentation).
+- ``shift``: ``random_shift``, whole-pixel random translations (a patch augmentation), and
+  ``patch_shift_setting``, the models' check of its size.
 
 Pure PyTorch, no I/O; nothing here imports another ``models`` module.
 """
@@ -17,7 +18,7 @@ from models.layers.cbam import CBAM, ChannelGate, SpatialGate
 from models.layers.pool import pooled, scaled_unit
 from models.layers.prior import contrast_prior
 from models.layers.se import SEBlock, hidden_width
-from models.layers.shift import random_shift
+from models.layers.shift import patch_shift_setting, random_shift
 from models.layers.soft_mask import SoftMask
 from models.layers.switch import attention_block
 
@@ -30,6 +31,7 @@ __all__ = [
     "attention_block",
     "contrast_prior",
     "hidden_width",
+    "patch_shift_setting",
     "pooled",
     "random_shift",
     "scaled_unit",

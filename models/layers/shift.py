@@ -27,3 +27,10 @@ def random_shift(images: torch.Tensor, max_shift: int,
     cols = torch.arange(w)[None, :] + s - offsets[:, 1:]  # (N, w)
     picked = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return picked.permute(0, 3, 1, 2)  # advanced indexing put the channels last
+
+
+def patch_shift_setting(patch_shift: int) -> int:
+    """``patch_shift`` of a model's constructor as an int; a negative one is rejected."""
+    if patch_shift < 0:
+        raise ValueError(f"patch_shift must be >= 0, got {patch_shift}")
+    return int(patch_shift)
