@@ -329,22 +329,6 @@ def test_propose_leaves_batch_norm_statistics_alone():
     assert not all(torch.equal(a, b) for a, b in zip(before, model.attention.buffers(), strict=True))
 
 
-def test_patch_shift_changes_training_features_only():
-    """patch_shift augments patches in training; eval outputs and the boxes read are unchanged."""
-    source, keys = small_source()
-    plain, shifted = tiny_model(), tiny_model(patch_shift=2)
-    with torch.no_grad():
-        a, b = run(plain.eval(), source, keys), run(shifted.eval(), source, keys)
-        assert torch.equal(a.logits, b.logits) and torch.equal(a.boxes, b.boxes)
-        torch.manual_seed(5)
-        a = run(plain.train(), source, keys)
-        torch.manual_seed(5)
-        b = run(shifted.train(), source, keys)
-    assert torch.equal(a.boxes, b.boxes) and not torch.allclose(a.logits, b.logits)
-    with pytest.raises(ValueError, match="patch_shift"):
-        tiny_model(patch_shift=-1)
-
-
 def test_spread_inference_picks_distinct_places_deterministically():
     source, keys = small_source()
     model = tiny_model(inference="spread", spread_radius=1).eval()

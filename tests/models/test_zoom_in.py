@@ -177,25 +177,6 @@ def test_training_is_per_scene_whatever_the_batch_and_every_parameter_learns():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_patch_shift_changes_training_features_only():
-    """patch_shift augments sub-tiles in training; eval outputs and the boxes read are unchanged."""
-    source, keys = small_source()
-    plain, shifted = tiny(), tiny(patch_shift=2)
-    with torch.no_grad():
-        a, b = run(plain.eval(), source, keys), run(shifted.eval(), source, keys)
-        assert torch.equal(a.logits, b.logits) and torch.equal(a.boxes, b.boxes)
-        torch.manual_seed(5)
-        a = run(plain.train(), source, keys)
-        torch.manual_seed(5)
-        b = run(shifted.train(), source, keys)
-    assert torch.equal(a.boxes, b.boxes) and not torch.allclose(a.logits, b.logits)
-    with pytest.raises(ValueError, match="patch_shift"):
-        tiny(patch_shift=-1)
-
-
-# ------------------------------------------------------------------ contrastive loss
-
-
 def test_contrastive_pass_switches_on_at_its_epoch():
     source, keys = small_source()
     model = tiny(contrastive="multiclass", contrastive_epoch=2).train()
