@@ -139,10 +139,22 @@ def test_reference_protocol_sets_issue_16s_canvases_and_flags_override_it():
     assert (setup.canvas, setup.noise, setup.others, setup.margin) == (1500, 50, 2, 28)
     assert (setup.view, setup.n_train, setup.n_test) == (180, 5000, 1000)
     assert setup.view / setup.canvas == 0.12
-    setup, *_ = bench.parse(["--protocol", "reference", "--train", "50", "--view", "150"])
+    # the goal's run: both models, 2 CPU hours each, curve and memory at 3000 / 6000 px
+    assert (setup.models, setup.budget_s, setup.track) == (("ats", "zoom_in"), 7200.0, 300)
+    assert setup.memory_at == (3000, 6000)
+    assert setup.model_kwargs == bench.REFERENCE_MODEL_KWARGS
+    for name in setup.models:  # the settings are the models' own keyword arguments
+        registered, kwargs = bench.model_kwargs(name, setup)
+        assert bench.create_model(registered, **kwargs).n_patches == 20
+    setup, *_ = bench.parse(["--protocol", "reference", "--train", "50", "--view", "150",
+                             "--memory-at", "", "--model-kwargs", '{"ats": {"n_patches": 40}}'])
     assert (setup.canvas, setup.n_train, setup.view, setup.noise) == (1500, 50, 150, 50)
+    assert setup.memory_at == ()
+    assert setup.model_kwargs["ats"] == {"n_patches": 40}  # as given: older commands still reproduce
+    assert setup.model_kwargs["zoom_in"] == bench.REFERENCE_MODEL_KWARGS["zoom_in"]
     setup, *_ = bench.parse([])
     assert (setup.canvas, setup.noise, setup.margin, setup.view) == (500, 0, 0, 50)
+    assert setup.model_kwargs == {} and setup.memory_at == ()
 
 
 def test_the_budget_counts_cpu_seconds_and_an_optional_wall_deadline():
