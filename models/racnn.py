@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import pooled, scaled_unit
+from models.layers import patch_shift_setting, pooled, random_shift, scaled_unit
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import (
     DEFAULT_COARSEST,
@@ -179,6 +179,10 @@ class RACNN(AttentionModel):
         dropout: probability of zeroing each feature of every scale (before its classifier
             and the fusion) in training; 0 (the paper) turns it off. Against overfitting where
             a scale classifies a large zoom from few training scenes.
+        patch_shift: in training, move each zoomed input (scales 2, 3, ...) by a random
+            whole-pixel offset of at most this many pixels in y and x (``random_shift``, zeros
+            moved in; the boxes read are unchanged), against memorising few training scenes;
+            0 (the paper) turns it off.
     """
 
     def __init__(
@@ -204,8 +208,10 @@ class RACNN(AttentionModel):
         apn_pretrain_epochs: int = 0,
         fusion_scale: float = 1.0,
         dropout: float = 0.0,
+        patch_shift: int = 0,
     ):
         super().__init__()
+        self.patch_shift = patch_shift_setting(patch_shift)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if scales < 1:
@@ -331,6 +337,8 @@ class RACNN(AttentionModel):
                 patch_box[:, [2, 3, 2, 3]] - patch_box[:, [0, 1, 0, 1]]
             )
             image = attend_and_zoom(patches, local, self.zoom_sizes[s], self.k)
+            if self.training and self.patch_shift:
+                image = random_shift(image, self.patch_shift)
             read.append(boxes0)
             parent = crop
         units = [scaled_unit(f, self.fusion_scale) for f in feats]

@@ -1,14 +1,23 @@
-"""patch_shift of ATS and Zoom-In: patches (sub-tiles) moved in training only."""
+"""patch_shift of ATS, Zoom-In and RA-CNN: patches (sub-tiles, zooms) moved in training only."""
 
 import pytest
 import torch
 
+from models.registry import create_model
 from tests.models import test_ats, test_zoom_in
+
+
+def tiny_racnn(**kw):
+    torch.manual_seed(0)
+    return create_model("racnn", num_classes=3, in_channels=1, view_size=(24, 24), scales=2,
+                        backbone_kwargs={"widths": (4,)}, zoom_sizes=(32,), **kw)
+
 
 # (tiny model builder, its test scenes) of each model with the setting
 MODELS = {
     "ats": (test_ats.tiny_model, test_ats.small_source),
     "zoom_in": (test_zoom_in.tiny, test_zoom_in.small_source),
+    "racnn": (tiny_racnn, test_ats.small_source),
 }
 
 
