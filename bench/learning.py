@@ -17,8 +17,8 @@ the borders, 50 scribbles painted over them from a bank of 50 (separate banks fo
 test), 5,000 training and 1,000 test canvases, a view at scale 0.12 (180 px); by default it
 is issue 16's goal run: ATS and Zoom-In with their chosen settings (``REFERENCE_MODEL_KWARGS``),
 7,200 CPU seconds each, the curve on 300 test canvases, peak memory at 3000 and 6000 px too.
-Explicit flags still override any of it (``--model-kwargs`` per model). Canvases are rendered on demand (``MegapixelMNISTSource``): only
-their layouts and views stay in memory.
+Explicit flags still override any of it (``--model-kwargs`` per model). Canvases are
+rendered on demand (``MegapixelMNISTSource``): only their layouts and views stay in memory.
 
 Budgets and curves count **CPU seconds** of this process (``time.process_time``: all its
 threads, so with ``--threads 1`` one core's time), not wall seconds: a run niced on a shared
@@ -95,13 +95,6 @@ PROTOCOLS = {
                       n_test=1000, models=("ats", "zoom_in"), budget_s=7200.0, epochs=400,
                       track=300, memory_at=(3000, 6000), model_kwargs=REFERENCE_MODEL_KWARGS),
 }
-
-
-def merged_kwargs(base: dict, given: dict) -> dict:
-    """``--model-kwargs`` over a protocol's, per model: a model named in ``given`` gets exactly
-    its given settings (so a command written before the protocol had settings still runs what
-    it ran); the others keep the protocol's."""
-    return {**base, **given}
 
 
 @dataclass(slots=True)
@@ -520,10 +513,13 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
                         "in MODE each epoch, e.g. spread")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     a = p.parse_args(argv)
+    # a model named in --model-kwargs gets exactly those settings (so a command written before
+    # the protocol had settings still runs what it ran); the others keep the protocol's
+    kwargs = {**d.model_kwargs, **json.loads(a.model_kwargs)}
     setup = Setup(
         canvas=a.canvas, noise=a.noise, others=a.others, view=a.view, n_train=a.train, n_test=a.test,
         epochs=a.epochs, budget_s=a.budget_s, wall_budget_s=a.wall_budget_s, batch=a.batch, lr=a.lr, seed=a.seed, track=a.track, threads=a.threads,
-        models=tuple(m for m in a.models.split(",") if m), model_kwargs=merged_kwargs(d.model_kwargs, json.loads(a.model_kwargs)),
+        models=tuple(m for m in a.models.split(",") if m), model_kwargs=kwargs,
         snes_generations=a.snes_generations, snes_batch=a.snes_batch, margin=a.margin,
         memory_at=tuple(int(x) for x in a.memory_at.split(",") if x), also_infer=a.also_infer,
     )

@@ -177,6 +177,9 @@ def test_training_is_per_scene_whatever_the_batch_and_every_parameter_learns():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+# ------------------------------------------------------------------ contrastive loss
+
+
 def test_contrastive_pass_switches_on_at_its_epoch():
     source, keys = small_source()
     model = tiny(contrastive="multiclass", contrastive_epoch=2).train()
