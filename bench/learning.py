@@ -82,10 +82,12 @@ class Setup:
 # ``--protocol reference``: issue 16's protocol (the reference generator's settings) and the
 # goal's run: ATS and Zoom-In, 2 hours of one core each, the curve on 300 test canvases, peak
 # memory at 3000 and 6000 px too, with the model settings that reached the most (README, "The
-# reference protocol (issue 16)"): 20 patches, attention pooled 2x, prior strength 15, patches
-# moved by up to 3 px in training; Zoom-In on 15 x 15 tiles seen at 25 px.
+# reference protocol (issue 16)"): 20 patches, prior strength 15, patches moved by up to 3 px in
+# training; ATS attends on the whole 180 px view (180 x 180 positions of 8.3 px: pooled 2x, its
+# 16.7 px cells stayed at 0.82-0.88); Zoom-In pools its view 2x for the 15 x 15 tiles and
+# attends within each tile seen at 25 px.
 REFERENCE_MODEL_KWARGS = {
-    "ats": {"attention_pool": 2, "prior_strength": 15.0, "n_patches": 20, "patch_shift": 3},
+    "ats": {"attention_pool": 1, "prior_strength": 15.0, "n_patches": 20, "patch_shift": 3},
     "zoom_in": {"attention_pool": 2, "prior_strength": 15.0, "n_patches": 20, "patch_shift": 3,
                 "tile_grid": [15, 15], "tile_level": None, "tile_view": [25, 25]},
 }
