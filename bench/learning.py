@@ -31,6 +31,8 @@ with ``--also-infer spread``, ATS evaluated with its spread-out inference too).
 ``--models`` takes report names (``ats``, ``zoom_in``, ``lowres_cnn``) or any registered model
 name; a registered model that needs more than ``num_classes``, ``in_channels`` and
 ``view_size`` can get keyword arguments with ``--model-kwargs '{"name": {...}}'``.
+``--save-models DIR`` keeps each trained model (``load_saved`` rebuilds it, to look at where it
+attends or evaluate it again).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -77,6 +80,7 @@ class Setup:
     margin: int = 0
     memory_at: tuple[int, ...] = ()
     also_infer: str = ""
+    save_dir: str = ""
 
 
 # ``--protocol reference``: issue 16's protocol (the reference generator's settings) and the
@@ -109,6 +113,14 @@ class Split:
     sizes: Tensor  # (N, 2) int64
     labels: Tensor  # (N,) int64
     digits: Tensor  # (N, D, 4) int64 level-0 boxes of the digits, for the hit rate
+
+
+def canvas_spec(setup: Setup, canvas: int | None = None) -> MegapixelMNISTSpec:
+    """The canvases of ``setup`` (digits, scribbles, margin, seed), at side ``canvas`` px
+    (default ``setup.canvas``)."""
+    side = canvas or setup.canvas
+    return MegapixelMNISTSpec(canvas=(side, side), n_noise=setup.noise, n_other=setup.others,
+                              margin=setup.margin, seed=setup.seed)
 
 
 def build_split(spec: MegapixelMNISTSpec, split: str, n: int, view: int) -> Split:
@@ -426,9 +438,26 @@ def dasnet_stage2(model: AttentionModel, data: tuple[Split, Split], setup: Setup
 def memory_at(model: AttentionModel, setup: Setup, canvas: int) -> int:
     """``peak_memory_bytes`` of ``model`` on test canvas 0 of the same digits and scribbles
     drawn on a ``canvas`` px canvas (same view size: the attention sees a smaller scale)."""
-    spec = MegapixelMNISTSpec(canvas=(canvas, canvas), n_noise=setup.noise, n_other=setup.others,
-                              margin=setup.margin, seed=setup.seed)
-    return peak_memory_bytes(model, build_split(spec, "test", 1, setup.view))
+    return peak_memory_bytes(model, build_split(canvas_spec(setup, canvas), "test", 1, setup.view))
+
+
+def save_model(model: AttentionModel, reg: str, kwargs: dict, setup: Setup, name: str) -> Path:
+    """Write the trained model to ``setup.save_dir/<name>-seed<seed>.pt``: its registry name,
+    keyword arguments, state dict and the run's setup (``load_saved`` rebuilds it)."""
+    path = Path(setup.save_dir) / f"{name}-seed{setup.seed}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(registry=reg, kwargs=kwargs, state_dict=model.state_dict(),
+                    setup=asdict(setup)), path)
+    return path
+
+
+def load_saved(path: str | Path) -> tuple[AttentionModel, Setup]:
+    """The model ``save_model`` wrote (in eval mode) and the setup it was trained with."""
+    saved = torch.load(path, weights_only=False)
+    model = create_model(saved["registry"], **saved["kwargs"])
+    model.load_state_dict(saved["state_dict"])
+    setup = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["setup"].items()}
+    return model.eval(), Setup(**setup)
 
 
 def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict:
@@ -439,6 +468,8 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
     log(f"{name}: {reg} {kwargs}")
     stats = train(model, data[0], data[1], setup, log)
     snes = dasnet_stage2(model, data, setup, log)
+    if setup.save_dir:
+        log(f"{name}: saved to {save_model(model, reg, kwargs, setup, name)}")
     ev = evaluate(model, data[1])
     acc, infer_s = ev["acc"], ev["s_per_sample"]
     peak = peak_memory_bytes(model, data[1])
@@ -513,6 +544,9 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
     p.add_argument("--also-infer", default=d.also_infer, metavar="MODE",
                    help="with --track: also evaluate models that have an inference mode (ATS) "
                         "in MODE each epoch, e.g. spread")
+    p.add_argument("--save-models", default=d.save_dir, metavar="DIR",
+                   help="write each trained model to DIR/<model>-seed<seed>.pt (bench.learning."
+                        "load_saved reads it back)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     a = p.parse_args(argv)
     # a model named in --model-kwargs gets exactly those settings (so a command written before
@@ -524,6 +558,7 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
         models=tuple(m for m in a.models.split(",") if m), model_kwargs=kwargs,
         snes_generations=a.snes_generations, snes_batch=a.snes_batch, margin=a.margin,
         memory_at=tuple(int(x) for x in a.memory_at.split(",") if x), also_infer=a.also_infer,
+        save_dir=a.save_models,
     )
     seeds = [int(x) for x in a.seeds.split(",") if x] or [setup.seed]
     return setup, a.json, seeds, a.jobs
@@ -533,10 +568,7 @@ def run(setup: Setup, log=print) -> dict:
     """The whole benchmark; returns the report (what ``--json`` prints)."""
     torch.set_num_threads(setup.threads)
     start = time.perf_counter()
-    spec = MegapixelMNISTSpec(
-        canvas=(setup.canvas, setup.canvas), n_noise=setup.noise, n_other=setup.others,
-        margin=setup.margin, seed=setup.seed,
-    )
+    spec = canvas_spec(setup)
     data = (
         build_split(spec, "train", setup.n_train, setup.view),
         build_split(spec, "test", setup.n_test, setup.view),

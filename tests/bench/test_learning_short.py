@@ -70,6 +70,20 @@ def test_cli_prints_the_json_line_last(capsys):
     assert all("test_acc_spread" not in h for h in tracked["lowres_cnn"])
 
 
+def test_saved_model_loads_back_and_predicts_the_same(tmp_path):
+    """--save-models writes each trained model; load_saved rebuilds it with its setup and
+    it evaluates to the same accuracy and hit rate on the same canvases."""
+    bench = load_bench()
+    setup = bench.Setup(canvas=300, view=60, others=0, n_train=16, n_test=8, epochs=1, batch=8,
+                        models=("zoom_in",), save_dir=str(tmp_path))
+    report = bench.run(setup, log=lambda msg: None)
+    model, saved_setup = bench.load_saved(tmp_path / "zoom_in-seed0.pt")
+    assert saved_setup == setup and not model.training
+    again = bench.evaluate(model, bench.build_split(bench.canvas_spec(setup), "test", 8, 60))
+    assert again["acc"] == report["acc"]["zoom_in"]
+    assert again["hit_rate"] == report["rows"][0]["hit_rate"]
+
+
 def test_digits_seen_counts_each_covered_digit_once():
     import torch
 
