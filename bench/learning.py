@@ -270,19 +270,20 @@ def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
                 digits_seen=seen / n if boxes else None, bytes_per_sample=counter.nbytes / n)
 
 
-def peak_memory_bytes(model: AttentionModel, data: Split) -> int:
-    """Peak bytes allocated by torch during inference on one scene (batch 1): the view, the
-    reads and the activations; the view is rendered before the profiler starts (an input, as
-    the scene's stored pyramid), and so is the numpy rendering of an on-demand source."""
+def peak_memory_bytes(model: AttentionModel, data: Split, index: int = 0) -> int:
+    """Peak bytes allocated by torch during inference on scene ``index`` of ``data`` (batch 1):
+    the view, the reads and the activations; the view is rendered before the profiler starts
+    (an input, as the scene's stored pyramid), and so is the numpy rendering of an on-demand
+    source."""
     from bench.torch_memory import peak_cpu_bytes
 
     model.eval()
-    key = data.keys[:1]
+    key, sizes = data.keys[index:index + 1], data.sizes[index:index + 1]
     view = data.source.view(key, model.view_size)  # rendered outside: the view is an input
 
     def infer() -> None:
         with torch.no_grad():
-            model(view.clone(), data.sizes[:1], data.source, key, torch.Generator().manual_seed(0))
+            model(view.clone(), sizes, data.source, key, torch.Generator().manual_seed(0))
 
     peak = peak_cpu_bytes(infer)
     model.train()

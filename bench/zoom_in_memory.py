@@ -25,11 +25,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 import models.zoom_in as zoom_in_module
-from bench.learning import build_split, canvas_spec, load_saved
-from bench.torch_memory import peak_cpu_bytes
+from bench.learning import build_split, canvas_spec, load_saved, peak_memory_bytes
 
 
 @contextmanager
@@ -51,29 +48,16 @@ def counting_tiles() -> Iterator[list[int]]:
         sampling.nested_plan = original
 
 
-def one_inference(model, data, i: int) -> tuple[int, int]:
-    """(peak bytes, distinct stage-I tiles) of one inference on canvas ``i`` of ``data``."""
-    keys, sizes = data.keys[i:i + 1], data.sizes[i:i + 1]
-    view = data.source.view(keys, model.view_size)  # an input: rendered outside the profile
-
-    def infer() -> None:
-        with torch.no_grad():
-            model(view.clone(), sizes, data.source, keys, torch.Generator().manual_seed(0))
-
-    with counting_tiles() as seen:
-        peak = peak_cpu_bytes(infer)
-    return peak, max(seen)
-
-
 def measure(model, setup, canvas: int, n: int) -> list[dict]:
     """One row per test canvas 0 .. n-1 at side ``canvas`` px: distinct tiles, read level and
     peak inference bytes."""
     data = build_split(canvas_spec(setup, canvas), "test", n, setup.view)
     rows = []
     for i in range(n):
-        peak, tiles = one_inference(model, data, i)
+        with counting_tiles() as seen:
+            peak = peak_memory_bytes(model, data, i)
         level = model.read_level(data.sizes[i:i + 1])
-        rows.append(dict(canvas=canvas, index=i, tiles=tiles,
+        rows.append(dict(canvas=canvas, index=i, tiles=max(seen),
                          level=level[0] if isinstance(level, tuple) else level, peak_bytes=peak))
     return rows
 
