@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone
-from models.layers import patch_shift_setting, pooled, random_shift, scaled_unit
+from models.layers import AttentionPool, patch_shift_setting, pooled, random_shift, scaled_unit
+from models.layers.pool import POOLS
 from models.protocol import AttentionModel, ModelOutput, ReadRequest, Steps
 from models.regions import (
     DEFAULT_COARSEST,
@@ -183,6 +184,9 @@ class RACNN(AttentionModel):
             whole-pixel offset of at most this many pixels in y and x (``random_shift``, zeros
             moved in; the boxes read are unchanged), against memorising few training scenes;
             0 (the paper) turns it off.
+        pool: how every scale's feature map becomes its features: "avg" (the paper's global
+            average), "max", or "attention" (``models.layers.AttentionPool``, a learned
+            softmax-weighted average of the positions, one per scale, starting as the average).
     """
 
     def __init__(
@@ -209,9 +213,12 @@ class RACNN(AttentionModel):
         fusion_scale: float = 1.0,
         dropout: float = 0.0,
         patch_shift: int = 0,
+        pool: str = "avg",
     ):
         super().__init__()
         self.patch_shift = patch_shift_setting(patch_shift)
+        if pool not in (*POOLS, "attention"):
+            raise ValueError(f"pool must be one of {(*POOLS, 'attention')}, got {pool!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if scales < 1:
@@ -239,6 +246,8 @@ class RACNN(AttentionModel):
         self.fusion = nn.Linear(dim * scales, num_classes)
         self.fusion_scale = float(fusion_scale)
         self.drop = nn.Dropout(dropout)
+        self.pool = pool
+        self.pools = nn.ModuleList([AttentionPool(dim) for _ in range(scales)] if pool == "attention" else [])
         self.phase = "joint"
         self.alternate_epochs = int(alternate_epochs)
         self.apn_pretrain_epochs = int(apn_pretrain_epochs)
@@ -319,7 +328,7 @@ class RACNN(AttentionModel):
         feats, logits, apn_raw, apn_targets, read = [], [], [], [], []
         for s in range(self.scales):
             fmap = self.backbones[s](image)
-            feat = self.drop(pooled(fmap))
+            feat = self.drop(self.pools[s](fmap) if self.pools else pooled(fmap, self.pool))
             feats.append(feat)
             logits.append(self.classifiers[s](feat))
             if s == self.scales - 1:

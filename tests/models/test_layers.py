@@ -147,3 +147,22 @@ def test_random_shift_passes_gradients_to_the_kept_pixels_only():
     # each kept pixel appears once in the output: its gradient is 1, a dropped one's 0
     assert set(images.grad.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(images.grad.sum(dim=(1, 2, 3)), out.detach().sum(dim=(1, 2, 3)))
+
+
+def test_attention_pool_starts_as_the_average_and_weights_positions_by_their_softmax():
+    """AttentionPool: zero scores give the mean; set scores give the hand-computed softmax
+    average; the score layer gets gradients."""
+    from models.layers import AttentionPool
+
+    fmap = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    pool = AttentionPool(3)
+    assert torch.allclose(pool(fmap), fmap.mean(dim=(-2, -1)), atol=1e-6)
+    with torch.no_grad():
+        pool.score.weight.copy_(torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1))
+        pool.score.bias.fill_(0.3)
+    scores = (fmap * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)).sum(1) + 0.3  # (2, 4, 5)
+    weights = torch.softmax(scores.flatten(1), -1)
+    expected = (weights[:, None] * fmap.flatten(2)).sum(-1)
+    assert torch.allclose(pool(fmap), expected, atol=1e-6)
+    pool(fmap).pow(2).sum().backward()
+    assert pool.score.weight.grad.abs().sum() > 0

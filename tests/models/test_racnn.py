@@ -202,3 +202,21 @@ def test_dropout_acts_in_training_only_and_rejects_bad_rates():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="dropout"):
             RACNN(4, (32, 32), scales=2, backbone=TinyConv(), dropout=bad)
+
+
+def test_attention_pool_starts_as_the_average_pool_and_bad_pools_are_rejected():
+    """``pool="attention"`` gives one learned pool per scale that starts as the average, so a
+    fresh model's outputs equal those of ``pool="avg"`` with the same weights."""
+    source, keys = random_scenes([(300, 300), (260, 320)], coarsest=64)
+    views, sizes = source.view(keys, (32, 32)), source.level0_sizes(keys)
+    logits = {}
+    for pool in ("avg", "attention"):
+        torch.manual_seed(0)
+        model = RACNN(4, (32, 32), scales=2, backbone="small_cnn", in_channels=3,
+                      backbone_kwargs={"widths": (4, 8)}, pool=pool).eval()
+        assert len(model.pools) == (2 if pool == "attention" else 0)
+        with torch.no_grad():
+            logits[pool] = model(views, sizes, source, keys).logits
+    assert torch.allclose(logits["avg"], logits["attention"], atol=1e-5)
+    with pytest.raises(ValueError, match="pool"):
+        RACNN(4, (32, 32), scales=2, backbone=TinyConv(), pool="sum")
