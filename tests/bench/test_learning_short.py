@@ -211,3 +211,18 @@ def test_every_soft_attention_feature_net_builds_and_reads_patches():
     masks = [m for m in create_model("ats_mnist", **kwargs).modules() if isinstance(m, SoftMask)]
     assert len(masks) == 3  # after each of the (16, 32, 64) stages
 
+
+
+def test_racnn_setting_reads_at_most_a_quarter_of_each_canvas():
+    """Issue 12's cap for the hard-attention families: ``racnn`` (its square on the whole
+    canvas, read at level 1) reads exactly level 1 of each 500 px canvas, 250 x 250 = 62,500
+    stored bytes, a quarter of the canvas's 250,000, and no more."""
+    from models.registry import create_model
+    from pipeline.synth.megapixel_mnist import MegapixelMNISTSpec
+
+    bench = load_bench()
+    setup = bench.Setup(canvas=500, view=50, n_train=4, n_test=4)
+    data = bench.build_split(MegapixelMNISTSpec(canvas=(500, 500), n_other=2, seed=0), "test", 4, 50)
+    reg, kwargs = bench.model_kwargs("racnn", setup)
+    report = bench.evaluate(create_model(reg, **kwargs), data)
+    assert report["bytes_per_sample"] == 500 * 500 / 4
