@@ -218,11 +218,10 @@ def test_racnn_setting_reads_at_most_a_quarter_of_each_canvas():
     canvas, read at level 1) reads exactly level 1 of each 500 px canvas, 250 x 250 = 62,500
     stored bytes, a quarter of the canvas's 250,000, and no more."""
     from models.registry import create_model
-    from pipeline.synth.megapixel_mnist import MegapixelMNISTSpec
 
     bench = load_bench()
     setup = bench.Setup(canvas=500, view=50, n_train=4, n_test=4)
-    data = bench.build_split(MegapixelMNISTSpec(canvas=(500, 500), n_other=2, seed=0), "test", 4, 50)
+    data = bench.build_split(bench.canvas_spec(setup), "test", 4, setup.view)
     reg, kwargs = bench.model_kwargs("racnn", setup)
     report = bench.evaluate(create_model(reg, **kwargs), data)
     assert report["bytes_per_sample"] == 500 * 500 / 4
