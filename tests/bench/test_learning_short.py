@@ -225,3 +225,24 @@ def test_racnn_setting_reads_at_most_a_quarter_of_each_canvas():
     reg, kwargs = bench.model_kwargs("racnn", setup)
     report = bench.evaluate(create_model(reg, **kwargs), data)
     assert report["bytes_per_sample"] == 500 * 500 / 4
+
+
+def test_scribble_gap_repaints_only_the_scribbles_and_reports_every_kind(tmp_path, capsys):
+    """bench/scribble_gap.py: the swapped-bank canvases keep their digits and layouts but not
+    their pixels; the JSON has an accuracy in [0, 1] for each of the four kinds."""
+    import torch
+
+    from bench import scribble_gap
+
+    bench = load_bench()
+    setup = bench.Setup(canvas=300, view=60, noise=20, others=0, n_train=8, n_test=8, epochs=1,
+                        batch=8, models=("ats",), save_dir=str(tmp_path))
+    bench.run(setup, log=lambda msg: None)
+    same = scribble_gap.canvases(setup, "test", "test", 4)
+    swapped = scribble_gap.canvases(setup, "test", "train", 4)
+    assert torch.equal(same.labels, swapped.labels) and torch.equal(same.digits, swapped.digits)
+    assert not torch.equal(same.views, swapped.views)
+    assert scribble_gap.main([str(tmp_path / "ats-seed0.pt"), "--n", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["acc"]) == set(scribble_gap.KINDS) and report["n"] == 4
+    assert all(0.0 <= a <= 1.0 for a in report["acc"].values())
