@@ -70,6 +70,7 @@ class Setup:
     wall_budget_s: float | None = None
     batch: int = 8
     lr: float = 3e-3
+    weight_decay: float = 0.0  # AdamW's, on the weights of convolutions and linear layers
     seed: int = 0
     track: int = 0
     threads: int = 1
@@ -374,11 +375,22 @@ def tracked(model: AttentionModel, test_split: Split, setup: Setup) -> dict:
     return row
 
 
+def optimizer(model: AttentionModel, setup: Setup) -> torch.optim.Optimizer:
+    """Adam; with ``setup.weight_decay``, AdamW decaying only the weights of convolutions and
+    linear layers (tensors of 2 or more dimensions), not biases or BatchNorm's scales."""
+    if not setup.weight_decay:
+        return torch.optim.Adam(model.parameters(), lr=setup.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=setup.weight_decay),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=setup.lr)
+
+
 def train(model: AttentionModel, train_split: Split, test_split: Split, setup: Setup, log) -> dict:
-    """Adam (cosine-decayed learning rate) with grad-norm clipping 1 until ``setup.epochs`` or
-    ``setup.budget_s`` CPU seconds run out. With ``setup.track``, test accuracy and hit rate on
-    that many test canvases after every epoch (off the clock)."""
-    opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
+    """Adam or AdamW (``optimizer``; cosine-decayed learning rate) with grad-norm clipping 1
+    until ``setup.epochs`` or ``setup.budget_s`` CPU seconds run out. With ``setup.track``,
+    test accuracy and hit rate on that many test canvases after every epoch (off the clock)."""
+    opt = optimizer(model, setup)
     gen = torch.Generator().manual_seed(setup.seed)
     history = []
     if setup.track:
@@ -523,6 +535,8 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
                    help="comma-separated canvas sides: peak inference memory there too")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay on convolution and linear weights (0: Adam)")
     p.add_argument("--seed", type=int, default=d.seed, help="one seed (data, init, sampling)")
     p.add_argument("--seeds", default="",
                    help="comma-separated seeds (overrides --seed): every model once per seed; "
@@ -555,7 +569,7 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
     kwargs = {**d.model_kwargs, **json.loads(a.model_kwargs)}
     setup = Setup(
         canvas=a.canvas, noise=a.noise, others=a.others, view=a.view, n_train=a.train, n_test=a.test,
-        epochs=a.epochs, budget_s=a.budget_s, wall_budget_s=a.wall_budget_s, batch=a.batch, lr=a.lr, seed=a.seed, track=a.track, threads=a.threads,
+        epochs=a.epochs, budget_s=a.budget_s, wall_budget_s=a.wall_budget_s, batch=a.batch, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, track=a.track, threads=a.threads,
         models=tuple(m for m in a.models.split(",") if m), model_kwargs=kwargs,
         snes_generations=a.snes_generations, snes_batch=a.snes_batch, margin=a.margin,
         memory_at=tuple(int(x) for x in a.memory_at.split(",") if x), also_infer=a.also_infer,

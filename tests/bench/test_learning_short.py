@@ -246,3 +246,22 @@ def test_scribble_gap_repaints_only_the_scribbles_and_reports_every_kind(tmp_pat
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["acc"]) == set(scribble_gap.KINDS) and report["n"] == 4
     assert all(0.0 <= a <= 1.0 for a in report["acc"].values())
+
+
+def test_weight_decay_is_adamw_on_conv_and_linear_weights_only():
+    """``--weight-decay`` gives AdamW whose decayed group holds exactly the >= 2-d weights;
+    biases and BatchNorm's scales are in the undecayed group; without it, plain Adam."""
+    import torch
+
+    bench = load_bench()
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    opt = bench.optimizer(model, bench.Setup(weight_decay=0.05))
+    assert isinstance(opt, torch.optim.AdamW)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert [p.shape for p in decayed["params"]] == [(4, 1, 3, 3), (2, 4)]
+    assert len(plain["params"]) == 4  # conv bias, BatchNorm weight and bias, linear bias
+    assert type(bench.optimizer(model, bench.Setup())) is torch.optim.Adam
+    setup, *_ = bench.parse(["--weight-decay", "0.05"])
+    assert setup.weight_decay == 0.05
