@@ -248,18 +248,20 @@ class PixelCounter:
 
 
 def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
-    """Eval-mode accuracy, CPU seconds per sample, stored bytes read per sample (``PixelCounter``)
-    and, for models that read patches, the hit rate (fraction of the boxes read last that
-    cover at least half a digit) and ``digits_seen`` (digits of a canvas those boxes cover,
-    mean over canvases)."""
+    """Eval-mode accuracy, the predicted classes ((N,) int64 ``predicted``), CPU seconds per
+    sample, stored bytes read per sample (``PixelCounter``) and, for models that read patches,
+    the hit rate (fraction of the boxes read last that cover at least half a digit) and
+    ``digits_seen`` (digits of a canvas those boxes cover, mean over canvases)."""
     model.eval()
     correct, hit, boxes, seen, start = 0, 0, 0, 0, time.process_time()
     counter = PixelCounter(data.source)
+    predicted = []
     with torch.no_grad():
         for idx in torch.arange(len(data.keys)).split(batch):
             out = run_batch(model, replace(data, source=counter), idx,
                             torch.Generator().manual_seed(0))
-            correct += int((out.logits.argmax(-1) == data.labels[idx]).sum())
+            predicted.append(out.logits.argmax(-1))
+            correct += int((predicted[-1] == data.labels[idx]).sum())
             if out.boxes is not None:
                 hit += int(hits(out.boxes, data.digits[idx]).sum())
                 seen += int(digits_seen(out.boxes, data.digits[idx]).sum())
@@ -268,7 +270,8 @@ def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
     model.train()
     n = len(data.keys)
     return dict(acc=correct / n, s_per_sample=seconds / n, hit_rate=hit / boxes if boxes else None,
-                digits_seen=seen / n if boxes else None, bytes_per_sample=counter.nbytes / n)
+                digits_seen=seen / n if boxes else None, bytes_per_sample=counter.nbytes / n,
+                predicted=torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.int64))
 
 
 def peak_memory_bytes(model: AttentionModel, data: Split, index: int = 0) -> int:

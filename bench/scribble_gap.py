@@ -14,8 +14,10 @@ the first ``--n`` canvases of four kinds, same layouts, only the bank swapped:
   ``train``: training canvases as trained on.
 
 A large gap between the first two (and between the last two) says the model overfits the
-training bank, not the training digits. With ``--json`` the last line is one JSON object:
-``acc`` and ``digits_seen`` per kind, and ``n``.
+training bank, not the training digits. ``wrong_as`` counts, per kind, the wrong answers by
+the class given (scribbles read as digits show up as one class given far more often than
+the others). With ``--json`` the last line is one JSON object: ``acc``, ``digits_seen`` and
+``wrong_as`` (ten counts, classes 0-9) per kind, and ``n``.
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ def measure(path: str | Path, n: int) -> dict:
     """Accuracy and digits seen of the saved model on each of ``KINDS`` (``n`` canvases)."""
     model, setup = load_saved(path)
     torch.set_num_threads(setup.threads)
-    acc, seen = {}, {}
+    acc, seen, wrong_as = {}, {}, {}
     for kind, (split, bank) in KINDS.items():
-        ev = evaluate(model, canvases(setup, split, bank, n))
+        data = canvases(setup, split, bank, n)
+        ev = evaluate(model, data)
         acc[kind], seen[kind] = ev["acc"], ev["digits_seen"]
-    return dict(model=str(path), n=n, acc=acc, digits_seen=seen)
+        wrong = ev["predicted"][ev["predicted"] != data.labels]
+        wrong_as[kind] = torch.bincount(wrong, minlength=10).tolist()
+    return dict(model=str(path), n=n, acc=acc, digits_seen=seen, wrong_as=wrong_as)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     report = measure(a.model, a.n)
     for kind, acc in report["acc"].items():
         seen = report["digits_seen"][kind]
-        print(f"{kind:<30} acc {acc:.3f}" + (f"  digits seen {seen:.2f}" if seen is not None else ""))
+        print(f"{kind:<30} acc {acc:.3f}" + (f"  digits seen {seen:.2f}" if seen is not None else "")
+              + f"  wrong answers by class given {report['wrong_as'][kind]}")
     if a.json:
         print(json.dumps(report))
     return 0

@@ -246,6 +246,9 @@ def test_scribble_gap_repaints_only_the_scribbles_and_reports_every_kind(tmp_pat
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["acc"]) == set(scribble_gap.KINDS) and report["n"] == 4
     assert all(0.0 <= a <= 1.0 for a in report["acc"].values())
+    for kind, acc in report["acc"].items():  # every wrong answer counted under one class
+        assert len(report["wrong_as"][kind]) == 10
+        assert sum(report["wrong_as"][kind]) == round((1 - acc) * 4)
 
 
 def test_weight_decay_is_adamw_on_conv_and_linear_weights_only():
