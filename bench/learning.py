@@ -127,12 +127,18 @@ def canvas_spec(setup: Setup, canvas: int | None = None) -> MegapixelMNISTSpec:
 def build_split(spec: MegapixelMNISTSpec, split: str, n: int, view: int) -> Split:
     """``n`` canvases of ``split`` served on demand (``MegapixelMNISTSource``: only the layouts
     and the (n, 1, view, view) views stay in memory)."""
-    source = MegapixelMNISTSource(spec, split, n)
+    return split_of(MegapixelMNISTSource(spec, split, n), view)
+
+
+def split_of(source: MegapixelMNISTSource, view: int) -> Split:
+    """All canvases of ``source`` as a ``Split``, its views rendered from the layouts as they
+    are (``view`` px a side)."""
     keys = source.keys
     lays = [source.layouts[k] for k in keys]
     corners = torch.stack([torch.from_numpy(lay.positions) for lay in lays])
     digits = torch.cat([corners, corners + DIGIT], -1).to(torch.int64)
     labels = torch.tensor([lay.label for lay in lays], dtype=torch.int64)
+    n = len(keys)
     views = torch.cat([source.view(keys[i : i + 256], (view, view)) for i in range(0, n, 256)])
     return Split(source, keys, views, source.level0_sizes(keys), labels, digits)
 
@@ -271,7 +277,7 @@ def evaluate(model: AttentionModel, data: Split, batch: int = 64) -> dict:
     n = len(data.keys)
     return dict(acc=correct / n, s_per_sample=seconds / n, hit_rate=hit / boxes if boxes else None,
                 digits_seen=seen / n if boxes else None, bytes_per_sample=counter.nbytes / n,
-                predicted=torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.int64))
+                predicted=torch.cat(predicted))
 
 
 def peak_memory_bytes(model: AttentionModel, data: Split, index: int = 0) -> int:

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from bench.learning import Setup, Split, build_split, canvas_spec, evaluate, load_saved
+from bench.learning import Setup, Split, canvas_spec, evaluate, load_saved, split_of
+from pipeline.synth.megapixel_mnist import MegapixelMNISTSource
 
 # kind -> (split of the digits and layouts, split of the scribble bank)
 KINDS = {
@@ -42,14 +43,11 @@ KINDS = {
 
 def canvases(setup: Setup, split: str, bank: str, n: int) -> Split:
     """The first ``n`` canvases of ``split`` with their scribbles drawn from ``bank``'s bank
-    (same scribble indices and places), views rebuilt from the repainted canvases."""
-    data = build_split(canvas_spec(setup), split, n, setup.view)
-    if bank == split:
-        return data
-    layouts = data.source.layouts
-    for key in data.keys:
-        layouts[key] = dataclasses.replace(layouts[key], split=bank)
-    return dataclasses.replace(data, views=data.source.view(data.keys, (setup.view, setup.view)))
+    (same scribble indices and places); the views are those of the repainted canvases."""
+    source = MegapixelMNISTSource(canvas_spec(setup), split, n)
+    for key, lay in source.layouts.items():
+        source.layouts[key] = dataclasses.replace(lay, split=bank)
+    return split_of(source, setup.view)
 
 
 def measure(path: str | Path, n: int) -> dict:

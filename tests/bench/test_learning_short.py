@@ -212,7 +212,6 @@ def test_every_soft_attention_feature_net_builds_and_reads_patches():
     assert len(masks) == 3  # after each of the (16, 32, 64) stages
 
 
-
 def test_racnn_setting_reads_at_most_a_quarter_of_each_canvas():
     """Issue 12's cap for the hard-attention families: ``racnn`` (its square on the whole
     canvas, read at level 1) reads exactly level 1 of each 500 px canvas, 250 x 250 = 62,500
@@ -232,9 +231,9 @@ def test_scribble_gap_repaints_only_the_scribbles_and_reports_every_kind(tmp_pat
     their pixels; the JSON has an accuracy in [0, 1] for each of the four kinds."""
     import torch
 
+    from bench import learning as bench
     from bench import scribble_gap
 
-    bench = load_bench()
     setup = bench.Setup(canvas=300, view=60, noise=20, others=0, n_train=8, n_test=8, epochs=1,
                         batch=8, models=("ats",), save_dir=str(tmp_path))
     bench.run(setup, log=lambda msg: None)
