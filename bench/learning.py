@@ -1,11 +1,12 @@
 """It learns: ATS, Zoom-In and a low-resolution CNN on in-memory Megapixel MNIST.
 
 Every model sees the same low-resolution view of each canvas and gets the same budget (epochs
-and wall-clock seconds, whichever runs out first); the attention models also read full-resolution
-patches through the pixel protocol from an in-memory ``TensorPyramidSource``. Reports test
-accuracy, training time per sample, inference time per sample and peak inference memory
-(batch of 1, measured from torch.profiler's allocator events: view, reads and activations, not
-the weights or the stored pyramid).
+and CPU seconds, whichever runs out first; a protocol can give a model its own CPU seconds,
+``Setup.model_budget_s``, and ``--budget-s`` sets every model's); the attention models also read
+full-resolution patches through the pixel protocol from an in-memory ``TensorPyramidSource``.
+Reports test accuracy, training time per sample, inference time per sample and peak inference
+memory (batch of 1, measured from torch.profiler's allocator events: view, reads and
+activations, not the weights or the stored pyramid).
 
     python bench/learning.py                       # the CPU setting (500 px, no noise)
     python bench/learning.py --protocol reference  # issue 16: the reference protocol
@@ -14,11 +15,12 @@ the weights or the stored pyramid).
 ``--protocol reference`` is Megapixel MNIST as Katharopoulos & Fleuret made it (see
 ``pipeline/synth/megapixel_mnist.py``): 1500 px canvases, 5 digits (3 + 2) at least 28 px from
 the borders, 50 scribbles painted over them from a bank of 50 (separate banks for train and
-test), 5,000 training and 1,000 test canvases, a view at scale 0.12 (180 px); by default it
-is issue 16's goal run: ATS and Zoom-In with their chosen settings (``REFERENCE_MODEL_KWARGS``),
-7,200 CPU seconds each, the curve on 300 test canvases, peak memory at 3000 and 6000 px too.
-Explicit flags still override any of it (``--model-kwargs`` per model). Canvases are
-rendered on demand (``MegapixelMNISTSource``): only their layouts and views stay in memory.
+test), 5,000 training and 1,000 test canvases, a view at scale 0.12 (180 px); by default it is
+issue 16's goal run: ATS and Zoom-In with their chosen settings (``REFERENCE_MODEL_KWARGS``),
+7,200 CPU seconds each, the curve on 300 test canvases, peak memory at
+3000 and 6000 px too. Explicit flags still override any of it (``--model-kwargs`` per model).
+Canvases are rendered on demand (``MegapixelMNISTSource``): only their layouts and views stay in
+memory.
 
 Budgets and curves count **CPU seconds** of this process (``time.process_time``: all its
 threads, so with ``--threads 1`` one core's time), not wall seconds: a run niced on a shared
@@ -67,6 +69,7 @@ class Setup:
     n_test: int = 500
     epochs: int = 30
     budget_s: float = 420.0
+    model_budget_s: dict = field(default_factory=dict)  # {model: CPU seconds}, over budget_s
     wall_budget_s: float | None = None
     batch: int = 8
     lr: float = 3e-3
@@ -99,8 +102,8 @@ REFERENCE_MODEL_KWARGS = {
 PROTOCOLS = {
     "cpu": {},
     "reference": dict(canvas=1500, noise=50, others=2, margin=28, view=180, n_train=5000,
-                      n_test=1000, models=("ats", "zoom_in"), budget_s=7200.0, epochs=400,
-                      track=300, memory_at=(3000, 6000), model_kwargs=REFERENCE_MODEL_KWARGS),
+                      n_test=1000, models=("ats", "zoom_in"), budget_s=7200.0, epochs=400, track=300,
+                      memory_at=(3000, 6000), model_kwargs=REFERENCE_MODEL_KWARGS),
 }
 
 
@@ -485,6 +488,7 @@ def load_saved(path: str | Path) -> tuple[AttentionModel, Setup]:
 def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict:
     """Train and evaluate one model; returns its row of the report."""
     reg, kwargs = model_kwargs(name, setup)
+    setup = replace(setup, budget_s=setup.model_budget_s.get(name, setup.budget_s))
     torch.manual_seed(setup.seed)
     model = create_model(reg, **kwargs)
     log(f"{name}: {reg} {kwargs}")
@@ -501,6 +505,7 @@ def bench_model(name: str, setup: Setup, data: tuple[Split, Split], log) -> dict
         registry=reg,
         acc=acc,
         hit_rate=ev["hit_rate"],
+        budget_s=setup.budget_s,
         **{k: v for k, v in stats.items() if k != "history"},
         infer_s_per_sample=infer_s,
         bytes_per_sample=ev["bytes_per_sample"],
@@ -536,8 +541,10 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
     p.add_argument("--train", type=int, default=d.n_train, help="training canvases")
     p.add_argument("--test", type=int, default=d.n_test, help="test canvases")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epoch budget per model")
-    p.add_argument("--budget-s", type=float, default=d.budget_s,
-                   help="CPU seconds of training per model (this process's, all threads)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="CPU seconds of training per model (this process's, all threads); "
+                        f"default: the protocol's, {d.budget_s:.0f}"
+                        + "".join(f", {k} {v:.0f}" for k, v in d.model_budget_s.items()))
     p.add_argument("--wall-budget-s", type=float, default=d.wall_budget_s,
                    help="also stop (and decay the learning rate) by wall seconds of training")
     p.add_argument("--memory-at", default=",".join(map(str, d.memory_at)),
@@ -576,9 +583,12 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
     # a model named in --model-kwargs gets exactly those settings (so a command written before
     # the protocol had settings still runs what it ran); the others keep the protocol's
     kwargs = {**d.model_kwargs, **json.loads(a.model_kwargs)}
+    # --budget-s is every model's budget; without it each model gets the protocol's own
+    budgets = (a.budget_s, {}) if a.budget_s is not None else (d.budget_s, d.model_budget_s)
     setup = Setup(
         canvas=a.canvas, noise=a.noise, others=a.others, view=a.view, n_train=a.train, n_test=a.test,
-        epochs=a.epochs, budget_s=a.budget_s, wall_budget_s=a.wall_budget_s, batch=a.batch, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, track=a.track, threads=a.threads,
+        epochs=a.epochs, budget_s=budgets[0], model_budget_s=budgets[1], wall_budget_s=a.wall_budget_s,
+        batch=a.batch, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, track=a.track, threads=a.threads,
         models=tuple(m for m in a.models.split(",") if m), model_kwargs=kwargs,
         snes_generations=a.snes_generations, snes_batch=a.snes_batch, margin=a.margin,
         memory_at=tuple(int(x) for x in a.memory_at.split(",") if x), also_infer=a.also_infer,

@@ -70,6 +70,18 @@ def test_cli_prints_the_json_line_last(capsys):
     assert all("test_acc_spread" not in h for h in tracked["lowres_cnn"])
 
 
+def test_a_model_of_its_own_budget_stops_on_it_and_the_others_keep_the_common_one():
+    """``model_budget_s`` gives one model its own CPU seconds: a budget it spends in its first
+    epoch stops it there, while the other model runs all its epochs on ``budget_s``."""
+    bench = load_bench()
+    setup = bench.Setup(canvas=300, view=60, others=0, n_train=16, n_test=8, epochs=3, batch=8,
+                        budget_s=600.0, model_budget_s={"lowres_cnn": 1e-6},
+                        models=("ats", "lowres_cnn"))
+    rows = {r["model"]: r for r in bench.run(setup, log=lambda msg: None)["rows"]}
+    assert (rows["lowres_cnn"]["budget_s"], rows["lowres_cnn"]["epochs"]) == (1e-6, 1)
+    assert (rows["ats"]["budget_s"], rows["ats"]["epochs"]) == (600.0, 3)
+
+
 def test_saved_model_loads_back_and_predicts_the_same(tmp_path):
     """--save-models writes each trained model; load_saved rebuilds it with its setup and
     it evaluates to the same accuracy and hit rate on the same canvases."""
@@ -155,14 +167,17 @@ def test_reference_protocol_sets_issue_16s_canvases_and_flags_override_it():
     assert setup.view / setup.canvas == 0.12
     # the goal's run: both models, 2 CPU hours each, curve and memory at 3000 / 6000 px
     assert (setup.models, setup.budget_s, setup.track) == (("ats", "zoom_in"), 7200.0, 300)
+    assert setup.model_budget_s == {}
     assert setup.memory_at == (3000, 6000)
     assert setup.model_kwargs == bench.REFERENCE_MODEL_KWARGS
     for name in setup.models:  # the settings are the models' own keyword arguments
         registered, kwargs = bench.model_kwargs(name, setup)
         assert bench.create_model(registered, **kwargs).n_patches == 20
     setup, *_ = bench.parse(["--protocol", "reference", "--train", "50", "--view", "150",
-                             "--memory-at", "", "--model-kwargs", '{"ats": {"n_patches": 40}}'])
+                             "--memory-at", "", "--model-kwargs", '{"ats": {"n_patches": 40}}',
+                             "--budget-s", "60"])
     assert (setup.canvas, setup.n_train, setup.view, setup.noise) == (1500, 50, 150, 50)
+    assert (setup.budget_s, setup.model_budget_s) == (60.0, {})  # every model's budget
     assert setup.memory_at == ()
     assert setup.model_kwargs["ats"] == {"n_patches": 40}  # as given: older commands still reproduce
     assert setup.model_kwargs["zoom_in"] == bench.REFERENCE_MODEL_KWARGS["zoom_in"]
