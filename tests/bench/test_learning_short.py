@@ -165,9 +165,9 @@ def test_reference_protocol_sets_issue_16s_canvases_and_flags_override_it():
     assert (setup.canvas, setup.noise, setup.others, setup.margin) == (1500, 50, 2, 28)
     assert (setup.view, setup.n_train, setup.n_test) == (180, 5000, 1000)
     assert setup.view / setup.canvas == 0.12
-    # the goal's run: both models, 2 CPU hours each, curve and memory at 3000 / 6000 px
+    # the goal's run: both models, Zoom-In 2 CPU hours, ATS 1, curve and memory at 3000 / 6000 px
     assert (setup.models, setup.budget_s, setup.track) == (("ats", "zoom_in"), 7200.0, 300)
-    assert setup.model_budget_s == {}
+    assert setup.model_budget_s == {"ats": 3600.0}
     assert setup.memory_at == (3000, 6000)
     assert setup.model_kwargs == bench.REFERENCE_MODEL_KWARGS
     for name in setup.models:  # the settings are the models' own keyword arguments
