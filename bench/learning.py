@@ -69,7 +69,7 @@ class Setup:
     n_test: int = 500
     epochs: int = 30
     budget_s: float = 420.0
-    model_budget_s: dict = field(default_factory=dict)  # {model: CPU seconds}, over budget_s
+    model_budget_s: dict = field(default_factory=dict)  # {model: CPU seconds}, instead of budget_s
     wall_budget_s: float | None = None
     batch: int = 8
     lr: float = 3e-3
