@@ -617,6 +617,7 @@ def run(setup: Setup, log=print) -> dict:
     rows = [bench_model(name, setup, data, log) for name in setup.models]
     return dict(
         acc={r["model"]: r["acc"] for r in rows},
+        budget_s={r["model"]: r["budget_s"] for r in rows},  # CPU seconds each model had
         canvas=setup.canvas,
         noise=setup.noise,
         others=setup.others,
@@ -666,7 +667,7 @@ def run_all(setup: Setup, seeds: list[int], jobs: int, log) -> list[dict]:
         rows = [row for part in parts for row in part["rows"]]
         merged = {**parts[0], "rows": rows, "seconds": sum(p["seconds"] for p in parts),
                   "setup": asdict(replace(setup, seed=seed))}
-        for key in (*PER_MODEL, "curve", "tracked", "peak_memory_bytes"):
+        for key in (*PER_MODEL, "budget_s", "curve", "tracked", "peak_memory_bytes"):
             merged[key] = {k: v for part in parts for k, v in part[key].items()}
         reports.append(merged)
     return reports

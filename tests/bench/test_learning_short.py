@@ -77,7 +77,9 @@ def test_a_model_of_its_own_budget_stops_on_it_and_the_others_keep_the_common_on
     setup = bench.Setup(canvas=300, view=60, others=0, n_train=16, n_test=8, epochs=3, batch=8,
                         budget_s=600.0, model_budget_s={"lowres_cnn": 1e-6},
                         models=("ats", "lowres_cnn"))
-    rows = {r["model"]: r for r in bench.run(setup, log=lambda msg: None)["rows"]}
+    report = bench.run(setup, log=lambda msg: None)
+    assert report["budget_s"] == {"ats": 600.0, "lowres_cnn": 1e-6}  # what --json prints
+    rows = {r["model"]: r for r in report["rows"]}
     assert (rows["lowres_cnn"]["budget_s"], rows["lowres_cnn"]["epochs"]) == (1e-6, 1)
     assert (rows["ats"]["budget_s"], rows["ats"]["epochs"]) == (600.0, 3)
 
@@ -157,6 +159,7 @@ def test_parallel_processes_give_the_same_report_as_one(tmp_path):
                 for extra in ([], ["--jobs", "2"]))
     assert one["acc_seeds"] == two["acc_seeds"]
     assert one["bytes_per_sample_seeds"] == two["bytes_per_sample_seeds"]
+    assert one["budget_s"] == two["budget_s"] == {"lowres_cnn": 420.0, "tnet": 420.0}
 
 
 def test_reference_protocol_sets_issue_16s_canvases_and_flags_override_it():
