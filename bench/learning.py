@@ -589,10 +589,11 @@ def parse(argv: list[str] | None) -> tuple[Setup, bool, list[int], int]:
     # the protocol had settings still runs what it ran); the others keep the protocol's
     kwargs = {**d.model_kwargs, **json.loads(a.model_kwargs)}
     # --budget-s is every model's budget; without it each model gets the protocol's own
-    budgets = (a.budget_s, {}) if a.budget_s is not None else (d.budget_s, d.model_budget_s)
+    budget_s, model_budget_s = ((a.budget_s, {}) if a.budget_s is not None
+                                else (d.budget_s, d.model_budget_s))
     setup = Setup(
         canvas=a.canvas, noise=a.noise, others=a.others, view=a.view, n_train=a.train, n_test=a.test,
-        epochs=a.epochs, budget_s=budgets[0], model_budget_s=budgets[1], wall_budget_s=a.wall_budget_s,
+        epochs=a.epochs, budget_s=budget_s, model_budget_s=model_budget_s, wall_budget_s=a.wall_budget_s,
         batch=a.batch, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, track=a.track, threads=a.threads,
         models=tuple(m for m in a.models.split(",") if m), model_kwargs=kwargs,
         snes_generations=a.snes_generations, snes_batch=a.snes_batch, margin=a.margin,
